@@ -1,0 +1,46 @@
+// Shared, torch-free helpers for the mhr_ops kernel layer (CPU and CUDA).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MHR_HD __host__ __device__ __forceinline__
+#else
+#define MHR_HD inline
+#endif
+
+namespace mhr_ops {
+
+// Element type of a tensor, as seen by the torch-free layer.
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// Integer type of an index tensor (task ids, group ids, expert ids).
+enum class IndexType : int { kInt32 = 0, kInt64 = 1 };
+
+// Float math overloaded on the accumulation type (float or double), callable on host and device.
+MHR_HD float mhr_exp(float x) { return expf(x); }
+MHR_HD double mhr_exp(double x) { return exp(x); }
+MHR_HD float mhr_log(float x) { return logf(x); }
+MHR_HD double mhr_log(double x) { return log(x); }
+MHR_HD float mhr_log1p(float x) { return log1pf(x); }
+MHR_HD double mhr_log1p(double x) { return log1p(x); }
+
+template <typename acc_t>
+MHR_HD acc_t mhr_sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + mhr_exp(-x));
+}
+
+// clamp that lets NaN through (std::min/max would turn NaN into a bound).
+template <typename acc_t>
+MHR_HD acc_t mhr_clamp(acc_t x, acc_t lo, acc_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Reads an index from an int32 or int64 tensor with an element stride.
+MHR_HD int64_t load_index(const void* ids, IndexType type, int64_t stride, int64_t i) {
+  return type == IndexType::kInt32 ? static_cast<int64_t>(static_cast<const int32_t*>(ids)[i * stride])
+                                   : static_cast<const int64_t*>(ids)[i * stride];
+}
+
+}  // namespace mhr_ops

@@ -1,0 +1,101 @@
+// Torch-free CUDA helpers: element conversions and warp reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common.h"
+
+namespace mhr_ops {
+
+// Accumulation type: fp32 for fp16/bf16/fp32, fp64 for fp64.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t to_acc(T v) {
+  return static_cast<acc_t>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ T from_acc(acc_t v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Max that propagates NaN, as torch.max does.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Runs `body` with scalar_t bound to the CUDA element type of `dtype`.
+#define MHR_DISPATCH_CUDA_FLOAT(dtype, ...)            \
+  switch (dtype) {                                     \
+    case ::mhr_ops::DType::kFloat16: {                 \
+      using scalar_t = __half;                         \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case ::mhr_ops::DType::kBFloat16: {                \
+      using scalar_t = __nv_bfloat16;                  \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case ::mhr_ops::DType::kFloat32: {                 \
+      using scalar_t = float;                          \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case ::mhr_ops::DType::kFloat64: {                 \
+      using scalar_t = double;                         \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    default:                                           \
+      return static_cast<int>(cudaErrorInvalidValue); \
+  }
+
+}  // namespace mhr_ops

@@ -1,0 +1,131 @@
+// route: per-task routing weights over a skill inventory (SPEC section 2). Torch-free.
+//
+// For each routing group g and head k, with l = logits[task_ids[g], k*S : (k+1)*S]:
+//   p       = mode(l)                       (sigmoid, relaxed Bernoulli, softmax or average)
+//   p       = keep the top_k largest p, ties to the lower skill index, zero the rest
+//   weights = p / (sum_s p + eps)
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace mhr_ops {
+
+enum class RouteMode : int { kSigmoid = 0, kRelaxedBernoulli = 1, kSoftmax = 2, kAverage = 3 };
+
+struct RouteParams {
+  // logits: [num_tasks, num_heads * num_skills], element type scalar_t. Strides in elements.
+  const void* logits = nullptr;
+  int64_t logits_stride_t = 0;
+  int64_t logits_stride_c = 0;
+
+  // task_ids: [num_groups] integers of index_type, stride in elements. An id outside
+  // [0, num_tasks) is never dereferenced: its forward row is NaN, its backward row adds nothing.
+  const void* task_ids = nullptr;
+  IndexType index_type = IndexType::kInt64;
+  int64_t task_ids_stride = 0;
+
+  // noise: [num_groups, num_heads, num_skills] uniforms in [0, 1), scalar_t; only read in
+  // kRelaxedBernoulli mode (null otherwise). Strides in elements.
+  const void* noise = nullptr;
+  int64_t noise_stride_g = 0;
+  int64_t noise_stride_h = 0;
+  int64_t noise_stride_s = 0;
+
+  // weights (forward output): [num_groups, num_heads, num_skills], contiguous, scalar_t.
+  void* weights = nullptr;
+
+  // grad_weights (backward input): [num_groups, num_heads, num_skills], scalar_t. Strides in elements.
+  const void* grad_weights = nullptr;
+  int64_t grad_stride_g = 0;
+  int64_t grad_stride_h = 0;
+  int64_t grad_stride_s = 0;
+
+  // grad_logits (backward output): [num_tasks, num_heads * num_skills], contiguous, in the
+  // accumulation type (float, or double when scalar_t is double). Zeroed by the caller; rows of
+  // groups that share a task are summed into it.
+  void* grad_logits = nullptr;
+
+  int64_t num_groups = 0;  // G
+  int64_t num_heads = 0;   // h
+  int64_t num_skills = 0;  // S
+  int64_t num_tasks = 0;   // T
+
+  RouteMode mode = RouteMode::kSigmoid;
+  double temperature = 1.0;  // > 0; divides the relaxed-Bernoulli and softmax logits
+  int64_t top_k = 0;         // 0: keep every skill; else 1..num_skills
+  double eps = 1e-12;        // normalization epsilon
+  double clamp_eps = 0.0;    // torch.finfo(logits dtype).eps: RelaxedBernoulli's probability clamp
+  double clamp_tiny = 0.0;   // torch.finfo(logits dtype).tiny: RelaxedBernoulli's output clip
+};
+
+// CPU kernels (route_cpu.cpp); scalar_t is float or double. Single-threaded per call: the work
+// is G*h*S elements, tiny next to any layer it feeds.
+template <typename scalar_t>
+void route_fwd_cpu(const RouteParams& params);
+template <typename scalar_t>
+void route_bwd_cpu(const RouteParams& params);
+
+#if defined(MHR_OPS_WITH_CUDA)
+// CUDA kernels (route_cuda.cu); scalar_t is float, double, __half or __nv_bfloat16, passed as
+// DType. One launch per direction on `stream` (a cudaStream_t), no host synchronization.
+// Returns a cudaError_t value (0 on success).
+int route_fwd_cuda(const RouteParams& params, DType dtype, void* stream);
+int route_bwd_cuda(const RouteParams& params, DType dtype, void* stream);
+// Largest num_skills the CUDA kernels take (the per-row probabilities live in shared memory).
+int64_t route_cuda_max_skills();
+#endif
+
+// ---- Per-element math shared by the CPU and CUDA kernels. ----
+
+// Routing probability of one skill before top-k and normalization (not used for softmax, which
+// needs the row max and sum). `u` is the uniform noise (relaxed Bernoulli only).
+template <typename acc_t>
+MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny,
+                        acc_t inv_skills) {
+  switch (mode) {
+    case RouteMode::kSigmoid:
+      return mhr_sigmoid(l);
+    case RouteMode::kRelaxedBernoulli: {
+      // torch.distributions.RelaxedBernoulli(temperature, logits=l).rsample(), term order kept.
+      const acc_t pc = mhr_clamp(mhr_sigmoid(l), ceps, acc_t(1) - ceps);
+      const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
+      const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pc) - mhr_log1p(-pc)) * inv_temp;
+      return mhr_clamp(mhr_sigmoid(z), tiny, acc_t(1) - ceps);
+    }
+    case RouteMode::kAverage:
+      return inv_skills;
+    default:
+      return l;  // softmax is handled per row by the caller
+  }
+}
+
+// d p / d l for one skill of the elementwise modes (sigmoid, relaxed Bernoulli); the same chain
+// autograd takes through PEFT's ops, clamps included (a clamped value passes no gradient).
+template <typename acc_t>
+MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps,
+                             acc_t tiny) {
+  const acc_t pr = mhr_sigmoid(l);
+  const acc_t dpr = pr * (acc_t(1) - pr);
+  if (mode == RouteMode::kSigmoid) return dpr;
+  if (mode != RouteMode::kRelaxedBernoulli) return acc_t(0);
+  if (!(pr >= ceps && pr <= acc_t(1) - ceps)) return acc_t(0);
+  const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
+  const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pr) - mhr_log1p(-pr)) * inv_temp;
+  const acc_t q = mhr_sigmoid(z);
+  if (!(q >= tiny && q <= acc_t(1) - ceps)) return acc_t(0);
+  const acc_t dz = (acc_t(1) / pr + acc_t(1) / (acc_t(1) - pr)) * inv_temp;
+  return q * (acc_t(1) - q) * dz * dpr;
+}
+
+// Top-k order: true when skill (a, ia) ranks before skill (b, ib). Larger first, NaN before any
+// number (as torch.topk), ties to the lower index.
+template <typename acc_t>
+MHR_HD bool route_ranks_before(acc_t a, int64_t ia, acc_t b, int64_t ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && (!nb || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+}  // namespace mhr_ops

@@ -1,0 +1,63 @@
+// CPU registration of route / route_backward. fp16 and bf16 are computed in fp32 (the kernels
+// take float and double only); the probability clamps keep the caller's dtype's limits.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "route_args.h"
+
+namespace mhr_ops {
+namespace {
+
+at::ScalarType compute_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor optional_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return (t.has_value() && t->defined()) ? t->to(dtype) : at::Tensor();
+}
+
+at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const std::optional<at::Tensor>& noise,
+                     int64_t n_skills, c10::string_view mode, double temperature, int64_t top_k, double eps) {
+  RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
+  const auto dtype = compute_dtype(logits);
+  const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);
+  set_route_tensors(P, l, task_ids, u);
+  at::Tensor weights = at::empty({P.num_groups, P.num_heads, P.num_skills}, logits.options().dtype(dtype));
+  P.weights = weights.data_ptr();
+  if (dtype == at::kDouble)
+    route_fwd_cpu<double>(P);
+  else
+    route_fwd_cpu<float>(P);
+  return weights.to(logits.scalar_type());
+}
+
+at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& task_ids,
+                              const std::optional<at::Tensor>& noise, int64_t n_skills, c10::string_view mode,
+                              double temperature, int64_t top_k, double eps) {
+  RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
+  const auto dtype = compute_dtype(logits);
+  const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);
+  set_route_tensors(P, l, task_ids, u);
+  set_route_grad(P, grad_weights, logits);
+  const at::Tensor gw = grad_weights.to(dtype);
+  P.grad_weights = gw.data_ptr();
+  P.grad_stride_g = gw.stride(0);
+  P.grad_stride_h = gw.stride(1);
+  P.grad_stride_s = gw.stride(2);
+  at::Tensor grad_logits = at::zeros({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(dtype));
+  P.grad_logits = grad_logits.data_ptr();
+  if (dtype == at::kDouble)
+    route_bwd_cpu<double>(P);
+  else
+    route_bwd_cpu<float>(P);
+  return grad_logits.to(logits.scalar_type());
+}
+
+}  // namespace
+}  // namespace mhr_ops
+
+TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
+  m.impl("route", &mhr_ops::route_cpu);
+  m.impl("route_backward", &mhr_ops::route_backward_cpu);
+}

@@ -1,0 +1,64 @@
+// Binding-layer helpers: map torch types onto the torch-free kernel layer's enums.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "../kernels/common.h"
+
+namespace mhr_ops {
+
+// The kernel layer's element type for a floating tensor; `arg` names it in the error.
+inline DType kernel_dtype(const at::Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    default:
+      TORCH_CHECK(false, arg, ": expected a float16, bfloat16, float32 or float64 tensor, got ", t.scalar_type());
+  }
+}
+
+// The kernel layer's index type for an integer tensor; `arg` names it in the error.
+inline IndexType kernel_index_type(const at::Tensor& t, const char* arg) {
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, arg,
+              ": expected an int64 or int32 tensor, got ", t.scalar_type());
+  return t.scalar_type() == at::kInt ? IndexType::kInt32 : IndexType::kInt64;
+}
+
+inline void check_same_device(const at::Tensor& t, const char* arg, const at::Tensor& ref, const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), arg, ": expected a tensor on ", ref.device(), " (the device of ", ref_arg,
+              "), got one on ", t.device());
+}
+
+// torch.finfo(dtype).eps and .tiny, as torch.distributions uses them.
+inline double finfo_eps(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return 0.0009765625;  // 2^-10
+    case at::kBFloat16:
+      return 0.0078125;  // 2^-7
+    case at::kFloat:
+      return 1.1920928955078125e-07;  // 2^-23
+    default:
+      return 2.220446049250313e-16;  // 2^-52
+  }
+}
+inline double finfo_tiny(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return 6.103515625e-05;  // 2^-14
+    case at::kBFloat16:
+    case at::kFloat:
+      return 1.1754943508222875e-38;  // 2^-126
+    default:
+      return 2.2250738585072014e-308;  // 2^-1022
+  }
+}
+
+}  // namespace mhr_ops

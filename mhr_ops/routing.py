@@ -1,0 +1,119 @@
+"""`route`: routing weights over a skill inventory (SPEC section 2), with its fake kernel and
+autograd registration for torch.ops.mhr_ops.route."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_int, check_same_device, check_tensor
+
+ROUTE_MODES = ("sigmoid", "relaxed_bernoulli", "softmax", "average")
+
+
+def route(
+    logits: torch.Tensor,
+    task_ids,
+    *,
+    n_skills: int,
+    mode: str = "sigmoid",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eps: float = 1e-12,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Routing weights ``[G, h, S]`` for groups that use tasks ``task_ids``.
+
+    Row ``g`` uses ``logits[task_ids[g]].view(h, S)`` with ``h = logits.shape[1] // n_skills``;
+    per (g, head) the mode turns logits into probabilities ``p``, ``top_k`` (if set) keeps the
+    ``top_k`` largest (ties to the lower skill index), and ``weights = p / (sum p + eps)``.
+
+    Args:
+        logits: ``[T, h * S]`` float tensor (PEFT's ``poly_router.module_logits``).
+        task_ids: ``[G]`` int32/int64 tensor (or a sequence of ints) of tasks in ``[0, T)``.
+        n_skills: ``S``, the inventory size.
+        mode: ``"sigmoid"`` (PEFT eval), ``"relaxed_bernoulli"`` (PEFT train),
+            ``"softmax"`` (MoE routers) or ``"average"`` (``1/S``, no gradient).
+        temperature: divides the relaxed-Bernoulli and softmax logits; must be > 0.
+        top_k: keep this many skills per (group, head), ``1 <= top_k <= S``; ``None`` keeps all.
+        eps: added to the normalizer; 1e-12 as PEFT (mttl uses 1e-8).
+        noise: ``[G, h, S]`` uniforms for ``"relaxed_bernoulli"``, in the logits dtype. When
+            ``None`` the op draws exactly one ``torch.rand((G, h, S), dtype=logits.dtype,
+            device=logits.device, generator=generator)``, so a run seeded like a PEFT run
+            consumes the random stream the same way and gives the same numbers.
+        generator: random generator for that draw.
+        check_ids: raise if a task id is outside ``[0, T)``. This reads two numbers back from
+            the device (a host sync on CUDA); callers that validate ids once per forward pass
+            ``False``. Unchecked out-of-range ids are never dereferenced: their rows come out NaN.
+
+    Returns:
+        ``[G, h, S]`` weights in the logits dtype, computed in fp32 (fp64 for fp64 logits).
+        Gradients flow to ``logits`` through kept entries (none for ``"average"``).
+    """
+    check_tensor(logits, "logits", ndim=2, dtypes=FLOAT_DTYPES)
+    n_skills = check_int(n_skills, "n_skills", low=1)
+    if logits.shape[1] % n_skills != 0:
+        raise ValueError(
+            f"logits: expected shape[1] (n_splits * n_skills) divisible by n_skills={n_skills}, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    task_ids = as_index_tensor(task_ids, "task_ids", logits.device)
+    if task_ids.dim() != 1:
+        raise ValueError(f"task_ids: expected a 1-D tensor [G], got shape {tuple(task_ids.shape)}")
+    check_same_device(task_ids, "task_ids", logits, "logits")
+    if mode not in ROUTE_MODES:
+        raise ValueError(f"mode: expected one of {ROUTE_MODES}, got {mode!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    if top_k is not None:
+        check_int(top_k, "top_k", low=1, high=n_skills, what=" (1..n_skills)")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    n_groups, n_heads = task_ids.shape[0], logits.shape[1] // n_skills
+    if mode == "relaxed_bernoulli":
+        if noise is None:
+            noise = torch.rand(
+                (n_groups, n_heads, n_skills), dtype=logits.dtype, device=logits.device, generator=generator
+            )
+        else:
+            check_tensor(noise, "noise", ndim=3)
+            if tuple(noise.shape) != (n_groups, n_heads, n_skills):
+                raise ValueError(
+                    f"noise: expected shape {(n_groups, n_heads, n_skills)} [G, h, S], got {tuple(noise.shape)}"
+                )
+            if noise.dtype != logits.dtype:
+                raise ValueError(f"noise: expected dtype {logits.dtype} (the logits dtype), got {noise.dtype}")
+            check_same_device(noise, "noise", logits, "logits")
+    elif noise is not None:
+        raise ValueError(f"noise: only mode 'relaxed_bernoulli' uses noise, got mode {mode!r}")
+    if check_ids:
+        check_id_range(task_ids, "task_ids", logits.shape[0], "task")
+    return torch.ops.mhr_ops.route(logits, task_ids, noise, n_skills, mode, float(temperature), top_k or 0, float(eps))
+
+
+@torch.library.register_fake("mhr_ops::route")
+def _route_fake(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps):
+    return logits.new_empty((task_ids.shape[0], logits.shape[1] // n_skills, n_skills))
+
+
+@torch.library.register_fake("mhr_ops::route_backward")
+def _route_backward_fake(grad_weights, logits, task_ids, noise, n_skills, mode, temperature, top_k, eps):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits, task_ids, noise, *ctx.options = inputs
+    ctx.save_for_backward(logits, task_ids, noise)
+
+
+def _route_backward(ctx, grad_weights):
+    logits, task_ids, noise = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = torch.ops.mhr_ops.route_backward(grad_weights, logits, task_ids, noise, *ctx.options)
+    return grad_logits, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mhr_ops::route", _route_backward, setup_context=_route_setup_context)
