@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
-from . import reference  # noqa: F401
+from . import (
+    _C,
+    reference,  # noqa: F401
+)
 from .routing import route
 
 __all__ = ["build_info", "reference", "route"]

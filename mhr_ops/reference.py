@@ -27,20 +27,20 @@ def route(
     ``torch.finfo`` of the logits' own dtype, as PEFT's computation in that dtype does."""
     in_dtype = logits.dtype
     n_heads = logits.shape[1] // n_skills
-    l = logits.double()[task_ids.long()].view(-1, n_heads, n_skills)
+    lg = logits.double()[task_ids.long()].view(-1, n_heads, n_skills)
     if mode == "sigmoid":
-        p = torch.sigmoid(l)
+        p = torch.sigmoid(lg)
     elif mode == "relaxed_bernoulli":
         # torch.distributions.RelaxedBernoulli(temperature, logits=l).rsample() with the given uniforms.
-        probs = _clamp_probs(torch.sigmoid(l), in_dtype)
+        probs = _clamp_probs(torch.sigmoid(lg), in_dtype)
         u = _clamp_probs(noise.double(), in_dtype)
         z = (torch.log(u) - torch.log1p(-u) + torch.log(probs) - torch.log1p(-probs)) / temperature
         finfo = torch.finfo(in_dtype)
         p = torch.sigmoid(z).clamp(min=finfo.tiny, max=1.0 - finfo.eps)
     elif mode == "softmax":
-        p = torch.softmax(l / temperature, dim=-1)
+        p = torch.softmax(lg / temperature, dim=-1)
     elif mode == "average":
-        p = torch.full_like(l, 1.0 / n_skills)
+        p = torch.full_like(lg, 1.0 / n_skills)
     else:
         raise ValueError(f"mode: unknown {mode!r}")
     if top_k is not None:

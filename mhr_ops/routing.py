@@ -116,4 +116,11 @@ def _route_backward(ctx, grad_weights):
     return grad_logits, None, None, None, None, None, None, None
 
 
+def _route_double_backward(ctx, grad):
+    raise RuntimeError("mhr_ops.route: double backward (gradient of the gradient) is not supported")
+
+
 torch.library.register_autograd("mhr_ops::route", _route_backward, setup_context=_route_setup_context)
+torch.library.register_autograd(
+    "mhr_ops::route_backward", _route_double_backward, setup_context=lambda ctx, inputs, output: None
+)

@@ -60,12 +60,15 @@ struct RouteParams {
   double clamp_tiny = 0.0;   // torch.finfo(logits dtype).tiny: RelaxedBernoulli's output clip
 };
 
-// CPU kernels (route_cpu.cpp); scalar_t is float or double. Single-threaded per call: the work
-// is G*h*S elements, tiny next to any layer it feeds.
+// CPU kernels (route_cpu.cpp); scalar_t is float or double. Each call covers a slice, so callers
+// can split the work across threads with no two writing the same element:
+//   forward:  rows [row_begin, row_end) of the G*h (group, head) rows;
+//   backward: the rows whose task is in [task_begin, task_end), each task's gradient summed in
+//             group order (deterministic).
 template <typename scalar_t>
-void route_fwd_cpu(const RouteParams& params);
+void route_fwd_cpu(const RouteParams& params, int64_t row_begin, int64_t row_end);
 template <typename scalar_t>
-void route_bwd_cpu(const RouteParams& params);
+void route_bwd_cpu(const RouteParams& params, int64_t task_begin, int64_t task_end);
 
 #if defined(MHR_OPS_WITH_CUDA)
 // CUDA kernels (route_cuda.cu); scalar_t is float, double, __half or __nv_bfloat16, passed as

@@ -55,26 +55,24 @@ scalar_t select_top_k(const RouteParams& P, const scalar_t* p, bool* kept) {
 }  // namespace
 
 template <typename scalar_t>
-void route_fwd_cpu(const RouteParams& P) {
+void route_fwd_cpu(const RouteParams& P, int64_t row_begin, int64_t row_end) {
   const int64_t S = P.num_skills;
   std::vector<scalar_t> p(S), l(S);
   std::unique_ptr<bool[]> kept(new bool[S]);
   scalar_t* weights = static_cast<scalar_t*>(P.weights);
-  for (int64_t g = 0; g < P.num_groups; ++g) {
-    for (int64_t k = 0; k < P.num_heads; ++k) {
-      scalar_t* w = weights + (g * P.num_heads + k) * S;
-      if (row_probs(P, g, k, p.data(), l.data()) < 0) {
-        for (int64_t s = 0; s < S; ++s) w[s] = std::numeric_limits<scalar_t>::quiet_NaN();
-        continue;
-      }
-      const scalar_t denom = select_top_k(P, p.data(), kept.get()) + scalar_t(P.eps);
-      for (int64_t s = 0; s < S; ++s) w[s] = kept[s] ? p[s] / denom : scalar_t(0);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    scalar_t* w = weights + row * S;
+    if (row_probs(P, row / P.num_heads, row % P.num_heads, p.data(), l.data()) < 0) {
+      for (int64_t s = 0; s < S; ++s) w[s] = std::numeric_limits<scalar_t>::quiet_NaN();
+      continue;
     }
+    const scalar_t denom = select_top_k(P, p.data(), kept.get()) + scalar_t(P.eps);
+    for (int64_t s = 0; s < S; ++s) w[s] = kept[s] ? p[s] / denom : scalar_t(0);
   }
 }
 
 template <typename scalar_t>
-void route_bwd_cpu(const RouteParams& P) {
+void route_bwd_cpu(const RouteParams& P, int64_t task_begin, int64_t task_end) {
   if (P.mode == RouteMode::kAverage) return;  // constant weights: zero gradient
   const int64_t S = P.num_skills;
   const scalar_t inv_temp = scalar_t(1) / scalar_t(P.temperature);
@@ -85,6 +83,8 @@ void route_bwd_cpu(const RouteParams& P) {
   const scalar_t* noise = static_cast<const scalar_t*>(P.noise);
   scalar_t* grad_l = static_cast<scalar_t*>(P.grad_logits);
   for (int64_t g = 0; g < P.num_groups; ++g) {
+    const int64_t task_of_g = load_index(P.task_ids, P.index_type, P.task_ids_stride, g);
+    if (task_of_g < task_begin || task_of_g >= task_end) continue;
     for (int64_t k = 0; k < P.num_heads; ++k) {
       const int64_t task = row_probs(P, g, k, p.data(), l.data());
       if (task < 0) continue;
@@ -113,9 +113,9 @@ void route_bwd_cpu(const RouteParams& P) {
   }
 }
 
-template void route_fwd_cpu<float>(const RouteParams&);
-template void route_fwd_cpu<double>(const RouteParams&);
-template void route_bwd_cpu<float>(const RouteParams&);
-template void route_bwd_cpu<double>(const RouteParams&);
+template void route_fwd_cpu<float>(const RouteParams&, int64_t, int64_t);
+template void route_fwd_cpu<double>(const RouteParams&, int64_t, int64_t);
+template void route_bwd_cpu<float>(const RouteParams&, int64_t, int64_t);
+template void route_bwd_cpu<double>(const RouteParams&, int64_t, int64_t);
 
 }  // namespace mhr_ops

@@ -1,8 +1,11 @@
 // CPU registration of route / route_backward. fp16 and bf16 are computed in fp32 (the kernels
 // take float and double only); the probability clamps keep the caller's dtype's limits.
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "route_args.h"
 
@@ -25,10 +28,14 @@ at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const
   set_route_tensors(P, l, task_ids, u);
   at::Tensor weights = at::empty({P.num_groups, P.num_heads, P.num_skills}, logits.options().dtype(dtype));
   P.weights = weights.data_ptr();
-  if (dtype == at::kDouble)
-    route_fwd_cpu<double>(P);
-  else
-    route_fwd_cpu<float>(P);
+  // Grain: about 16K skill elements per task handed to a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P.num_skills));
+  at::parallel_for(0, P.num_groups * P.num_heads, grain, [&](int64_t begin, int64_t end) {
+    if (dtype == at::kDouble)
+      route_fwd_cpu<double>(P, begin, end);
+    else
+      route_fwd_cpu<float>(P, begin, end);
+  });
   return weights.to(logits.scalar_type());
 }
 
@@ -47,10 +54,15 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& 
   P.grad_stride_s = gw.stride(2);
   at::Tensor grad_logits = at::zeros({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(dtype));
   P.grad_logits = grad_logits.data_ptr();
-  if (dtype == at::kDouble)
-    route_bwd_cpu<double>(P);
-  else
-    route_bwd_cpu<float>(P);
+  // Threads own disjoint task ranges: no two write the same gradient row, and each row sums its
+  // groups in order, so the result does not depend on the thread count.
+  const bool parallel = P.num_groups * P.num_heads * P.num_skills >= 16384;
+  at::parallel_for(0, P.num_tasks, parallel ? 1 : P.num_tasks, [&](int64_t begin, int64_t end) {
+    if (dtype == at::kDouble)
+      route_bwd_cpu<double>(P, begin, end);
+    else
+      route_bwd_cpu<float>(P, begin, end);
+  });
   return grad_logits.to(logits.scalar_type());
 }
 
