@@ -60,6 +60,28 @@ def _peft_router(n_tasks: int, n_splits: int, n_skills: int, device: torch.devic
     return router
 
 
+def _route_impls(router, logits, grad, *, train: bool, n_skills: int, device: torch.device) -> dict:
+    mode = "relaxed_bernoulli" if train else "sigmoid"
+
+    def peft(ids):
+        w = router(task_ids=ids, input_ids=None)
+        if train:
+            w.backward(grad)
+
+    def ours(ids):
+        w = mhr_ops.route(logits, ids, n_skills=n_skills, mode=mode, check_ids=False)
+        if train:
+            w.backward(grad)
+
+    def ref(ids):
+        noise = torch.rand(grad.shape, device=device) if train else None
+        w = reference.route(logits, ids, n_skills=n_skills, mode=mode, noise=noise)
+        if train:
+            w.backward(grad.double())
+
+    return {"peft": peft, "mhr_ops": ours, "reference": ref}
+
+
 def bench_route(device: torch.device, *, n_tasks: int, n_splits: int, n_skills: int, n_groups: int) -> list[Result]:
     """route forward+backward (train: relaxed Bernoulli; eval: sigmoid forward) against PEFT's
     PolyRouter and the float64 reference, on the same logits and task ids."""
@@ -71,26 +93,8 @@ def bench_route(device: torch.device, *, n_tasks: int, n_splits: int, n_skills: 
     results = []
     for train in (False, True):
         router.train(train)
-        mode = "relaxed_bernoulli" if train else "sigmoid"
-
-        def peft(ids):
-            w = router(task_ids=ids, input_ids=None)
-            if train:
-                w.backward(grad)
-
-        def ours(ids):
-            w = mhr_ops.route(logits, ids, n_skills=n_skills, mode=mode, check_ids=False)
-            if train:
-                w.backward(grad)
-
-        def ref(ids):
-            noise = torch.rand(n_groups, n_splits, n_skills, device=device) if train else None
-            w = reference.route(logits, ids, n_skills=n_skills, mode=mode, noise=noise)
-            if train:
-                w.backward(grad.double())
-
-        times = {name: median_time_us(fn, inputs, device=device) for name, fn in
-                 (("peft", peft), ("mhr_ops", ours), ("reference", ref))}
+        fns = _route_impls(router, logits, grad, train=train, n_skills=n_skills, device=device)
+        times = {name: median_time_us(fn, inputs, device=device) for name, fn in fns.items()}
         case = "route train fwd+bwd" if train else "route eval fwd"
         results.append(Result(case, shape, times, {"speedup_vs_peft": times["peft"] / times["mhr_ops"]}))
     return results
