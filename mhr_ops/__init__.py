@@ -9,9 +9,10 @@ from . import (
     _C,
     reference,  # noqa: F401
 )
+from .lora import mhr_linear, routed_lora
 from .routing import route
 
-__all__ = ["build_info", "reference", "route"]
+__all__ = ["build_info", "mhr_linear", "reference", "route", "routed_lora"]
 __version__ = _C.build_info()["version"]
 
 

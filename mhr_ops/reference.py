@@ -49,3 +49,40 @@ def route(
         keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order, True)
         p = torch.where(keep, p, torch.zeros_like(p))
     return p / (p.sum(dim=-1, keepdim=True) + eps)
+
+
+def _row_groups(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """One group id per row of x.reshape(-1, d_in): ids given per row, or per leading element."""
+    lead = x.shape[:-1]
+    if tuple(group_ids.shape) == tuple(lead):
+        return group_ids.reshape(-1).long()
+    return group_ids.long().reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+
+
+def mixed_adapters(A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mixed adapters in float64: A_g [G, d_in, r] (head block k = sum_s w[g,k,s] A[k,s])
+    and B_g [G, r, d_out] (head block k = sum_s w[g,k,s] B[k,s])."""
+    w = weights.double()
+    G, h = w.shape[:2]
+    a = torch.einsum("gks,ksdr->gkdr", w, A.double()).reshape(G, -1, A.shape[-1])
+    b = torch.einsum("gks,ksrd->gkrd", w, B.double()).transpose(1, 2).reshape(G, B.shape[2], -1)
+    return a, b
+
+
+def routed_lora(x, A, B, weights, group_ids, *, scale, out=None):
+    """SPEC section 3 in float64: ``y_row = scale * (x_row @ A_g) @ B_g`` (plus ``out`` if given)."""
+    a, b = mixed_adapters(A, B, weights)
+    rows = x.double().reshape(-1, x.shape[-1])
+    groups = _row_groups(x, group_ids)
+    y = rows.new_zeros(rows.shape[0], b.shape[-1])
+    for g in groups.unique().tolist():
+        sel = groups == g
+        y[sel] = scale * (rows[sel] @ a[g]) @ b[g]
+    y = y.reshape(*x.shape[:-1], b.shape[-1])
+    return y if out is None else out.double() + y
+
+
+def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale):
+    """SPEC section 3: ``F.linear(x, weight, bias) + routed_lora(...)`` in float64."""
+    base = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return base + routed_lora(x, A, B, weights, group_ids, scale=scale)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
+from ._autograd import register_no_double_backward
 from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_int, check_same_device, check_tensor
 
 ROUTE_MODES = ("sigmoid", "relaxed_bernoulli", "softmax", "average")
@@ -116,11 +117,5 @@ def _route_backward(ctx, grad_weights):
     return grad_logits, None, None, None, None, None, None, None
 
 
-def _route_double_backward(ctx, grad):
-    raise RuntimeError("mhr_ops.route: double backward (gradient of the gradient) is not supported")
-
-
 torch.library.register_autograd("mhr_ops::route", _route_backward, setup_context=_route_setup_context)
-torch.library.register_autograd(
-    "mhr_ops::route_backward", _route_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+register_no_double_backward("mhr_ops::route_backward", "route")

@@ -1,0 +1,120 @@
+// routed_lora: per-row routed low-rank update (SPEC section 3). Torch-free.
+//
+// Row n of x belongs to group g = group_ids[n / rows_per_group_id]. Its adapter mixes the skill
+// inventory with that group's routing weights w[g, k, s], head block by head block:
+//   z_n = sum_k x_n[k-block] @ (sum_s w[g,k,s] A[k,s])                       [r], fp32
+//   y_n[k-block] (+)= scale * z_n @ (sum_s w[g,k,s] B[k,s])                   [d_out/h]
+// The CUDA path never writes a mixed adapter to global memory: each row tile mixes the chunk of
+// the skill matrices it is about to use in shared memory, once per distinct group in the tile.
+//
+// The same three CUDA kernels serve forward and backward, because every pass has one of three
+// shapes. A "skill matrix" M[k, s] is addressed through element strides, so A, B and their
+// transposes are all the same kernel:
+//   shrink: Z[n, :] = z_scale * sum_k X[n, k-block] @ Mmix_g[k]          M[k,s]: [dk, r]
+//   expand: Y[n, k-block] (+)= y_scale * Z[n, :] @ Mmix_g[k]              M[k,s]: [r, dk]
+//   wgrad:  dM[k,s] += w[g,k,s] * sum_{n in g} X[n, k-block]^T Z[n, :] * q_scale   [dk, r]
+//           dw[g,k,s] += <sum_{n in g} X[n, k-block]^T Z[n, :] * q_scale, M[k,s]>
+// forward:  z = shrink(x, A); y = expand(z, B)
+// backward: z = shrink(x, A); gz = shrink(gy, B^T, scale); dx = expand(gz, A^T);
+//           dA, dw += wgrad(x, gz, A); dB, dw += wgrad(gy, z, B^T, scale)
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace mhr_ops {
+
+// Where a skill matrix element lives: M[k, s](row, col) = base[k*stride_k + s*stride_s +
+// row*stride_row + col*stride_col]. Strides in elements.
+struct SkillMatrices {
+  const void* data = nullptr;  // element type: the kernel's matrix type
+  int64_t stride_k = 0;
+  int64_t stride_s = 0;
+  int64_t stride_row = 0;
+  int64_t stride_col = 0;
+};
+
+// Routing of rows to groups, and the groups' mixing weights.
+struct RowRouting {
+  // weights: [num_groups, num_heads, num_skills], fp32 (fp64 when the data is fp64). Strides in
+  // elements.
+  const void* weights = nullptr;
+  int64_t w_stride_g = 0;
+  int64_t w_stride_k = 0;
+  int64_t w_stride_s = 0;
+  // group_ids: row n uses group group_ids[(n / rows_per_group_id) * ids_stride]. An id outside
+  // [0, num_groups) is never dereferenced: that row's output is NaN.
+  const void* group_ids = nullptr;
+  IndexType index_type = IndexType::kInt64;
+  int64_t ids_stride = 1;
+  int64_t rows_per_group_id = 1;
+  int64_t num_groups = 0;  // G
+  int64_t num_heads = 0;   // h
+  int64_t num_skills = 0;  // S
+};
+
+struct ShrinkParams {
+  // X: [num_rows, num_heads * dk], data type (fp16/bf16/fp32/fp64). Strides in elements.
+  const void* x = nullptr;
+  int64_t x_stride_n = 0;
+  int64_t x_stride_c = 0;
+  SkillMatrices m;  // M[k, s]: [dk, rank]
+  RowRouting routing;
+  // Z: [num_rows, rank] fp32 (fp64 for fp64 data), contiguous. Written, or atomically summed
+  // into when the launcher splits the reduction (then it zeroes Z first).
+  void* z = nullptr;
+  int64_t num_rows = 0;  // N
+  int64_t dk = 0;        // reduction columns per head (d_in/h for A, d_out/h for B^T)
+  int64_t rank = 0;      // r, 1..128
+  double z_scale = 1.0;
+};
+
+struct ExpandParams {
+  // Z: [num_rows, rank] fp32 (fp64 for fp64 data), contiguous.
+  const void* z = nullptr;
+  SkillMatrices m;  // M[k, s]: [rank, dk]
+  RowRouting routing;
+  // Y: [num_rows, num_heads * dk], data type. Strides in elements. accumulate: Y += update.
+  void* y = nullptr;
+  int64_t y_stride_n = 0;
+  int64_t y_stride_c = 0;
+  bool accumulate = false;
+  int64_t num_rows = 0;
+  int64_t dk = 0;    // output columns per head
+  int64_t rank = 0;  // r, 1..128
+  double y_scale = 1.0;
+};
+
+struct WgradParams {
+  // X: [num_rows, num_heads * dk], data type. Strides in elements.
+  const void* x = nullptr;
+  int64_t x_stride_n = 0;
+  int64_t x_stride_c = 0;
+  // Q: [num_rows, rank] fp32 (fp64 for fp64 data), contiguous.
+  const void* q = nullptr;
+  double q_scale = 1.0;
+  SkillMatrices m;  // M[k, s]: [dk, rank], read for dw
+  RowRouting routing;
+  // dM: gradient of M in M's own layout (strides of `m` apply, relative to dm), fp32 (fp64),
+  // zeroed by the caller, summed into atomically. Null: not needed.
+  void* dm = nullptr;
+  // dw: [num_groups, num_heads, num_skills] contiguous fp32 (fp64), zeroed by the caller,
+  // summed into atomically. Null: not needed.
+  void* dw = nullptr;
+  int64_t num_rows = 0;
+  int64_t dk = 0;
+  int64_t rank = 0;
+};
+
+#if defined(MHR_OPS_WITH_CUDA)
+// Data type x matrix type pairs: (fp16, fp16), (fp16, fp32), (bf16, bf16), (bf16, fp32),
+// (fp32, fp32), (fp64, fp64). All return a cudaError_t value (0 on success), launch on `stream`
+// and never synchronize with the host.
+int routed_lora_shrink_cuda(const ShrinkParams& p, DType data, DType matrix, void* stream);
+int routed_lora_expand_cuda(const ExpandParams& p, DType data, DType matrix, void* stream);
+int routed_lora_wgrad_cuda(const WgradParams& p, DType data, DType matrix, void* stream);
+constexpr int64_t kRoutedLoraMaxRank = 128;
+#endif
+
+}  // namespace mhr_ops

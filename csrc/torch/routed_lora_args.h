@@ -1,0 +1,30 @@
+// Argument checks shared by the CPU and CUDA registrations of routed_lora and its backward.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace mhr_ops {
+
+// Validated sizes of one routed_lora problem.
+struct LoraDims {
+  int64_t rows = 0;        // N
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+  int64_t heads = 0;       // h
+  int64_t skills = 0;      // S
+  int64_t rank = 0;        // r
+  int64_t groups = 0;      // G
+  int64_t dk_in = 0;       // d_in / h
+  int64_t dk_out = 0;      // d_out / h
+  int64_t rows_per_id = 1;
+};
+
+// x [N, d_in]; A [h, S, d_in/h, r]; B [h, S, r, d_out/h]; weights [G, h, S];
+// group_ids [N / rows_per_group_id]. Every failure names the argument.
+LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
+                           const at::Tensor& group_ids, int64_t rows_per_group_id);
+
+// out / grad_y: [N, d_out] in x's dtype, on x's device.
+void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x, const LoraDims& d);
+
+}  // namespace mhr_ops

@@ -1,0 +1,226 @@
+"""`routed_lora` and `mhr_linear` (SPEC section 3), with fake kernels and autograd registration
+for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+from ._autograd import register_no_double_backward
+from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_same_device, check_tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_adapter(x, A, B, weights) -> tuple[int, int, int, int, int]:
+    """Validates x / A / B / weights; returns (h, S, r, d_in, d_out)."""
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor [..., d_in], got shape {tuple(x.shape)}")
+    check_tensor(A, "A", ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(B, "B", ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(weights, "weights", ndim=3, dtypes=FLOAT_DTYPES)
+    h, S, dk_in, r = A.shape
+    if min(h, S, dk_in, r) < 1:
+        raise ValueError(f"A: expected a non-empty [h, S, d_in/h, r], got shape {tuple(A.shape)}")
+    if tuple(B.shape[:3]) != (h, S, r) or B.shape[3] < 1:
+        raise ValueError(
+            f"B: expected shape ({h}, {S}, {r}, d_out/h) to match A {tuple(A.shape)}, got {tuple(B.shape)}"
+        )
+    if x.shape[-1] != h * dk_in:
+        raise ValueError(
+            f"x: expected last dim d_in = h * A.shape[2] = {h * dk_in} (d_in must split into h={h} heads), "
+            f"got {x.shape[-1]}"
+        )
+    if tuple(weights.shape[1:]) != (h, S):
+        raise ValueError(f"weights: expected shape (G, {h}, {S}) [G, h, S], got {tuple(weights.shape)}")
+    if A.dtype != x.dtype and not (x.dtype in _HALF and A.dtype == torch.float32):
+        allowed = f"{x.dtype} or torch.float32" if x.dtype in _HALF else f"{x.dtype}"
+        raise ValueError(f"A: expected dtype {allowed} for x of dtype {x.dtype}, got {A.dtype}")
+    if B.dtype != A.dtype:
+        raise ValueError(f"B: expected dtype {A.dtype} (A's dtype), got {B.dtype}")
+    for t, name in ((A, "A"), (B, "B"), (weights, "weights")):
+        check_same_device(t, name, x, "x")
+    return h, S, r, x.shape[-1], h * B.shape[3]
+
+
+def _rows(x, group_ids, n_groups: int, check_ids: bool):
+    """x as [N, d_in] and the group ids as the op takes them: (x2, ids, rows_per_group_id)."""
+    lead = tuple(x.shape[:-1])
+    ids = as_index_tensor(group_ids, "group_ids", x.device)
+    check_same_device(ids, "group_ids", x, "x")
+    n_rows = math.prod(lead)
+    if tuple(ids.shape) == lead:
+        ids, rows_per_id = ids.reshape(-1), 1
+    elif lead and tuple(ids.shape) == lead[:1]:
+        rows_per_id = math.prod(lead[1:])
+    else:
+        per_batch = f" or {lead[:1]} (one per leading batch element)" if len(lead) > 1 else ""
+        raise ValueError(f"group_ids: expected shape {lead} (one id per row){per_batch}, got {tuple(ids.shape)}")
+    if n_rows == 0:
+        ids, rows_per_id = ids.reshape(-1)[:0], 1
+    if check_ids:
+        check_id_range(ids, "group_ids", n_groups, "group")
+    return x.reshape(n_rows, x.shape[-1]), ids, rows_per_id
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_ids: bool = True):
+    """Routed LoRA update ``scale * (x_row @ A_g) @ B_g`` for every row of ``x``.
+
+    ``A_g`` / ``B_g`` mix the skill inventory with group ``g``'s weights head by head:
+    head block ``k`` of ``A_g`` is ``sum_s weights[g, k, s] * A[k, s]`` (likewise ``B``). With
+    ``x [bs, L, d_in]``, ``group_ids = arange(bs)`` and ``scale = 1/r`` this is PEFT's Poly/MHR
+    ``x.bmm(A).bmm(B) / r``.
+
+    Args:
+        x: ``[..., d_in]``, fp32 / fp16 / bf16 (fp64 for gradcheck); need not be contiguous.
+        A: ``[h, S, d_in/h, r]`` skill down-projections (PEFT ``poly_lora_A``).
+        B: ``[h, S, r, d_out/h]`` skill up-projections (PEFT ``poly_lora_B``). Same dtype as
+            ``A``: ``x``'s dtype, or fp32 with fp16/bf16 ``x`` (PEFT's fp32 adapters).
+        weights: ``[G, h, S]`` routing weights (e.g. from :func:`mhr_ops.route`).
+        group_ids: int tensor of groups in ``[0, G)``: one per row (``x.shape[:-1]``) or one per
+            leading batch element (``x.shape[:1]``, broadcast over the other leading dims).
+            Rows need not be sorted by group.
+        scale: ``1/r`` for PEFT, ``alpha/r`` for mttl.
+        out: if given (shape ``[..., d_out]``, ``x``'s dtype), ``out += y`` in place and ``out`` is
+            returned. Without autograd this is a single fused pass over ``out``; when autograd is
+            recording it costs one extra elementwise add (custom ops with autograd are
+            functional); :func:`mhr_linear` is the fused training path.
+        check_ids: raise if a group id is outside ``[0, G)`` (one device read-back on CUDA).
+
+    Returns:
+        ``y [..., d_out]`` in ``x``'s dtype (or ``out``), accumulated in fp32.
+    """
+    _, _, _, _, d_out = _check_adapter(x, A, B, weights)
+    scale = _check_scale(scale)
+    lead = tuple(x.shape[:-1])
+    x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
+    if out is None:
+        return torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale).view(*lead, d_out)
+    check_tensor(out, "out")
+    if tuple(out.shape) != (*lead, d_out):
+        raise ValueError(f"out: expected shape {(*lead, d_out)}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out: expected dtype {x.dtype} (x's dtype), got {out.dtype}")
+    check_same_device(out, "out", x, "x")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, weights, out))
+    try:
+        out2 = out.view(x2.shape[0], d_out)
+    except RuntimeError:
+        out2 = None  # leading dims of out cannot be flattened without a copy
+    if needs_grad or out2 is None:
+        y = torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale)
+        return out.add_(y.view(out.shape))
+    torch.ops.mhr_ops.routed_lora_add_(out2, x2, A, B, weights, ids, rows_per_id, scale)
+    return out
+
+
+def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check_ids: bool = True):
+    """``F.linear(x, weight, bias) + routed_lora(x, A, B, weights, group_ids, scale=scale)`` in one
+    call with one output allocation: the routed update is added into the base layer's output.
+
+    ``weight`` is ``[d_out, d_in]`` in ``x``'s dtype, ``bias`` ``[d_out]`` or None; the other
+    arguments are as in :func:`routed_lora`. Autograd covers every tensor argument.
+    """
+    _, _, _, d_in, d_out = _check_adapter(x, A, B, weights)
+    check_tensor(weight, "weight", ndim=2)
+    if tuple(weight.shape) != (d_out, d_in):
+        raise ValueError(f"weight: expected shape {(d_out, d_in)} [d_out, d_in], got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected dtype {x.dtype} (x's dtype), got {weight.dtype}")
+    check_same_device(weight, "weight", x, "x")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != d_out or bias.dtype != x.dtype:
+            raise ValueError(
+                f"bias: expected shape ({d_out},) and dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+            )
+        check_same_device(bias, "bias", x, "x")
+    scale = _check_scale(scale)
+    lead = tuple(x.shape[:-1])
+    x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
+    y = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
+    return y.view(*lead, d_out)
+
+
+# ---- fake kernels ----
+
+
+@torch.library.register_fake("mhr_ops::routed_lora")
+def _routed_lora_fake(x, A, B, weights, group_ids, rows_per_group_id, scale):
+    return x.new_empty((x.shape[0], A.shape[0] * B.shape[3]))
+
+
+@torch.library.register_fake("mhr_ops::routed_lora_add_")
+def _routed_lora_add_fake(out, x, A, B, weights, group_ids, rows_per_group_id, scale):
+    return None
+
+
+@torch.library.register_fake("mhr_ops::routed_lora_backward")
+def _routed_lora_backward_fake(grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, output_mask):
+    return tuple(
+        t.new_empty(t.shape) if needed else t.new_empty((0,))
+        for t, needed in zip((x, A, B, weights), output_mask, strict=True)
+    )
+
+
+# ---- autograd ----
+
+
+def _lora_grads(ctx, grad_y, mask):
+    x, A, B, weights, group_ids = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.routed_lora_backward(
+        grad_y, x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, list(mask)
+    )
+    return [g if needed else None for g, needed in zip(grads, mask, strict=True)]
+
+
+def _routed_lora_setup(ctx, inputs, output):
+    x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
+    ctx.save_for_backward(x, A, B, weights, group_ids)
+
+
+def _routed_lora_backward(ctx, grad_y):
+    mask = ctx.needs_input_grad[:4]
+    dx, dA, dB, dw = _lora_grads(ctx, grad_y, mask) if any(mask) else (None,) * 4
+    return dx, dA, dB, dw, None, None, None
+
+
+def _mhr_linear_setup(ctx, inputs, output):
+    x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, A, B, weights, group_ids, weight)
+
+
+def _mhr_linear_backward(ctx, grad_y):
+    needs = ctx.needs_input_grad
+    mask = (needs[0], needs[3], needs[4], needs[5])
+    x, weight = ctx.saved_tensors[0], ctx.saved_tensors[5]
+    dx, dA, dB, dw = _lora_grads(_SavedView(ctx), grad_y, mask) if any(mask) else (None,) * 4
+    if needs[0]:
+        dx = dx + grad_y @ weight
+    d_weight = grad_y.t() @ x if needs[1] else None
+    d_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
+    return dx, d_weight, d_bias, dA, dB, dw, None, None, None
+
+
+class _SavedView:
+    """The routed_lora part of mhr_linear's saved context, shaped like routed_lora's."""
+
+    def __init__(self, ctx):
+        self.saved_tensors = ctx.saved_tensors[:5]
+        self.rows_per_group_id = ctx.rows_per_group_id
+        self.scale = ctx.scale
+
+
+torch.library.register_autograd("mhr_ops::routed_lora", _routed_lora_backward, setup_context=_routed_lora_setup)
+torch.library.register_autograd("mhr_ops::mhr_linear", _mhr_linear_backward, setup_context=_mhr_linear_setup)
+register_no_double_backward("mhr_ops::routed_lora_backward", "routed_lora")

@@ -1,0 +1,429 @@
+"""routed_lora and mhr_linear (SPEC section 3) against the float64 reference and PEFT's Poly
+Linear: dtypes, shapes, group layouts, out=, gradients, gradcheck, opcheck, torch.compile, bad
+input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, assert_close, max_diff
+
+import mhr_ops
+from mhr_ops import reference
+
+# (x dtype, adapter dtype)
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+# (h, S, d_in/h, r, d_out/h)
+SHAPES = [(1, 1, 7, 1, 5), (2, 3, 5, 4, 6), (8, 8, 4, 16, 4), (16, 8, 2, 1, 3), (1, 2, 9, 128, 3)]
+
+
+def make(h, S, dk_in, r, dk_out, G, lead, *, device, dtype=torch.float32, adapter_dtype=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rnd(*shape, dt, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dt).to(device)
+
+    x = rnd(*lead, h * dk_in, dt=dtype)
+    A = rnd(h, S, dk_in, r, dt=adapter_dtype, scale=(dk_in * h) ** -0.5)
+    B = rnd(h, S, r, dk_out, dt=adapter_dtype, scale=r**-0.5)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(G, h, S, generator=gen, dtype=torch.float64).to(w_dtype).to(device)
+    return x, A, B, w
+
+
+def group_layout(kind, lead, G, device, gen):
+    if kind == "per_batch":  # one id per example, long runs of rows
+        return torch.randint(0, G, lead[:1], generator=gen).to(device)
+    if kind == "per_row":  # unsorted, every row picks its own group
+        return torch.randint(0, G, lead, generator=gen).to(device)
+    if kind == "one_group":
+        return torch.zeros(lead, dtype=torch.long, device=device)
+    if kind == "own_group":  # every row its own group (G == N)
+        return torch.randperm(G, generator=gen).reshape(lead).to(device)
+    raise ValueError(kind)
+
+
+def plain_torch(x, A, B, w, group_ids, scale):
+    """The non-fused computation in the inputs' own dtype (PEFT's way): the error bar for the
+    low-precision comparisons."""
+    wd = w.to(A.dtype)
+    a = torch.einsum("gks,ksdr->gkdr", wd, A).reshape(w.shape[0], -1, A.shape[-1])
+    b = torch.einsum("gks,ksrd->gkrd", wd, B).transpose(1, 2).reshape(w.shape[0], B.shape[2], -1)
+    rows = x.reshape(-1, x.shape[-1]).to(A.dtype)
+    groups = reference._row_groups(x, group_ids)
+    y = (rows.unsqueeze(1) @ a[groups]) @ b[groups] * scale
+    return y.squeeze(1).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def check_low_precision(out, ref, plain, what):
+    """The kernel's error against the float64 reference is at most 2x plain PyTorch's in the same
+    dtype (flash-attention's rule), plus a floor for outputs that plain PyTorch gets exact."""
+    err, err_plain = max_diff(out, ref), max_diff(plain, ref)
+    print(f"{what}: max err {err:.3e}, plain torch {err_plain:.3e}")
+    assert err <= 2 * err_plain + 1e-2 * (ref.abs().max().item() * 2**-7 + 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["per_batch", "per_row", "one_group", "own_group"])
+def test_forward_matches_reference(device, dtype, adapter_dtype, shape, kind):
+    h, S, dk_in, r, dk_out = shape
+    lead = (3, 17)  # odd sizes; per_batch gives runs of 17 rows (grouped path on CPU)
+    G = 51 if kind == "own_group" else 5
+    gen = torch.Generator().manual_seed(1)
+    x, A, B, w = make(*shape, G, lead, device=device, dtype=dtype, adapter_dtype=adapter_dtype)
+    ids = group_layout(kind, lead, G, device, gen)
+    scale = 1.0 / r
+    y = mhr_ops.routed_lora(x, A, B, w, ids, scale=scale)
+    ref = reference.routed_lora(x, A, B, w, ids, scale=scale)
+    assert y.shape == (*lead, h * dk_out) and y.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        assert_close(y, ref, atol=tol, rtol=tol, what=f"routed_lora {kind}")
+    else:
+        check_low_precision(y, ref, plain_torch(x, A, B, w, ids, scale), f"routed_lora {dtype}/{adapter_dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["per_batch", "per_row"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (8, 8, 4, 16, 4), (1, 2, 9, 128, 3)])
+def test_gradients_match_reference(device, kind, shape):
+    lead = (4, 19)
+    G = 6
+    gen = torch.Generator().manual_seed(2)
+    x, A, B, w = make(*shape, G, lead, device=device, dtype=torch.float64, seed=3)
+    ids = group_layout(kind, lead, G, device, gen)
+    gy = torch.randn(*lead, shape[0] * shape[4], dtype=torch.float64, device=device)
+    ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    mhr_ops.routed_lora(*ours, ids, scale=0.3).backward(gy)
+    refs = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    reference.routed_lora(*refs, ids, scale=0.3).backward(gy)
+    for name, a, b in zip("x A B weights".split(), ours, refs, strict=True):
+        assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-9, what=f"d{name} {kind}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_fp32_and_mixed_gradients(device, dtype, adapter_dtype):
+    shape, lead, G = (4, 5, 8, 8, 8), (3, 40), 4
+    x, A, B, w = make(*shape, G, lead, device=device, dtype=dtype, adapter_dtype=adapter_dtype, seed=5)
+    ids = torch.tensor([3, 0, 3], device=device)
+    gy = torch.randn(*lead, 32, device=device).to(dtype)
+    ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    mhr_ops.routed_lora(*ours, ids, scale=0.25).backward(gy)
+    refs = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    reference.routed_lora(*refs, ids, scale=0.25).backward(gy.double())
+    for name, a, b in zip("x A B weights".split(), ours, refs, strict=True):
+        assert a.grad.dtype == a.dtype
+        tol = 2e-5 if dtype == torch.float32 else 3e-2
+        assert_close(a.grad, b.grad, atol=tol * max(1.0, b.grad.abs().max().item()), rtol=tol, what=f"d{name}")
+
+
+@pytest.mark.parametrize("kind", ["per_batch", "per_row"])
+def test_gradcheck_float64(kind):
+    shape, lead, G = (2, 3, 3, 2, 2), (2, 16), 3
+    gen = torch.Generator().manual_seed(4)
+    x, A, B, w = make(*shape, G, lead, device="cpu", dtype=torch.float64, seed=6)
+    ids = group_layout(kind, lead, G, "cpu", gen)
+    inputs = tuple(t.requires_grad_() for t in (x, A, B, w))
+    assert torch.autograd.gradcheck(lambda *t: mhr_ops.routed_lora(*t, ids, scale=0.7), inputs)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda xx, W, b, a, bb, ww: mhr_ops.mhr_linear(xx, W, b, a, bb, ww, ids, scale=0.7),
+        (x, weight, bias, *inputs[1:]),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_flows_through_route_to_logits(device):
+    h, S, T = 2, 4, 5
+    logits = torch.randn(T, h * S, dtype=torch.float64, device=device, requires_grad=True)
+    x, A, B, _ = make(h, S, 3, 2, 3, T, (3, 8), device=device, dtype=torch.float64)
+    task_ids = torch.tensor([4, 1, 4], device=device)
+
+    def f(lg, route_fn, lora_fn):
+        w = route_fn(lg, task_ids, n_skills=S)
+        return lora_fn(x, A, B, w, torch.arange(3, device=device), scale=0.5).square().sum()
+
+    (g_ours,) = torch.autograd.grad(f(logits, mhr_ops.route, mhr_ops.routed_lora), logits)
+    (g_ref,) = torch.autograd.grad(f(logits, reference.route, reference.routed_lora), logits)
+    assert_close(g_ours, g_ref, atol=1e-9, rtol=1e-9, what="d logits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_accumulates_in_place(device):
+    x, A, B, w = make(2, 3, 4, 3, 5, 4, (2, 20), device=device)
+    ids = torch.tensor([1, 3], device=device)
+    base = torch.randn(2, 20, 10, device=device)
+    out = base.clone()
+    with torch.no_grad():
+        ret = mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=out)
+    assert ret is out
+    assert_close(out, reference.routed_lora(x, A, B, w, ids, scale=0.5, out=base), atol=2e-5, rtol=2e-5, what="out=")
+    # with autograd recording, out= still accumulates in place and gradients reach every input
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out2 = base.clone()
+    ret2 = mhr_ops.routed_lora(xg, A, B, wg, ids, scale=0.5, out=out2)
+    assert ret2 is out2
+    ret2.sum().backward()
+    assert xg.grad is not None and wg.grad is not None
+    assert_close(out2.detach(), out, atol=1e-6, rtol=1e-6, what="out= under autograd")
+    # an out whose leading dims cannot be flattened without a copy still accumulates in place
+    strided = torch.randn(20, 2, 10, device=device).transpose(0, 1)
+    expected = reference.routed_lora(x, A, B, w, ids, scale=0.5, out=strided)
+    with torch.no_grad():
+        mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=strided)
+    assert_close(strided, expected, atol=2e-5, rtol=2e-5, what="strided out=")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mhr_linear(device, dtype, adapter_dtype, with_bias):
+    h, S, dk_in, r, dk_out = 4, 3, 6, 5, 7
+    x, A, B, w = make(h, S, dk_in, r, dk_out, 3, (3, 21), device=device, dtype=dtype, adapter_dtype=adapter_dtype)
+    weight = (torch.randn(h * dk_out, h * dk_in, device=device) / 5).to(dtype)
+    bias = torch.randn(h * dk_out, device=device).to(dtype) if with_bias else None
+    ids = torch.tensor([2, 0, 2], device=device)
+    ins = [t.clone().requires_grad_() for t in (x, weight, A, B, w)] + (
+        [bias.clone().requires_grad_()] if with_bias else []
+    )
+    xi, Wi, Ai, Bi, wi = ins[:5]
+    bi = ins[5] if with_bias else None
+    y = mhr_ops.mhr_linear(xi, Wi, bi, Ai, Bi, wi, ids, scale=0.2)
+    refs = [t.detach().double().requires_grad_() for t in ins]
+    ref = reference.mhr_linear(refs[0], refs[1], refs[5] if with_bias else None, *refs[2:5], ids, scale=0.2)
+    assert y.dtype == dtype and y.shape == ref.shape
+    tol = 2e-5 if dtype == torch.float32 else 4e-2
+    assert_close(y, ref, atol=tol, rtol=tol, what="mhr_linear")
+    gy = torch.randn_like(ref)
+    y.backward(gy.to(dtype))
+    ref.backward(gy)
+    for a, b in zip(ins, refs, strict=True):
+        assert_close(a.grad, b.grad, atol=tol * max(1.0, b.grad.abs().max().item()), rtol=tol, what="mhr_linear grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    h, S, dk_in, r, dk_out = 3, 4, 5, 3, 4
+    x_wide = torch.randn(2, 30, 2 * h * dk_in, dtype=torch.float64, device=device)
+    x = x_wide[:, ::2, ::2]  # strided rows and columns
+    A = torch.randn(r, dk_in, S, h, dtype=torch.float64, device=device).permute(3, 2, 1, 0)
+    B = torch.randn(dk_out, r, S, h, dtype=torch.float64, device=device).permute(3, 2, 1, 0)
+    w = torch.rand(h, S, 4, dtype=torch.float64, device=device).permute(2, 0, 1)
+    ids = torch.tensor([3, 3, 1, 0], device=device)[::2]
+    assert not any(t.is_contiguous() for t in (x, A, B, w, ids))
+    ins = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    y = mhr_ops.routed_lora(*ins, ids, scale=0.5)
+    refs = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    ref = reference.routed_lora(*refs, ids, scale=0.5)
+    assert_close(y, ref, atol=1e-10, rtol=1e-10, what="non-contiguous")
+    gy = torch.randn(15, 2, h * dk_out, dtype=torch.float64, device=device).transpose(0, 1)
+    y.backward(gy)
+    ref.backward(gy)
+    for a, b in zip(ins, refs, strict=True):
+        assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, what="non-contiguous grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_single_row(device):
+    x, A, B, w = make(2, 3, 4, 2, 3, 2, (0, 5), device=device)
+    ids = torch.empty(0, dtype=torch.long, device=device)
+    xg = x.requires_grad_()
+    y = mhr_ops.routed_lora(xg, A, B, w, ids, scale=1.0)
+    assert y.shape == (0, 5, 6)
+    y.sum().backward()
+    assert xg.grad.shape == x.shape
+    x1, A1, B1, w1 = make(2, 3, 4, 2, 3, 2, (), device=device)  # 1-D x: a single row
+    y1 = mhr_ops.routed_lora(x1, A1, B1, w1, torch.tensor(1, device=device), scale=1.0)
+    assert_close(y1, reference.routed_lora(x1, A1, B1, w1, torch.tensor(1), scale=1.0), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_to_its_row_only(device):
+    x, A, B, w = make(2, 3, 4, 2, 3, 2, (2, 18), device=device)
+    x[1, 5, 0] = float("nan")
+    y = mhr_ops.routed_lora(x, A, B, w, torch.tensor([0, 1], device=device), scale=1.0)
+    assert torch.isnan(y[1, 5]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all() and torch.isfinite(y[1, 6:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["per_batch", "per_row"])
+def test_opcheck(device, kind):
+    gen = torch.Generator().manual_seed(9)
+    x, A, B, w = make(2, 3, 4, 2, 3, 4, (2, 16), device=device, seed=9)
+    ids = group_layout(kind, (2, 16), 4, device, gen)
+    rows_per_id = 16 if kind == "per_batch" else 1
+    x2 = x.reshape(32, 8)
+    ids = ids.reshape(-1)
+    req = [t.clone().requires_grad_() for t in (x2, A, B, w)]
+    torch.library.opcheck(torch.ops.mhr_ops.routed_lora, (*req, ids, rows_per_id, 0.5))
+    out = torch.randn(32, 6, device=device)
+    torch.library.opcheck(torch.ops.mhr_ops.routed_lora_add_, (out, x2, A, B, w, ids, rows_per_id, 0.5))
+    gy = torch.randn(32, 6, device=device)
+    for mask in ([True] * 4, [False, True, False, True]):
+        torch.library.opcheck(torch.ops.mhr_ops.routed_lora_backward, (gy, x2, A, B, w, ids, rows_per_id, 0.5, mask))
+    weight, bias = torch.randn(6, 8, device=device), torch.randn(6, device=device)
+    req_lin = [t.clone().requires_grad_() for t in (x2, weight, bias, A, B, w)]
+    torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, rows_per_id, 0.5))
+
+
+def test_torch_compile_fullgraph():
+    x, A, B, w = make(2, 3, 4, 2, 3, 3, (2, 16), device="cpu")
+    weight, bias = torch.randn(6, 8), torch.randn(6)
+    logits = torch.randn(5, 6, requires_grad=True)
+    ids = torch.tensor([4, 0])
+
+    def f(lg, xx):
+        mix = mhr_ops.route(lg, ids, n_skills=3)
+        y = mhr_ops.mhr_linear(xx, weight, bias, A, B, mix, torch.arange(2), scale=0.5)
+        return (y + mhr_ops.routed_lora(xx, A, B, mix, torch.arange(2), scale=0.5)).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xr = x.clone().requires_grad_()
+    expected = f(logits, xr)
+    g_expected = torch.autograd.grad(expected, (logits, xr))
+    got = compiled(logits, xr)
+    g_got = torch.autograd.grad(got, (logits, xr))
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(g_got, g_expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ---- PEFT parity ----
+
+
+def _peft_linear(d_in, d_out, r, S, h, T, seed=0):
+    from peft.tuners.poly.config import PolyConfig
+    from peft.tuners.poly.layer import Linear as PolyLinear
+
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out)
+    layer = PolyLinear(base, "default", PolyConfig(r=r, n_tasks=T, n_skills=S, n_splits=h))
+    with torch.no_grad():  # PEFT zero-inits B; make the adapter matter
+        layer.poly_lora_B["default"].normal_(0, 0.1)
+        layer.poly_router["default"].module_logits.normal_(0, 1)
+    return layer
+
+
+def _ours(layer, x, task_ids, mode):
+    A, B = layer.poly_lora_A["default"], layer.poly_lora_B["default"]
+    logits = layer.poly_router["default"].module_logits
+    w = mhr_ops.route(logits, task_ids, n_skills=A.shape[1], mode=mode)
+    base = layer.base_layer
+    return mhr_ops.mhr_linear(x, base.weight, base.bias, A, B, w, torch.arange(x.shape[0]), scale=1.0 / A.shape[-1])
+
+
+@pytest.mark.parametrize("h,S,r", [(1, 4, 2), (4, 3, 8), (8, 8, 1)])
+def test_peft_poly_linear_eval_and_train(h, S, r):
+    layer = _peft_linear(32, 24, r, S, h, T=6)
+    x = torch.randn(5, 11, 32)
+    task_ids = torch.tensor([5, 0, 2, 2, 1])
+    layer.eval()
+    assert_close(_ours(layer, x, task_ids, "sigmoid"), layer(x, task_ids=task_ids), atol=1e-5, rtol=1e-5, what="eval")
+    layer.train()
+    params = list(layer.parameters())
+    gy = torch.randn(5, 11, 24)
+    torch.manual_seed(7)
+    expected = layer(x, task_ids=task_ids)
+    g_expected = torch.autograd.grad(expected, params, gy)
+    torch.manual_seed(7)
+    got = _ours(layer, x, task_ids, "relaxed_bernoulli")
+    g_got = torch.autograd.grad(got, params, gy)
+    assert_close(got, expected, atol=1e-5, rtol=1e-5, what="train (same seed)")
+    for a, b in zip(g_got, g_expected, strict=True):
+        assert_close(a, b, atol=1e-4, rtol=1e-4, what="train grads")
+
+
+# ---- bad input (SPEC section 7) ----
+
+
+def _good():
+    x, A, B, w = make(2, 3, 4, 2, 3, 4, (2, 5), device="cpu")
+    return dict(x=x, A=A, B=B, weights=w, group_ids=torch.tensor([0, 3]))
+
+
+BAD = [
+    (dict(x=torch.randn(2, 5, 9)), ValueError, "x: expected last dim d_in = h"),
+    (dict(x=torch.randint(0, 2, (2, 5, 8))), ValueError, "x: expected dtype"),
+    (dict(A=torch.randn(3, 4, 2)), ValueError, "A: expected a 4-D"),
+    (dict(B=torch.randn(2, 4, 2, 3)), ValueError, r"B: expected shape \(2, 3, 2, d_out/h\)"),
+    (dict(B=torch.randn(2, 3, 5, 3)), ValueError, r"B: expected shape \(2, 3, 2, d_out/h\)"),
+    (dict(weights=torch.rand(4, 2, 4)), ValueError, r"weights: expected shape \(G, 2, 3\)"),
+    (dict(weights=torch.rand(4, 2)), ValueError, "weights: expected a 3-D"),
+    (dict(A=torch.randn(2, 3, 4, 2, dtype=torch.float64)), ValueError, "A: expected dtype"),
+    (dict(B=torch.randn(2, 3, 2, 3, dtype=torch.float64)), ValueError, "B: expected dtype"),
+    (dict(group_ids=torch.tensor([0, 4])), ValueError, r"group_ids: expected group ids in \[0, 4\), got 4"),
+    (dict(group_ids=torch.tensor([-1, 0])), ValueError, r"group_ids: expected group ids in \[0, 4\), got -1"),
+    (dict(group_ids=torch.tensor([0, 1, 2])), ValueError, r"group_ids: expected shape \(2, 5\)"),
+    (dict(group_ids=torch.tensor([0.0, 1.0])), ValueError, "group_ids: expected dtype"),
+    (dict(scale="0.5"), TypeError, "scale: expected a float"),
+    (dict(out=torch.zeros(2, 5, 7)), ValueError, r"out: expected shape \(2, 5, 6\)"),
+    (dict(out=torch.zeros(2, 5, 6, dtype=torch.float64)), ValueError, "out: expected dtype"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD)
+def test_bad_input(override, exc, match):
+    kw = _good()
+    kw.update(override)
+    kw.setdefault("scale", 0.5)
+    args = [kw.pop(k) for k in ("x", "A", "B", "weights", "group_ids")]
+    with pytest.raises(exc, match=match):
+        mhr_ops.routed_lora(*args, **kw)
+
+
+def test_bad_input_mhr_linear_and_devices():
+    kw = _good()
+    args = [kw[k] for k in ("x",)]
+    with pytest.raises(ValueError, match=r"weight: expected shape \(6, 8\)"):
+        mhr_ops.mhr_linear(*args, torch.randn(6, 7), None, kw["A"], kw["B"], kw["weights"], kw["group_ids"], scale=1.0)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(6,\)"):
+        mhr_ops.mhr_linear(
+            *args, torch.randn(6, 8), torch.randn(5), kw["A"], kw["B"], kw["weights"], kw["group_ids"], scale=1.0
+        )
+    with pytest.raises(ValueError, match="A: expected a tensor on meta"):
+        mhr_ops.routed_lora(kw["x"].to("meta"), kw["A"], kw["B"], kw["weights"], kw["group_ids"], scale=1.0)
+
+
+def test_op_level_checks_name_the_argument():
+    kw = _good()
+    x2 = kw["x"].reshape(10, 8)
+    with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
+        torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    with pytest.raises(RuntimeError, match="group_ids: expected 10 / 5 ids"):
+        torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1, 2]), 5, 1.0)
+    with pytest.raises(RuntimeError, match="x: expected d_in"):
+        torch.ops.mhr_ops.routed_lora(x2[:, :7], kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1]), 5, 1.0)
+
+
+def test_double_backward_raises_clearly():
+    x, A, B, w = make(2, 3, 4, 2, 3, 2, (2, 4), device="cpu", dtype=torch.float64)
+    xg = x.requires_grad_()
+    y = mhr_ops.routed_lora(xg, A, B, w, torch.tensor([0, 1]), scale=1.0)
+    (g,) = torch.autograd.grad(y.square().sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_matches_plain_linear_when_all_skills_equal():
+    """One skill repeated: routed LoRA collapses to a plain LoRA with the normalized weights."""
+    h, S, dk, r = 2, 4, 3, 2
+    A1, B1 = torch.randn(h, 1, dk, r), torch.randn(h, 1, r, dk)
+    A, B = A1.expand(h, S, dk, r), B1.expand(h, S, r, dk)
+    w = torch.full((1, h, S), 1.0 / S)
+    x = torch.randn(5, h * dk)
+    y = mhr_ops.routed_lora(x, A, B, w, torch.zeros(5, dtype=torch.long), scale=0.5)
+    lora_a = A1[:, 0].reshape(h * dk, r)
+    lora_b = B1[:, 0].transpose(0, 1).reshape(r, h * dk)
+    assert_close(y, 0.5 * F.linear(F.linear(x, lora_a.t()), lora_b.t()), atol=1e-5, rtol=1e-5, what="plain LoRA")
