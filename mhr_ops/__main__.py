@@ -42,14 +42,15 @@ def demo(args: argparse.Namespace) -> int:
     ok = max(eval_diff, train_diff) < 1e-5 and grad_diff < 1e-4
     print("  agreement with PEFT:", "OK" if ok else "MISMATCH")
     print()
-    benchmarks.run(device)
+    benchmarks.run(device, ["route"])
     return 0 if ok else 1
 
 
 def bench(args: argparse.Namespace) -> int:
     from mhr_ops import benchmarks
 
-    benchmarks.run(torch.device(args.device), json_path=args.json)
+    shapes = args.shapes.split(",") if args.shapes else None
+    benchmarks.run(torch.device(args.device), shapes, json_path=args.json)
     return 0
 
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.set_defaults(func=demo)
     p_bench = sub.add_parser("bench", help="benchmark the ops against PEFT and the reference")
     p_bench.add_argument("--device", default=default_device)
+    p_bench.add_argument("--shapes", default=None, help="comma-separated shape sets (default: the device's)")
     p_bench.add_argument("--json", default=None, help="write the results (commit, device, medians) here")
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)

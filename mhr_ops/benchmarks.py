@@ -1,6 +1,7 @@
-"""Benchmark harness: timing done one way for every op (warm-up, device events on CUDA, medians,
-rotated fresh random inputs), plus the benchmark cases. Used by ``python -m mhr_ops bench`` and
-by ``bench/`` (pytest-benchmark)."""
+"""Benchmark harness: one way of timing for every op (warm-up, device events on CUDA, medians,
+implementations interleaved rep by rep so machine drift hits all alike, inputs rotated, fresh
+random data), the benchmark cases, and the named shape sets. Used by ``python -m mhr_ops bench``
+and by ``bench/`` (pytest-benchmark)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,30 +18,51 @@ import torch
 import mhr_ops
 from mhr_ops import reference
 
+# Named shape sets. Linear cases: x [bs, L, d_in] -> d_out, r, S skills, h heads, T tasks.
+SHAPES = {
+    "cpu-small": dict(kind="linear", bs=8, L=256, d_in=1024, d_out=1024, r=8, S=8, h=8, T=16, dtype="float32"),
+    "gpu-train": dict(kind="linear", bs=16, L=512, d_in=4096, d_out=4096, r=16, S=8, h=8, T=16, dtype="bfloat16"),
+    "route": dict(kind="route", T=64, h=8, S=8, G=256),
+}
+DEFAULT_SHAPES = {"cpu": ["cpu-small", "route"], "cuda": ["gpu-train", "route"]}
 
-def median_time_us(
-    fn: Callable[[object], object], inputs: Sequence[object], *, device: torch.device, warmup: int = 5, reps: int = 30
-) -> float:
-    """Median wall time of ``fn(inputs[i % len(inputs)])`` in microseconds. Rotating through
-    several input sets keeps one set from sitting in cache; CUDA is timed with events."""
+
+def time_side_by_side(
+    fns: dict[str, Callable[[int], object]], *, device: torch.device, warmup: int = 3, reps: int = 20
+) -> dict[str, float]:
+    """Median time in microseconds of each ``fn(i)`` (i = rep index, for rotating inputs). The
+    implementations take turns within every rep; CUDA is timed with events."""
     for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for i in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(inputs[i % len(inputs)])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    else:
-        for i in range(reps):
-            t0 = time.perf_counter()
-            fn(inputs[i % len(inputs)])
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn(i)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                fn(i)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                times[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """The two ceilings, measured here: device-to-device copy bandwidth and bf16 GEMM rate."""
+    n = 1 << 28  # 512 MiB of bf16 each way
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t_copy = time_side_by_side({"copy": lambda i: dst.copy_(src)}, device=device, reps=10)["copy"]
+    m = 8192
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t_mm = time_side_by_side({"mm": lambda i: a @ b}, device=device, reps=10)["mm"]
+    return {"copy_GBps": 2 * src.numel() * 2 / t_copy / 1e3, "bf16_gemm_TFLOPs": 2 * m**3 / t_mm / 1e6}
 
 
 @dataclass
@@ -48,7 +70,11 @@ class Result:
     case: str
     shape: dict
     times_us: dict  # implementation -> median microseconds
-    ratios: dict = field(default_factory=dict)  # name -> ratio (> 1: ours faster)
+    ratios: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+# ---- route ----
 
 
 def _peft_router(n_tasks: int, n_splits: int, n_skills: int, device: torch.device):
@@ -60,44 +86,167 @@ def _peft_router(n_tasks: int, n_splits: int, n_skills: int, device: torch.devic
     return router
 
 
-def _route_impls(router, logits, grad, *, train: bool, n_skills: int, device: torch.device) -> dict:
+def _route_impls(router, logits, grad, ids, *, train: bool, n_skills: int) -> dict:
     mode = "relaxed_bernoulli" if train else "sigmoid"
 
-    def peft(ids):
-        w = router(task_ids=ids, input_ids=None)
+    def peft(i):
+        w = router(task_ids=ids[i % len(ids)], input_ids=None)
         if train:
             w.backward(grad)
 
-    def ours(ids):
-        w = mhr_ops.route(logits, ids, n_skills=n_skills, mode=mode, check_ids=False)
+    def ours(i):
+        w = mhr_ops.route(logits, ids[i % len(ids)], n_skills=n_skills, mode=mode, check_ids=False)
         if train:
             w.backward(grad)
 
-    def ref(ids):
-        noise = torch.rand(grad.shape, device=device) if train else None
-        w = reference.route(logits, ids, n_skills=n_skills, mode=mode, noise=noise)
+    def ref(i):
+        noise = torch.rand(grad.shape, device=grad.device) if train else None
+        w = reference.route(logits, ids[i % len(ids)], n_skills=n_skills, mode=mode, noise=noise)
         if train:
             w.backward(grad.double())
 
     return {"peft": peft, "mhr_ops": ours, "reference": ref}
 
 
-def bench_route(device: torch.device, *, n_tasks: int, n_splits: int, n_skills: int, n_groups: int) -> list[Result]:
-    """route forward+backward (train: relaxed Bernoulli; eval: sigmoid forward) against PEFT's
-    PolyRouter and the float64 reference, on the same logits and task ids."""
-    router = _peft_router(n_tasks, n_splits, n_skills, device)
-    logits = router.module_logits
-    inputs = [torch.randint(0, n_tasks, (n_groups,), device=device) for _ in range(4)]
-    grad = torch.randn(n_groups, n_splits, n_skills, device=device)
-    shape = dict(T=n_tasks, h=n_splits, S=n_skills, G=n_groups)
+def bench_route(device: torch.device, *, T: int, h: int, S: int, G: int, **_) -> list[Result]:
+    """route (eval: sigmoid forward; train: relaxed Bernoulli forward+backward) against PEFT's
+    PolyRouter and the float64 reference, same logits and task ids."""
+    router = _peft_router(T, h, S, device)
+    ids = [torch.randint(0, T, (G,), device=device) for _ in range(4)]
+    grad = torch.randn(G, h, S, device=device)
     results = []
     for train in (False, True):
         router.train(train)
-        fns = _route_impls(router, logits, grad, train=train, n_skills=n_skills, device=device)
-        times = {name: median_time_us(fn, inputs, device=device) for name, fn in fns.items()}
+        impls = _route_impls(router, router.module_logits, grad, ids, train=train, n_skills=S)
+        times = time_side_by_side(impls, device=device)
         case = "route train fwd+bwd" if train else "route eval fwd"
-        results.append(Result(case, shape, times, {"speedup_vs_peft": times["peft"] / times["mhr_ops"]}))
+        results.append(
+            Result(case, dict(T=T, h=h, S=S, G=G), times, {"speedup_vs_peft": times["peft"] / times["mhr_ops"]})
+        )
     return results
+
+
+# ---- routed LoRA linear layer ----
+
+
+def _peft_poly_linear(d_in, d_out, r, S, h, T, device, dtype):
+    from peft.tuners.poly.config import PolyConfig
+    from peft.tuners.poly.layer import Linear as PolyLinear
+
+    base = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype).requires_grad_(False)  # frozen, as in PEFT
+    layer = PolyLinear(base, "default", PolyConfig(r=r, n_tasks=T, n_skills=S, n_splits=h)).to(device)
+    with torch.no_grad():
+        layer.poly_lora_B["default"].normal_(0, 0.02)  # PEFT zero-inits B; random data, never zeros
+    return layer
+
+
+def bench_linear(device: torch.device, *, bs, L, d_in, d_out, r, S, h, T, dtype, **_) -> list[Result]:
+    """PEFT's Poly layer vs route + mhr_linear vs the bare nn.Linear, forward (eval) and
+    forward+backward (train), same weights and inputs. Adapters fp32 as PEFT keeps them."""
+    dt = getattr(torch, dtype)
+    layer = _peft_poly_linear(d_in, d_out, r, S, h, T, device, dt)
+    base = layer.base_layer
+    A, B = layer.poly_lora_A["default"], layer.poly_lora_B["default"]
+    logits = layer.poly_router["default"].module_logits
+    xs = [torch.randn(bs, L, d_in, device=device, dtype=dt) for _ in range(3)]
+    tids = [torch.randint(0, T, (bs,), device=device) for _ in range(3)]
+    gy = torch.randn(bs, L, d_out, device=device, dtype=dt)
+    groups = torch.arange(bs, device=device)
+    shape = dict(bs=bs, L=L, d_in=d_in, d_out=d_out, r=r, S=S, h=h, T=T, dtype=dtype)
+
+    def ours(x, t, mode):
+        w = mhr_ops.route(logits, t, n_skills=S, mode=mode, check_ids=False)
+        return mhr_ops.mhr_linear(x, base.weight, base.bias, A, B, w, groups, scale=1.0 / r, check_ids=False)
+
+    results = []
+    for train in (False, True):
+        layer.train(train)
+        mode = "relaxed_bernoulli" if train else "sigmoid"
+        impls = {
+            "bare": lambda x, t: base(x),
+            "peft": lambda x, t: layer(x, task_ids=t),
+            "mhr_ops": lambda x, t, mode=mode: ours(x, t, mode),
+        }
+
+        def run(fn, train=train):
+            def call(i):
+                x = xs[i % 3].requires_grad_(train)
+                if train:
+                    fn(x, tids[i % 3]).backward(gy)
+                else:
+                    with torch.no_grad():
+                        fn(x, tids[i % 3])
+
+            return call
+
+        times = time_side_by_side({k: run(f) for k, f in impls.items()}, device=device)
+        bare = times["bare"]
+        ratios = {
+            "ours_vs_bare": times["mhr_ops"] / bare,
+            "peft_vs_bare": times["peft"] / bare,
+            "speedup_vs_peft": times["peft"] / times["mhr_ops"],
+            "overhead_reduction_vs_peft": (times["peft"] - bare) / max(times["mhr_ops"] - bare, 1e-9),
+        }
+        results.append(Result("linear fwd+bwd" if train else "linear fwd", shape, times, ratios))
+    if device.type == "cuda":
+        results.append(_adapter_roofline(device, xs, A, B, logits, tids, groups, shape, layer))
+    return results
+
+
+def _adapter_roofline(device, xs, A, B, logits, tids, groups, shape, layer) -> Result:
+    """The adapter path alone (route + routed_lora into an existing output) against the HBM
+    roofline (bytes: read x, read and write y), and peak memory of fwd+bwd vs a plain LoRA."""
+    S, r = shape["S"], shape["r"]
+    y = torch.empty(xs[0].shape[:-1] + (shape["d_out"],), device=device, dtype=xs[0].dtype)
+
+    def adapter(i):
+        with torch.no_grad():
+            w = mhr_ops.route(logits, tids[i % 3], n_skills=S, check_ids=False)
+            mhr_ops.routed_lora(xs[i % 3], A, B, w, groups, scale=1.0 / r, out=y, check_ids=False)
+
+    def peft_adapter(i):  # PEFT's adapter path as its layer runs it (router, einsums, bmm, add)
+        with torch.no_grad():
+            layer.eval()
+            layer(xs[i % 3], task_ids=tids[i % 3])
+
+    times = time_side_by_side({"mhr_ops_adapter": adapter, "peft_layer_eval": peft_adapter}, device=device)
+    nbytes = xs[0].numel() * xs[0].element_size() + 2 * y.numel() * y.element_size()
+    ceilings = measure_ceilings(device)
+    gbps = nbytes / times["mhr_ops_adapter"] / 1e3
+    return Result(
+        "adapter path",
+        shape,
+        times,
+        {"adapter_GBps": gbps, "fraction_of_copy_ceiling": gbps / ceilings["copy_GBps"]},
+        {"ceilings": ceilings, **_peak_memory(device, xs[0], A, B, logits, tids[0], groups, shape, layer)},
+    )
+
+
+def _peak_memory(device, x, A, B, logits, tids, groups, shape, layer) -> dict:
+    """Peak memory of one fwd+bwd: ours vs a plain LoRA layer (x @ A @ B) of the same rank."""
+    base, S, r = layer.base_layer, shape["S"], shape["r"]
+    lora_a = A[:, 0].reshape(-1, r).detach().clone().requires_grad_()
+    lora_b = B[:, 0].transpose(0, 1).reshape(r, -1).detach().clone().requires_grad_()
+
+    def peak(fn):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn().sum().backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    xg = x.detach().requires_grad_()
+    ours = peak(
+        lambda: mhr_ops.mhr_linear(
+            xg, base.weight, base.bias, A, B, mhr_ops.route(logits, tids, n_skills=S), groups, scale=1 / r
+        )
+    )
+    plain = peak(lambda: base(xg) + (xg @ lora_a.to(x.dtype)) @ lora_b.to(x.dtype) / r)
+    return {"peak_bytes_mhr_ops": ours, "peak_bytes_plain_lora": plain}
+
+
+# ---- driver ----
 
 
 def git_commit() -> str:
@@ -113,24 +262,35 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run(device: torch.device, json_path: str | None = None) -> dict:
-    results = bench_route(device, n_tasks=16, n_splits=8, n_skills=8, n_groups=16)
-    results += bench_route(device, n_tasks=64, n_splits=8, n_skills=8, n_groups=256)
+def _print_table(results: list[Result]) -> None:
+    for r in results:
+        shape = ",".join(f"{k}={v}" for k, v in r.shape.items())
+        times = "  ".join(f"{k} {v / 1e3:.3f} ms" for k, v in r.times_us.items())
+        ratios = "  ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
+        print(f"{r.case:<22} [{shape}]\n    {times}\n    {ratios}")
+        for k, v in r.extra.items():
+            print(f"    {k}: {v}")
+
+
+def run(device: torch.device, shapes: list[str] | None = None, json_path: str | None = None) -> dict:
+    shapes = shapes or DEFAULT_SHAPES[device.type]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"shapes: unknown {unknown}; known: {sorted(SHAPES)}")
+    results: list[Result] = []
+    for name in shapes:
+        spec = SHAPES[name]
+        torch.manual_seed(0)
+        results += (bench_linear if spec["kind"] == "linear" else bench_route)(device, **spec)
     record = {
         "commit": git_commit(),
         "device": device_name(device),
         "torch": torch.__version__,
         "build": mhr_ops.build_info(),
+        "shapes": {name: SHAPES[name] for name in shapes},
         "results": [asdict(r) for r in results],
     }
-    print(f"{'case':<22} {'shape':<28} {'peft us':>9} {'ours us':>9} {'ref us':>9} {'vs PEFT':>8}")
-    for r in results:
-        shape = ",".join(f"{k}={v}" for k, v in r.shape.items())
-        t = r.times_us
-        print(
-            f"{r.case:<22} {shape:<28} {t['peft']:>9.1f} {t['mhr_ops']:>9.1f} {t['reference']:>9.1f} "
-            f"{r.ratios['speedup_vs_peft']:>7.2f}x"
-        )
+    _print_table(results)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)

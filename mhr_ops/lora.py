@@ -104,7 +104,8 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
     if out is None:
-        return torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale).view(*lead, d_out)
+        y, _ = torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale)
+        return y.view(*lead, d_out)
     check_tensor(out, "out")
     if tuple(out.shape) != (*lead, d_out):
         raise ValueError(f"out: expected shape {(*lead, d_out)}, got {tuple(out.shape)}")
@@ -117,7 +118,7 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
     except RuntimeError:
         out2 = None  # leading dims of out cannot be flattened without a copy
     if needs_grad or out2 is None:
-        y = torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale)
+        y, _ = torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale)
         return out.add_(y.view(out.shape))
     torch.ops.mhr_ops.routed_lora_add_(out2, x2, A, B, weights, ids, rows_per_id, scale)
     return out
@@ -147,78 +148,82 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
     scale = _check_scale(scale)
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
-    y = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
+    y, _ = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
     return y.view(*lead, d_out)
 
 
 # ---- fake kernels ----
 
 
+def _bottleneck_like(x, A):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], A.shape[3]), dtype=dtype)
+
+
 @torch.library.register_fake("mhr_ops::routed_lora")
 def _routed_lora_fake(x, A, B, weights, group_ids, rows_per_group_id, scale):
-    return x.new_empty((x.shape[0], A.shape[0] * B.shape[3]))
+    return x.new_empty((x.shape[0], A.shape[0] * B.shape[3])), _bottleneck_like(x, A)
 
 
 @torch.library.register_fake("mhr_ops::routed_lora_add_")
 def _routed_lora_add_fake(out, x, A, B, weights, group_ids, rows_per_group_id, scale):
-    return None
+    return _bottleneck_like(x, A)
 
 
 @torch.library.register_fake("mhr_ops::routed_lora_backward")
-def _routed_lora_backward_fake(grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, output_mask):
+def _routed_lora_backward_fake(
+    grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, output_mask
+):
     return tuple(
         t.new_empty(t.shape) if needed else t.new_empty((0,))
         for t, needed in zip((x, A, B, weights), output_mask, strict=True)
     )
 
 
-# ---- autograd ----
+# ---- autograd: the forward's z is saved, so the backward reads x once less ----
 
 
-def _lora_grads(ctx, grad_y, mask):
-    x, A, B, weights, group_ids = ctx.saved_tensors
+def _lora_grads(grad_y, saved, rows_per_group_id, scale, mask, base_weight=None):
+    x, A, B, weights, group_ids, z = saved
     grads = torch.ops.mhr_ops.routed_lora_backward(
-        grad_y, x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, list(mask)
+        grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, list(mask)
     )
     return [g if needed else None for g, needed in zip(grads, mask, strict=True)]
 
 
 def _routed_lora_setup(ctx, inputs, output):
     x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
-    ctx.save_for_backward(x, A, B, weights, group_ids)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, A, B, weights, group_ids, output[1])
 
 
-def _routed_lora_backward(ctx, grad_y):
+def _routed_lora_backward(ctx, grad_y, grad_z):
     mask = ctx.needs_input_grad[:4]
-    dx, dA, dB, dw = _lora_grads(ctx, grad_y, mask) if any(mask) else (None,) * 4
-    return dx, dA, dB, dw, None, None, None
+    grads = _lora_grads(grad_y, ctx.saved_tensors, ctx.rows_per_group_id, ctx.scale, mask) if any(mask) else [None] * 4
+    return *grads, None, None, None
 
 
 def _mhr_linear_setup(ctx, inputs, output):
     x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, A, B, weights, group_ids, weight)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, A, B, weights, group_ids, output[1], weight)
 
 
-def _mhr_linear_backward(ctx, grad_y):
+def _mhr_linear_backward(ctx, grad_y, grad_z):
     needs = ctx.needs_input_grad
+    *saved, weight = ctx.saved_tensors
+    x = saved[0]
     mask = (needs[0], needs[3], needs[4], needs[5])
-    x, weight = ctx.saved_tensors[0], ctx.saved_tensors[5]
-    dx, dA, dB, dw = _lora_grads(_SavedView(ctx), grad_y, mask) if any(mask) else (None,) * 4
-    if needs[0]:
-        dx = dx + grad_y @ weight
+    # dx comes back with the base layer's grad_y @ weight already in it.
+    dx, dA, dB, dw = (
+        _lora_grads(grad_y, saved, ctx.rows_per_group_id, ctx.scale, mask, base_weight=weight)
+        if any(mask)
+        else [None] * 4
+    )
     d_weight = grad_y.t() @ x if needs[1] else None
     d_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
     return dx, d_weight, d_bias, dA, dB, dw, None, None, None
-
-
-class _SavedView:
-    """The routed_lora part of mhr_linear's saved context, shaped like routed_lora's."""
-
-    def __init__(self, ctx):
-        self.saved_tensors = ctx.saved_tensors[:5]
-        self.rows_per_group_id = ctx.rows_per_group_id
-        self.scale = ctx.scale
 
 
 torch.library.register_autograd("mhr_ops::routed_lora", _routed_lora_backward, setup_context=_routed_lora_setup)

@@ -271,9 +271,11 @@ def test_opcheck(device, kind):
     out = torch.randn(32, 6, device=device)
     torch.library.opcheck(torch.ops.mhr_ops.routed_lora_add_, (out, x2, A, B, w, ids, rows_per_id, 0.5))
     gy = torch.randn(32, 6, device=device)
-    for mask in ([True] * 4, [False, True, False, True]):
-        torch.library.opcheck(torch.ops.mhr_ops.routed_lora_backward, (gy, x2, A, B, w, ids, rows_per_id, 0.5, mask))
     weight, bias = torch.randn(6, 8, device=device), torch.randn(6, device=device)
+    _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, rows_per_id, 0.5)
+    for mask, base in (([True] * 4, None), ([False, True, False, True], None), ([True] * 4, weight)):
+        args = (gy, x2, A, B, w, ids, rows_per_id, 0.5, z, base, mask)
+        torch.library.opcheck(torch.ops.mhr_ops.routed_lora_backward, args)
     req_lin = [t.clone().requires_grad_() for t in (x2, weight, bias, A, B, w)]
     torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, rows_per_id, 0.5))
 
@@ -401,6 +403,11 @@ def test_op_level_checks_name_the_argument():
     x2 = kw["x"].reshape(10, 8)
     with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
+        torch.ops.mhr_ops.routed_lora_backward(
+            torch.randn(10, 6), x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1]), 5, 1.0,
+            torch.randn(10, 3), None, [True] * 4,
+        )
     with pytest.raises(RuntimeError, match="group_ids: expected 10 / 5 ids"):
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1, 2]), 5, 1.0)
     with pytest.raises(RuntimeError, match="x: expected d_in"):

@@ -8,7 +8,7 @@
 namespace mhr_ops {
 namespace {
 
-at::Tensor mhr_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor> mhr_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
                       const at::Tensor& group_ids, int64_t rows_per_group_id, double scale) {
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor [d_out, d_in], got shape ", weight.sizes());
@@ -19,10 +19,11 @@ at::Tensor mhr_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   at::Tensor out = at::linear(x, weight, bias);
   static const auto add = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("mhr_ops::routed_lora_add_", "")
-                              .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, int64_t, double)>();
-  add.call(out, x, A, B, weights, group_ids, rows_per_group_id, scale);
-  return out;
+                              .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                double)>();
+  at::Tensor z = add.call(out, x, A, B, weights, group_ids, rows_per_group_id, scale);
+  return {out, z};
 }
 
 }  // namespace

@@ -13,20 +13,24 @@ TORCH_LIBRARY(mhr_ops, m) {
       "str mode, float temperature, int top_k, float eps) -> Tensor");
 
   // SPEC section 3, on rows: x [N, d_in], row n uses group group_ids[n / rows_per_group_id].
-  // Returns y [N, d_out] in x's dtype.
+  // Returns y [N, d_out] in x's dtype, and the rank bottleneck z = x @ A_g [N, r] in fp32 (fp64
+  // for fp64 x), which the backward reuses instead of a second pass over x.
   m.def(
       "routed_lora(Tensor x, Tensor A, Tensor B, Tensor weights, Tensor group_ids, int rows_per_group_id, "
-      "float scale) -> Tensor");
-  // out += routed_lora(...), in place (no autograd: the functional op carries gradients).
+      "float scale) -> (Tensor, Tensor)");
+  // out += routed_lora(...) in place; returns z. No autograd (the functional op carries gradients).
   m.def(
       "routed_lora_add_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
-      "int rows_per_group_id, float scale) -> ()");
-  // Gradients (x, A, B, weights) of routed_lora; output_mask skips the ones not needed (returned empty).
+      "int rows_per_group_id, float scale) -> Tensor");
+  // Gradients (x, A, B, weights) of routed_lora, given the forward's z. With base_weight
+  // ([d_out, d_in], mhr_linear) the returned dx also holds the base layer's grad_y @ base_weight.
+  // output_mask skips the gradients not needed (returned empty).
   m.def(
       "routed_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
-      "int rows_per_group_id, float scale, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  // F.linear(x, weight, bias) + routed_lora(...), one output allocation.
+      "int rows_per_group_id, float scale, Tensor z, Tensor? base_weight, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // F.linear(x, weight, bias) + routed_lora(...), one output allocation; returns (y, z).
   m.def(
       "mhr_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
-      "int rows_per_group_id, float scale) -> Tensor");
+      "int rows_per_group_id, float scale) -> (Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@
 //    once (S times the shrink arithmetic, batched over heads), mixed per row afterwards; no
 //    per-group loop and no per-row adapter.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <unordered_map>
@@ -87,66 +88,99 @@ at::Tensor mix_rows(const at::Tensor& proj, const at::Tensor& rows_w, const Lora
 }
 // w[n,k,s] * v[n,:] -> [h, N, S*r]
 at::Tensor spread_rows(const at::Tensor& v, const at::Tensor& rows_w, const LoraDims& d) {
-  return (rows_w * v.view({1, d.rows, 1, d.rank})).view({d.heads, d.rows, d.skills * d.rank});
+  return (rows_w * v.reshape({1, d.rows, 1, d.rank})).view({d.heads, d.rows, d.skills * d.rank});
 }
 
-// y [N, d_out] (x's dtype) = or += scale * routed update.
-void forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale,
-                  bool accumulate) {
-  if (d.rows == 0) return;
+// y [N, d_out] (x's dtype) = or += scale * routed update. Returns z = x @ A_g [N, r] (compute dtype).
+at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale,
+                        bool accumulate) {
+  at::Tensor z = at::empty({d.rows, d.rank}, x.options().dtype(compute_type(x)));
+  if (d.rows == 0) return z;
   const auto runs = group_runs(group_ids, d);
   Operands o = operands(x, A, B, weights, d);
   const bool direct = y.scalar_type() == compute_type(x);
   if (use_grouped(runs, d)) {
+    // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
     std::unordered_map<int64_t, std::pair<at::Tensor, at::Tensor>> mixed;
-    for (const Run& run : runs) {
-      auto it = mixed.find(run.group);
-      if (it == mixed.end()) it = mixed.emplace(run.group, mix_group(o, run.group, d)).first;
-      const at::Tensor z = at::mm(o.x.narrow(0, run.start, run.rows), it->second.first);
-      at::Tensor ys = y.narrow(0, run.start, run.rows);
-      if (direct) {
-        ys.addmm_(z, it->second.second, accumulate ? 1.0 : 0.0, scale);
-      } else {
-        const at::Tensor upd = at::mm(z, it->second.second).mul_(scale);
-        accumulate ? ys.add_(upd) : ys.copy_(upd);
+    for (const Run& run : runs)
+      if (mixed.find(run.group) == mixed.end()) mixed.emplace(run.group, mix_group(o, run.group, d));
+    at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Run& run = runs[i];
+        const auto& [ag, bg] = mixed.at(run.group);
+        at::Tensor zs = z.narrow(0, run.start, run.rows);
+        at::mm_out(zs, o.x.narrow(0, run.start, run.rows), ag);
+        at::Tensor ys = y.narrow(0, run.start, run.rows);
+        if (direct) {
+          ys.addmm_(zs, bg, accumulate ? 1.0 : 0.0, scale);
+        } else {
+          const at::Tensor upd = at::mm(zs, bg).mul_(scale);
+          accumulate ? ys.add_(upd) : ys.copy_(upd);
+        }
       }
-    }
-    return;
+    });
+    return z;
   }
   const at::Tensor rows_w = row_weights(o, group_ids, d);
-  const at::Tensor z = mix_rows(at::bmm(heads_of(o.x, d.heads), a_cat(o, d)), rows_w, d);
+  z.copy_(mix_rows(at::bmm(heads_of(o.x, d.heads), a_cat(o, d)), rows_w, d));
   const at::Tensor upd = at::bmm(spread_rows(z, rows_w, d), b_cat(o, d)).transpose(0, 1).reshape({d.rows, d.d_out});
   if (accumulate)
     y.add_(upd, scale);
   else
     y.copy_(upd.mul_(scale));
+  return z;
 }
 
-at::Tensor routed_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
-                           const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+std::tuple<at::Tensor, at::Tensor> routed_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                                   const at::Tensor& weights, const at::Tensor& group_ids,
+                                                   int64_t rows_per_id, double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
-  forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false);
-  return y;
+  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false);
+  return {y, z};
 }
 
-void routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                         const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id,
+                               double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(out, "out", x, d);
-  forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+}
+
+void check_bottleneck(const at::Tensor& z, const LoraDims& d, at::ScalarType ct) {
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == ct,
+              "z: expected the forward's bottleneck [", d.rows, ", ", d.rank, "] of dtype ", ct, ", got ", z.sizes(),
+              " ", z.scalar_type());
+}
+
+// grad_y @ base_weight for mhr_linear's backward (undefined without a base weight).
+at::Tensor base_dx(const at::Tensor& grad_y, const std::optional<at::Tensor>& base_weight, const LoraDims& d) {
+  if (!base_weight.has_value() || !base_weight->defined()) return at::Tensor();
+  TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == d.d_out && base_weight->size(1) == d.d_in,
+              "base_weight: expected shape [", d.d_out, ", ", d.d_in, "], got ", base_weight->sizes());
+  return at::mm(grad_y, *base_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale,
-    std::array<bool, 4> mask) {
+    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
+    const std::optional<at::Tensor>& base_weight, std::array<bool, 4> mask) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, d);
   const auto ct = compute_type(x);
+  check_bottleneck(z, d, ct);
   const auto opts = x.options().dtype(ct);
-  at::Tensor dx = mask[0] ? at::zeros({d.rows, d.d_in}, opts) : at::Tensor();
+  // dx starts as the base layer's gradient (mhr_linear) and the adapter's part adds into it;
+  // without a base it is written, not accumulated (beta = 0), so it needs no zero fill.
+  at::Tensor dx;
+  double dx_beta = 0.0;
+  if (mask[0]) {
+    dx = base_dx(grad_y, base_weight, d);
+    dx_beta = dx.defined() ? 1.0 : 0.0;
+    dx = dx.defined() ? dx.to(ct) : at::empty({d.rows, d.d_in}, opts);
+  }
   at::Tensor dA = mask[1] ? at::zeros({d.heads, d.skills, d.dk_in * d.rank}, opts) : at::Tensor();
   at::Tensor dB = mask[2] ? at::zeros({d.heads, d.skills, d.rank * d.dk_out}, opts) : at::Tensor();
   at::Tensor dw = mask[3] ? at::zeros({d.groups, d.heads, d.skills}, opts) : at::Tensor();
@@ -155,22 +189,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
     Operands o = operands(x, A, B, weights, d);
     const at::Tensor gy = grad_y.to(ct);
     if (use_grouped(runs, d)) {
+      // Groups in parallel (their runs write disjoint dx rows); each returns its fp32 partials
+      // dA_g [d_in, r] and dB_g [r, d_out], chained through the mixing serially afterwards.
+      std::vector<int64_t> order;
       std::unordered_map<int64_t, std::vector<Run>> by_group;
-      for (const Run& run : runs) by_group[run.group].push_back(run);
-      for (const auto& [g, group_runs_g] : by_group) {
-        const auto [ag, bg] = mix_group(o, g, d);
-        at::Tensor dag = at::zeros({d.d_in, d.rank}, opts), dbg = at::zeros({d.rank, d.d_out}, opts);
-        for (const Run& run : group_runs_g) {
-          const at::Tensor xs = o.x.narrow(0, run.start, run.rows), gys = gy.narrow(0, run.start, run.rows);
-          const at::Tensor gz = at::mm(gys, bg.t()).mul_(scale);
-          if (mask[0]) dx.narrow(0, run.start, run.rows).copy_(at::mm(gz, ag.t()));
-          dag.addmm_(xs.t(), gz);
-          dbg.addmm_(at::mm(xs, ag).t(), gys, 1.0, scale);
+      for (const Run& run : runs) {
+        auto& list = by_group[run.group];
+        if (list.empty()) order.push_back(run.group);
+        list.push_back(run);
+      }
+      const int64_t n_groups = static_cast<int64_t>(order.size());
+      std::vector<at::Tensor> dags(n_groups), dbgs(n_groups);
+      at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto [ag, bg] = mix_group(o, order[i], d);
+          const at::Tensor bg_t = bg.t().mul(scale);  // [d_out, r], scale folded in once per group
+          at::Tensor dag = at::zeros({d.d_in, d.rank}, opts), dbg = at::zeros({d.rank, d.d_out}, opts);
+          for (const Run& run : by_group.at(order[i])) {
+            const at::Tensor xs = o.x.narrow(0, run.start, run.rows), gys = gy.narrow(0, run.start, run.rows);
+            const at::Tensor gz = at::mm(gys, bg_t);
+            if (mask[0]) dx.narrow(0, run.start, run.rows).addmm_(gz, ag.t(), dx_beta);
+            dag.addmm_(xs.t(), gz);
+            dbg.addmm_(z.narrow(0, run.start, run.rows).t(), gys, 1.0, scale);
+          }
+          dags[i] = dag;
+          dbgs[i] = dbg;
         }
+      });
+      for (int64_t i = 0; i < n_groups; ++i) {
         // Through the mixing: A_g[k] = sum_s w[g,k,s] A[k,s] (and B likewise).
+        const int64_t g = order[i];
         const at::Tensor wg = o.w.select(0, g).unsqueeze(-1);  // [h, S, 1]
-        const at::Tensor dag_h = dag.view({d.heads, 1, d.dk_in * d.rank});
-        const at::Tensor dbg_h = dbg.view({d.rank, d.heads, d.dk_out}).permute({1, 0, 2}).reshape({d.heads, 1, -1});
+        const at::Tensor dag_h = dags[i].view({d.heads, 1, d.dk_in * d.rank});
+        const at::Tensor dbg_h =
+            dbgs[i].view({d.rank, d.heads, d.dk_out}).permute({1, 0, 2}).reshape({d.heads, 1, -1});
         if (mask[1]) dA.addcmul_(wg, dag_h);
         if (mask[2]) dB.addcmul_(wg, dbg_h);
         if (mask[3]) dw.select(0, g).add_((o.A * dag_h).sum(-1)).add_((o.B * dbg_h).sum(-1));
@@ -181,9 +233,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       const at::Tensor x_h = heads_of(o.x, d.heads), gy_h = heads_of(gy, d.heads);
       const at::Tensor U = at::bmm(x_h, ac);                   // [h, N, S*r]
       const at::Tensor T = at::bmm(gy_h, bc.transpose(1, 2)).mul_(scale);
-      const at::Tensor z = mix_rows(U, rows_w, d), gz = mix_rows(T, rows_w, d);
+      const at::Tensor gz = mix_rows(T, rows_w, d);
       const at::Tensor wgz = spread_rows(gz, rows_w, d);
-      if (mask[0]) dx.copy_(at::bmm(wgz, ac.transpose(1, 2)).transpose(0, 1).reshape({d.rows, d.d_in}));
+      if (mask[0]) {
+        const at::Tensor lora_dx = at::bmm(wgz, ac.transpose(1, 2)).transpose(0, 1).reshape({d.rows, d.d_in});
+        dx_beta != 0.0 ? dx.add_(lora_dx) : dx.copy_(lora_dx);
+      }
       if (mask[1])
         dA.copy_(at::bmm(x_h.transpose(1, 2), wgz)
                      .view({d.heads, d.dk_in, d.skills, d.rank})
@@ -193,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       if (mask[3]) {
         const auto hnsr = std::vector<int64_t>{d.heads, d.rows, d.skills, d.rank};
         const at::Tensor per_row = (U.view(hnsr) * gz.view({1, d.rows, 1, d.rank})).sum(-1) +
-                                   (T.view(hnsr) * z.view({1, d.rows, 1, d.rank})).sum(-1);  // [h, N, S]
+                                   (T.view(hnsr) * z.reshape({1, d.rows, 1, d.rank})).sum(-1);  // [h, N, S]
         dw.index_add_(0, group_ids.to(at::kLong).repeat_interleave(d.rows_per_id), per_row.transpose(0, 1));
       }
     }

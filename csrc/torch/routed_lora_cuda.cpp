@@ -2,6 +2,7 @@
 // shrink / expand / wgrad kernels (csrc/kernels/routed_lora_cuda.cu) on the current stream.
 // No host synchronization: group segments are found by the kernels themselves.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -125,46 +126,59 @@ void wgrad(const CudaOperands& o, const at::Tensor& X, const at::Tensor& q, doub
   check_launch(routed_lora_wgrad_cuda(p, o.data, o.matrix, stream()), "wgrad");
 }
 
-void forward_into(at::Tensor& y, const at::Tensor& x, const CudaOperands& o, double scale, bool accumulate) {
-  if (o.d.rows == 0) return;
+// Returns z = x @ A_g [N, r] (fp32, fp64 for fp64 x).
+at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const CudaOperands& o, double scale, bool accumulate) {
   const at::Tensor z = shrink(o, x, skill_matrices(o.A, false), o.d.dk_in, 1.0);
   expand(o, z, skill_matrices(o.B, false), y, o.d.dk_out, scale, accumulate);
+  return z;
 }
 
-at::Tensor routed_lora_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
-                            const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+std::tuple<at::Tensor, at::Tensor> routed_lora_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                                    const at::Tensor& weights, const at::Tensor& group_ids,
+                                                    int64_t rows_per_id, double scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   at::Tensor y = at::empty({o.d.rows, o.d.d_out}, x.options());
-  forward_into(y, x, o, scale, /*accumulate=*/false);
-  return y;
+  at::Tensor z = forward_into(y, x, o, scale, /*accumulate=*/false);
+  return {y, z};
 }
 
-void routed_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                          const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+at::Tensor routed_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id,
+                                double scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(out, "out", x, o.d);
-  forward_into(out, x, o, scale, /*accumulate=*/true);
+  return forward_into(out, x, o, scale, /*accumulate=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale,
-    std::array<bool, 4> mask) {
+    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
+    const std::optional<at::Tensor>& base_weight, std::array<bool, 4> mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);
   const auto acc = x.options().dtype(acc_type(x));
-  at::Tensor dx = mask[0] ? at::empty({o.d.rows, o.d.d_in}, x.options()) : at::empty({0}, x.options());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == o.d.rows && z.size(1) == o.d.rank && z.is_contiguous() &&
+                  z.scalar_type() == acc_type(x) && z.device() == x.device(),
+              "z: expected the forward's contiguous bottleneck [", o.d.rows, ", ", o.d.rank, "] of dtype ",
+              acc_type(x), " on ", x.device(), ", got ", z.sizes(), " ", z.scalar_type(), " on ", z.device());
+  // dx starts as the base layer's gradient grad_y @ base_weight (mhr_linear); the adapter adds into it.
+  const bool has_base = base_weight.has_value() && base_weight->defined();
+  if (has_base)
+    TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == o.d.d_out && base_weight->size(1) == o.d.d_in,
+                "base_weight: expected shape [", o.d.d_out, ", ", o.d.d_in, "], got ", base_weight->sizes());
+  at::Tensor dx = !mask[0]   ? at::empty({0}, x.options())
+                  : has_base ? at::mm(grad_y, *base_weight)
+                             : at::empty({o.d.rows, o.d.d_in}, x.options());
   // fp32 (fp64) accumulators in the skill matrices' own (contiguous) layout.
   at::Tensor dA = mask[1] ? at::zeros(o.A.sizes(), acc) : at::Tensor();
   at::Tensor dB = mask[2] ? at::zeros(o.B.sizes(), acc) : at::Tensor();
   at::Tensor dw = mask[3] ? at::zeros({o.d.groups, o.d.heads, o.d.skills}, acc) : at::Tensor();
   if (o.d.rows > 0) {
-    const at::Tensor z = shrink(o, x, skill_matrices(o.A, false), o.d.dk_in, 1.0);
     const at::Tensor gz = shrink(o, grad_y, skill_matrices(o.B, true), o.d.dk_out, scale);
-    if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/false);
+    if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/has_base);
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
     if (mask[2] || mask[3]) wgrad(o, grad_y, z, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
   }
