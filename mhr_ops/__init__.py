@@ -5,15 +5,35 @@ from __future__ import annotations
 
 import torch
 
-from . import (
-    _C,
-    reference,  # noqa: F401
-)
+from . import _C, nn, reference
+from ._tasks import use_tasks
 from .lora import mhr_linear, routed_lora
+from .patching import average_skills, merge_task, patch, routing_only, unmerge
 from .routing import route
 
-__all__ = ["build_info", "mhr_linear", "reference", "route", "routed_lora"]
+__all__ = [
+    "average_skills",
+    "build_info",
+    "merge_task",
+    "mhr_linear",
+    "nn",
+    "patch",
+    "reference",
+    "route",
+    "routed_lora",
+    "routing_only",
+    "unmerge",
+    "use_tasks",
+]
 __version__ = _C.build_info()["version"]
+
+
+def __getattr__(name: str):
+    if name == "peft":  # optional dependency: imported on first use
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module 'mhr_ops' has no attribute {name!r}")
 
 
 def build_info() -> dict:

@@ -405,8 +405,17 @@ def test_op_level_checks_name_the_argument():
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
     with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
         torch.ops.mhr_ops.routed_lora_backward(
-            torch.randn(10, 6), x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1]), 5, 1.0,
-            torch.randn(10, 3), None, [True] * 4,
+            torch.randn(10, 6),
+            x2,
+            kw["A"],
+            kw["B"],
+            kw["weights"],
+            torch.tensor([0, 1]),
+            5,
+            1.0,
+            torch.randn(10, 3),
+            None,
+            [True] * 4,
         )
     with pytest.raises(RuntimeError, match="group_ids: expected 10 / 5 ids"):
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1, 2]), 5, 1.0)

@@ -1,0 +1,211 @@
+"""Model-level API: ``patch`` (swap nn.Linear for MHRLinear), MHR-z (``routing_only``), MHR-mu
+(``average_skills``) and ``merge_task`` / ``unmerge``. The last three work on MHRLinear layers
+and on PEFT Poly layers alike, through the same Parameters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .nn import MHRLinear
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def patch(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    r: int,
+    n_skills: int,
+    n_splits: int = 1,
+    n_tasks: int,
+    **kwargs,
+) -> nn.Module:
+    """Swaps every ``nn.Linear`` of ``model`` whose name matches ``target_modules`` for an
+    :class:`~mhr_ops.nn.MHRLinear` around it, in place, and returns the model.
+
+    ``target_modules``: a regex (full match on the module's dotted name) or a list of names, each
+    matching a module whose name is that name or ends with ``.name`` (PEFT's rule). Other keyword
+    arguments go to MHRLinear (``alpha``, ``train_mode``, ``eval_mode``, ``top_k``,
+    ``freeze_base``, ...). Base weights are frozen by default."""
+    if isinstance(target_modules, str) and not target_modules:
+        raise ValueError("target_modules: expected a regex or a list of module names, got ''")
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and _matches(name, target_modules)
+    ]
+    if not targets:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target_modules: {target_modules!r} matches no nn.Linear of the model; its linear layers are "
+            f"{linear[:12]}{' ...' if len(linear) > 12 else ''}"
+        )
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs))
+    return model
+
+
+class _Adapted:
+    """Uniform access to one adapted layer: an MHRLinear, or a PEFT Poly Linear (active adapter)."""
+
+    def __init__(self, layer: nn.Module, adapter: str | None = None):
+        self.layer, self.adapter = layer, adapter
+
+    @property
+    def is_peft(self) -> bool:
+        return self.adapter is not None
+
+    def get(self, what: str) -> nn.Parameter:
+        if not self.is_peft:
+            return getattr(self.layer, what)
+        if what == "logits":
+            return self.layer.poly_router[self.adapter].module_logits
+        return getattr(self.layer, f"poly_lora_{what}")[self.adapter]
+
+    def set(self, what: str, value: torch.Tensor) -> None:
+        param = nn.Parameter(value, requires_grad=self.get(what).requires_grad)
+        if not self.is_peft:
+            setattr(self.layer, what, param)
+        elif what == "logits":
+            self.layer.poly_router[self.adapter].module_logits = param
+        else:
+            getattr(self.layer, f"poly_lora_{what}")[self.adapter] = param
+
+    def set_skills(self, n_skills: int) -> None:
+        if self.is_peft:
+            self.layer.n_skills[self.adapter] = n_skills
+            self.layer.poly_router[self.adapter].n_skills = n_skills
+        else:
+            self.layer.n_skills = n_skills
+
+    def set_tasks(self, n_tasks: int) -> None:
+        if self.is_peft:
+            self.layer.n_tasks[self.adapter] = n_tasks
+            self.layer.poly_router[self.adapter].n_tasks = n_tasks
+        else:
+            self.layer.n_tasks = n_tasks
+
+    @property
+    def merged_task(self) -> int | None:
+        return self.layer.merged_task if not self.is_peft else self.layer.__dict__.get("_mhr_merged_task")
+
+    @merged_task.setter
+    def merged_task(self, task_id: int | None) -> None:
+        if self.is_peft:
+            self.layer._mhr_merged_task = task_id
+        else:
+            self.layer.merged_task = task_id
+
+    def base(self) -> nn.Linear:
+        return self.layer.get_base_layer() if self.is_peft else self.layer.base
+
+    def task_delta(self, task_id: int) -> torch.Tensor:
+        if not self.is_peft:
+            return self.layer.task_delta(task_id)
+        from .peft import peft_task_delta
+
+        return peft_task_delta(self.layer, self.adapter, task_id)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[_Adapted]:
+    """Every adapted layer of ``model``: MHRLinear modules and PEFT Poly Linear layers."""
+    peft_linear = None
+    try:
+        from peft.tuners.poly.layer import Linear as peft_linear
+    except ImportError:
+        pass
+    for module in model.modules():
+        if isinstance(module, MHRLinear):
+            yield _Adapted(module)
+        elif peft_linear is not None and isinstance(module, peft_linear):
+            for adapter in module.active_adapters:
+                if adapter in module.poly_lora_A:
+                    yield _Adapted(module, adapter)
+
+
+def _layers_or_raise(model: nn.Module) -> list[_Adapted]:
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise ValueError("model: no adapted layers (MHRLinear or PEFT Poly) found")
+    return layers
+
+
+def routing_only(model: nn.Module, n_tasks: int | None = None) -> nn.Module:
+    """MHR-z: freeze the skills (A, B), train only the routing logits. With ``n_tasks``, every
+    layer gets fresh logits for that many new tasks, uniform in +-1e-3 (mttl's init)."""
+    if n_tasks is not None and (isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1):
+        raise ValueError(f"n_tasks: expected an int >= 1, got {n_tasks!r}")
+    for view in _layers_or_raise(model):
+        view.get("A").requires_grad_(False)
+        view.get("B").requires_grad_(False)
+        logits = view.get("logits")
+        if n_tasks is not None:
+            fresh = torch.empty(n_tasks, logits.shape[1], device=logits.device, dtype=logits.dtype)
+            view.set("logits", fresh.uniform_(-1e-3, 1e-3))
+            view.set_tasks(n_tasks)
+        view.get("logits").requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def average_skills(model: nn.Module) -> nn.Module:
+    """MHR-mu: collapse each inventory to its average adapter (one skill per head: the mean of A
+    and of B over skills), to fine-tune as a single LoRA: A and B become trainable, the routing
+    logits frozen. Routing becomes ``average`` (a constant 1 on the single skill) for MHRLinear;
+    PEFT layers keep their router, whose normalized weight over one skill is 1 up to eps."""
+    for view in _layers_or_raise(model):
+        for what in ("A", "B"):
+            view.set(what, view.get(what).mean(dim=1, keepdim=True).contiguous())
+            view.get(what).requires_grad_(True)
+        logits = view.get("logits")
+        view.set("logits", logits.new_zeros(logits.shape[0], view.get("A").shape[0]))
+        view.get("logits").requires_grad_(False)
+        view.set_skills(1)
+        if not view.is_peft:
+            view.layer.train_mode = view.layer.eval_mode = "average"
+            view.layer.top_k = None
+    return model
+
+
+def merge_task(model: nn.Module, task_id: int) -> nn.Module:
+    """Folds task ``task_id``'s mixed adapter (eval-mode routing) into each adapted layer's base
+    weight, for zero-overhead single-task inference. While merged, a layer runs only its base
+    and raises if asked for another task. :func:`unmerge` restores the weights."""
+    layers = _layers_or_raise(model)
+    for view in layers:
+        if view.merged_task is not None:
+            raise RuntimeError("merge_task: a task is already merged; call mhr_ops.unmerge(model) first")
+        n_tasks = view.get("logits").shape[0]
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < n_tasks:
+            raise ValueError(f"task_id: expected an int in [0, {n_tasks}), got {task_id!r}")
+    with torch.no_grad():
+        for view in layers:
+            weight = view.base().weight
+            weight.copy_((weight.float() + view.task_delta(task_id)).to(weight.dtype))
+            view.merged_task = task_id
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undoes :func:`merge_task`: subtracts the merged task's adapter from each base weight (exact
+    up to fp32 rounding; bf16 weights come back within bf16 rounding of the original)."""
+    with torch.no_grad():
+        for view in _layers_or_raise(model):
+            task_id = view.merged_task
+            if task_id is None:
+                continue
+            weight = view.base().weight
+            weight.copy_((weight.float() - view.task_delta(task_id)).to(weight.dtype))
+            view.merged_task = None
+    return model
