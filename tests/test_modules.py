@@ -221,3 +221,35 @@ def test_bad_module_arguments():
         layer(torch.randn(2, 8), task_ids=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="task_ids: expected one id per example"):
         layer(torch.randn(5, 8), task_ids=torch.tensor([0, 1]))
+
+
+def test_compiled_patched_model_with_use_tasks():
+    model = randomize_adapters(mhr_ops.patch(tiny_model(), ["0", "2", "4"], r=2, n_skills=3, n_tasks=4))
+    x, ids = torch.randn(3, 5, 12), torch.tensor([1, 3, 0])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for train in (False, True):
+        model.train(train)
+        with mhr_ops.use_tasks(model, ids):
+            torch.manual_seed(2)
+            got = compiled(x)
+            torch.manual_seed(2)
+            expected = model(x)
+        assert_close(got, expected, atol=1e-6, rtol=1e-6, what=f"compiled model (train={train})")
+
+
+def test_generate_with_beams_on_a_patched_transformer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    model = mhr_ops.patch(transformers.LlamaForCausalLM(config), ["q_proj", "v_proj"], r=2, n_skills=3, n_tasks=4)
+    randomize_adapters(model).eval()
+    prompts, ids = torch.randint(1, 64, (2, 6)), torch.tensor([3, 1])
+    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with mhr_ops.use_tasks(model, ids):
+        both = model.generate(input_ids=prompts, **kw)
+    for i in range(2):
+        with mhr_ops.use_tasks(model, ids[i : i + 1]):
+            single = model.generate(input_ids=prompts[i : i + 1], **kw)
+        torch.testing.assert_close(both[2 * i : 2 * i + 2, : single.shape[1]], single)
