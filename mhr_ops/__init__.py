@@ -8,16 +8,21 @@ import torch
 from . import _C, nn, reference
 from ._tasks import use_tasks
 from .lora import mhr_linear, routed_lora
-from .patching import average_skills, merge_task, patch, routing_only, unmerge
+from .moh import gated_head_proj, head_gates, load_balance_loss
+from .patching import average_skills, merge_task, patch, patch_moh, routing_only, unmerge
 from .routing import route
 
 __all__ = [
     "average_skills",
     "build_info",
+    "gated_head_proj",
+    "head_gates",
+    "load_balance_loss",
     "merge_task",
     "mhr_linear",
     "nn",
     "patch",
+    "patch_moh",
     "reference",
     "route",
     "routed_lora",

@@ -170,3 +170,98 @@ class MHRLinear(nn.Module):
             f"n_splits={h}, n_tasks={self.logits.shape[0]}, scale={self.scale:g}, "
             f"routing={self.train_mode}/{self.eval_mode}{top}{merged}"
         )
+
+
+class MoHGate(nn.Module):
+    """Mixture-of-Head router: per-token gates ``[..., H]`` for ``H = n_shared + n_routed`` heads,
+    shared heads first (see :func:`mhr_ops.head_gates`).
+
+    ``router="linear"``: routed logits ``W_r x`` (init N(0, 0.02)), shared-head logits ``W_s x``
+    when ``n_shared > 1`` and stage logits ``W_st x`` when ``n_shared > 0`` (both zero-init, so
+    shared and stage weights start at 1). ``router="qnorm"``: no parameters; routed logits are the
+    per-head query norms over their std across heads, with binary gates (the LLaMA variant);
+    ``forward`` then takes the query states ``[..., H, Dh]`` instead of the hidden states.
+    ``last_router_probs`` / ``last_gates`` keep the latest forward's values for
+    :func:`mhr_ops.load_balance_loss`."""
+
+    def __init__(self, d_model: int, n_heads: int, *, n_shared: int, top_k: int, router: str = "linear"):
+        super().__init__()
+        if not 0 <= n_shared < n_heads:
+            raise ValueError(f"n_shared: expected 0 <= n_shared < n_heads={n_heads}, got {n_shared}")
+        n_routed = n_heads - n_shared
+        if not 1 <= top_k <= n_routed:
+            raise ValueError(f"top_k: expected 1..{n_routed} (routed heads), got {top_k}")
+        if router not in ("linear", "qnorm"):
+            raise ValueError(f"router: expected 'linear' or 'qnorm', got {router!r}")
+        self.n_heads, self.n_shared, self.n_routed, self.top_k, self.router = n_heads, n_shared, n_routed, top_k, router
+        self.routed = self.shared = self.stage = None
+        if router == "linear":
+            self.routed = nn.Linear(d_model, n_routed, bias=False)
+            nn.init.normal_(self.routed.weight, std=0.02)
+            if n_shared > 1:
+                self.shared = nn.Linear(d_model, n_shared, bias=False)
+                nn.init.zeros_(self.shared.weight)
+            if n_shared > 0:
+                self.stage = nn.Linear(d_model, 2, bias=False)
+                nn.init.zeros_(self.stage.weight)
+        self.last_router_probs: torch.Tensor | None = None
+        self.last_gates: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .moh import head_gates
+
+        if self.router == "qnorm":
+            norms = x[..., self.n_shared :, :].float().norm(dim=-1)
+            logits = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
+            gates = head_gates(logits, top_k=self.top_k, n_shared=self.n_shared, binary=True).to(x.dtype)
+        else:
+            logits = self.routed(x)
+            gates = head_gates(
+                logits,
+                top_k=self.top_k,
+                shared_logits=self.shared(x) if self.shared is not None else None,
+                stage_logits=self.stage(x) if self.stage is not None else None,
+                n_shared=self.n_shared if self.shared is None else 0,
+            )
+        self.last_router_probs = torch.softmax(logits.float(), dim=-1)
+        self.last_gates = gates
+        return gates
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_shared={self.n_shared}, top_k={self.top_k}, router={self.router!r}"
+
+
+class GatedOutputProjection(nn.Module):
+    """An attention block's output projection over gated heads: ``o_proj(attn_out)`` becomes
+    ``gated_head_proj(attn_out.view(..., H, Dh), gates, o_proj.weight, o_proj.bias)``. The gates
+    come from ``gate`` applied to ``router_input`` (set just before, e.g. by a hook on the
+    attention's q_proj: see :func:`mhr_ops.patch_moh`), or are passed to ``forward``."""
+
+    def __init__(self, o_proj: nn.Linear, gate: MoHGate, head_dim: int):
+        super().__init__()
+        if o_proj.in_features != gate.n_heads * head_dim:
+            raise ValueError(
+                f"o_proj: expected in_features = n_heads * head_dim = {gate.n_heads * head_dim}, "
+                f"got {o_proj.in_features}"
+            )
+        self.o_proj, self.gate, self.head_dim = o_proj, gate, head_dim
+        self.router_input: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.o_proj.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.o_proj.bias
+
+    def forward(self, attn_output: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        from .moh import gated_head_proj
+
+        if gates is None:
+            if self.router_input is None:
+                raise RuntimeError("GatedOutputProjection: no gates given and no router input set for this forward")
+            gates = self.gate(self.router_input)
+            self.router_input = None
+        o = attn_output.view(*attn_output.shape[:-1], self.gate.n_heads, self.head_dim)
+        return gated_head_proj(o, gates.to(o.dtype), self.o_proj.weight, self.o_proj.bias)

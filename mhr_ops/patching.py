@@ -209,3 +209,36 @@ def unmerge(model: nn.Module) -> nn.Module:
             weight.copy_((weight.float() - view.task_delta(task_id)).to(weight.dtype))
             view.merged_task = None
     return model
+
+
+def patch_moh(model: nn.Module, *, n_shared: int, top_k: int, router: str = "linear") -> nn.Module:
+    """Turns the self-attention of a Llama-family model (modules with ``q_proj`` / ``o_proj`` and
+    a ``head_dim``, as in transformers) into Mixture-of-Head attention, in place: each ``o_proj``
+    becomes a :class:`~mhr_ops.nn.GatedOutputProjection` whose :class:`~mhr_ops.nn.MoHGate`
+    reads the attention's input (``router="linear"``) or its query states (``"qnorm"``) through
+    a hook on ``q_proj``. ``n_shared`` heads are always on; ``top_k`` of the others per token.
+    With ``top_k`` = all routed heads and a fresh linear router whose routed weights are zeroed,
+    every gate is 1 and the model computes what it did before."""
+    from .nn import GatedOutputProjection, MoHGate
+
+    patched = 0
+    for module in list(model.modules()):
+        if not all(hasattr(module, a) for a in ("q_proj", "o_proj", "head_dim")) or not isinstance(
+            module.o_proj, nn.Linear
+        ):
+            continue
+        n_heads = module.o_proj.in_features // module.head_dim
+        d_model = module.q_proj.in_features
+        ref = module.o_proj.weight
+        gate = MoHGate(d_model, n_heads, n_shared=n_shared, top_k=top_k, router=router).to(ref.device, ref.dtype)
+        proj = GatedOutputProjection(module.o_proj, gate, module.head_dim)
+        module.o_proj = proj
+
+        def hook(q_proj, inputs, output, proj=proj, qnorm=router == "qnorm"):
+            proj.router_input = output.view(*output.shape[:-1], -1, proj.head_dim) if qnorm else inputs[0]
+
+        module.q_proj.register_forward_hook(hook)
+        patched += 1
+    if not patched:
+        raise ValueError("model: no attention modules with q_proj / o_proj / head_dim found to patch")
+    return model

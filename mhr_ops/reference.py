@@ -86,3 +86,32 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale):
     """SPEC section 3: ``F.linear(x, weight, bias) + routed_lora(...)`` in float64."""
     base = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
     return base + routed_lora(x, A, B, weights, group_ids, scale=scale)
+
+
+def head_gates(routed_logits, *, top_k, shared_logits=None, stage_logits=None, n_shared=0, binary=False):
+    """SPEC section 5, head gates, in float64."""
+    lr = routed_logits.double()
+    n_routed = lr.shape[-1]
+    order = torch.sort(lr.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    keep = torch.zeros_like(lr, dtype=torch.bool).scatter_(-1, order, True)
+    hs = shared_logits.shape[-1] if shared_logits is not None else n_shared
+    if binary:
+        return torch.cat([torch.ones(*lr.shape[:-1], hs, dtype=torch.float64, device=lr.device), keep.double()], -1)
+    p = torch.softmax(lr, dim=-1)
+    p = torch.where(keep, p, torch.zeros_like(p))
+    g_r = top_k * p / p.sum(-1, keepdim=True)
+    if shared_logits is not None and hs > 1:
+        g_s = torch.softmax(shared_logits.double(), dim=-1) * hs
+    else:
+        g_s = torch.ones(*lr.shape[:-1], hs, dtype=torch.float64, device=lr.device)
+    if stage_logits is not None:
+        a = torch.softmax(stage_logits.double(), dim=-1) * 2
+        g_s, g_r = a[..., :1] * g_s, a[..., 1:] * g_r
+    assert g_r.shape[-1] == n_routed
+    return torch.cat([g_s, g_r], dim=-1)
+
+
+def gated_head_proj(o, gates, weight, bias=None):
+    """SPEC section 5: gate multiply, then the linear projection, in float64."""
+    gated = (o.double() * gates.double().unsqueeze(-1)).flatten(-2)
+    return torch.nn.functional.linear(gated, weight.double(), None if bias is None else bias.double())

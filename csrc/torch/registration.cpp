@@ -33,4 +33,19 @@ TORCH_LIBRARY(mhr_ops, m) {
   m.def(
       "mhr_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
       "int rows_per_group_id, float scale) -> (Tensor, Tensor)");
+
+  // SPEC section 5. Hs = shared_logits' width, else n_shared. Returns gates [N, Hs + Hr].
+  m.def(
+      "head_gates(Tensor routed_logits, Tensor? shared_logits, Tensor? stage_logits, int top_k, int n_shared, "
+      "bool binary) -> Tensor");
+  // Gradients of head_gates for (routed, shared, stage) logits; empty for absent logits.
+  m.def(
+      "head_gates_backward(Tensor grad_gates, Tensor routed_logits, Tensor? shared_logits, Tensor? stage_logits, "
+      "int top_k, int n_shared, bool binary) -> (Tensor, Tensor, Tensor)");
+  // y [N, D] = sum_h gates[n,h] * o[n,h] @ weight[:, h*Dh:(h+1)*Dh]^T + bias; o [N, H, Dh].
+  m.def("gated_head_proj(Tensor o, Tensor gates, Tensor weight, Tensor? bias) -> Tensor");
+  // Gradients (o, gates, weight, bias) of gated_head_proj; output_mask skips some (empty).
+  m.def(
+      "gated_head_proj_backward(Tensor grad_y, Tensor o, Tensor gates, Tensor weight, bool has_bias, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

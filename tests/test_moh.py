@@ -1,0 +1,248 @@
+"""Sparse head gating (SPEC section 5): head_gates and gated_head_proj against the float64
+reference, gradcheck, opcheck, torch.compile, bad input; MoHGate / GatedOutputProjection /
+patch_moh on a tiny Llama built from a config."""
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close
+
+import mhr_ops
+from mhr_ops import reference
+from mhr_ops.nn import GatedOutputProjection, MoHGate
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+CASES = [  # (Hr, Hs, top_k, shared logits, stage logits)
+    (16, 16, 8, True, True),
+    (5, 0, 2, False, False),
+    (7, 3, 7, True, False),
+    (4, 1, 1, False, True),
+    (3, 2, 3, False, True),
+]
+
+
+def gate_inputs(N, Hr, Hs, with_shared, with_stage, *, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    return rnd(N, Hr), rnd(N, Hs) if with_shared else None, rnd(N, 2) if with_stage else None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hr,Hs,top_k,with_shared,with_stage", CASES)
+@pytest.mark.parametrize("binary", [False, True])
+def test_head_gates_match_reference(device, dtype, Hr, Hs, top_k, with_shared, with_stage, binary):
+    lr, ls, st = gate_inputs(37, Hr, Hs, with_shared, with_stage, device=device, dtype=dtype)
+    kw = dict(top_k=top_k, shared_logits=ls, stage_logits=st, n_shared=0 if with_shared else Hs, binary=binary)
+    got = mhr_ops.head_gates(lr, **kw)
+    assert got.shape == (37, Hs + Hr) and got.dtype == dtype
+    assert_close(got, reference.head_gates(lr, **kw), atol=TOL[dtype], rtol=TOL[dtype], what="head_gates")
+    kept = (got[:, Hs:] != 0).sum(-1)
+    assert torch.equal(kept, torch.full_like(kept, top_k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Hr,Hs,top_k,with_shared,with_stage", CASES)
+def test_head_gates_gradients(device, Hr, Hs, top_k, with_shared, with_stage):
+    ins = gate_inputs(23, Hr, Hs, with_shared, with_stage, device=device, dtype=torch.float64, seed=1)
+    n_shared = 0 if with_shared else Hs
+
+    def f(fn, lr, ls, st):
+        return fn(lr, top_k=top_k, shared_logits=ls, stage_logits=st, n_shared=n_shared)
+
+    ours = [t.clone().requires_grad_() if t is not None else None for t in ins]
+    refs = [t.clone().requires_grad_() if t is not None else None for t in ins]
+    gy = torch.randn(23, Hs + Hr, dtype=torch.float64, device=device)
+    f(mhr_ops.head_gates, *ours).backward(gy)
+    f(reference.head_gates, *refs).backward(gy)
+    for a, b in zip(ours, refs, strict=True):
+        if a is not None:
+            assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-9, what="d logits")
+    if device == "cpu":
+        present = [t for t in ours if t is not None]
+
+        def g(*args):
+            it = iter(args)
+            return f(mhr_ops.head_gates, *[next(it) if t is not None else None for t in ours])
+
+        assert torch.autograd.gradcheck(g, [t.detach().requires_grad_() for t in present])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_binary_gates_have_no_gradient(device):
+    lr = torch.randn(5, 6, device=device, requires_grad=True)
+    gates = mhr_ops.head_gates(lr, top_k=2, n_shared=2, binary=True)
+    assert torch.equal(gates[:, :2], torch.ones(5, 2, device=device))
+    gates.sum().backward()
+    assert lr.grad is None or torch.equal(lr.grad, torch.zeros_like(lr))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,Dh,D", [(37, 4, 3, 5), (64, 8, 16, 24), (1, 1, 1, 1)])
+def test_gated_head_proj_matches_reference(device, dtype, N, H, Dh, D):
+    gen = torch.Generator().manual_seed(2)
+    o = torch.randn(N, H, Dh, generator=gen).to(dtype).to(device)
+    gates = torch.rand(N, H, generator=gen)
+    gates[torch.rand(N, H, generator=gen) < 0.3] = 0.0  # closed heads
+    gates = gates.to(dtype).to(device)
+    W = (torch.randn(D, H * Dh, generator=gen) / (H * Dh) ** 0.5).to(dtype).to(device)
+    b = torch.randn(D, generator=gen).to(dtype).to(device)
+    ins = [t.clone().requires_grad_() for t in (o, gates, W, b)]
+    y = mhr_ops.gated_head_proj(*ins)
+    refs = [t.detach().double().requires_grad_() for t in (o, gates, W, b)]
+    ref = reference.gated_head_proj(*refs)
+    tol = TOL[dtype] * (4 if dtype == torch.bfloat16 else 1)
+    assert y.dtype == dtype and y.shape == (N, D)
+    assert_close(y, ref, atol=tol, rtol=tol, what="gated_head_proj")
+    gy = torch.randn(N, D, dtype=torch.float64, device=device)
+    y.backward(gy.to(dtype))
+    ref.backward(gy)
+    for a, r in zip(ins, refs, strict=True):
+        assert_close(a.grad, r.grad, atol=tol * max(1, r.grad.abs().max().item()), rtol=tol, what="grad")
+
+
+def test_gated_head_proj_gradcheck_and_non_contiguous():
+    o = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    wide = torch.randn(6, 6, dtype=torch.float64)
+    gates = wide[:, ::2].clone().requires_grad_()
+    W = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mhr_ops.gated_head_proj, (o, gates, W, b))
+    strided_o = torch.randn(3, 6, 2, dtype=torch.float64).transpose(0, 1)
+    strided_g = wide[:, 1::2]
+    assert not strided_o.is_contiguous() and not strided_g.is_contiguous()
+    assert_close(
+        mhr_ops.gated_head_proj(strided_o, strided_g, W.detach(), b.detach()),
+        reference.gated_head_proj(strided_o, strided_g, W, b),
+        atol=1e-12,
+        rtol=1e-12,
+        what="non-contiguous",
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    lr, ls, st = gate_inputs(9, 5, 3, True, True, device=device, seed=4)
+    args = (lr.clone().requires_grad_(), ls.clone().requires_grad_(), st.clone().requires_grad_(), 2, 0, False)
+    torch.library.opcheck(torch.ops.mhr_ops.head_gates, args)
+    torch.library.opcheck(torch.ops.mhr_ops.head_gates, (lr, None, None, 3, 2, True))
+    gy = torch.randn(9, 8, device=device)
+    torch.library.opcheck(torch.ops.mhr_ops.head_gates_backward, (gy, lr, ls, st, 2, 0, False))
+    o, g = torch.randn(9, 4, 3, device=device), torch.rand(9, 4, device=device)
+    W, b = torch.randn(5, 12, device=device), torch.randn(5, device=device)
+    req = [t.clone().requires_grad_() for t in (o, g, W, b)]
+    torch.library.opcheck(torch.ops.mhr_ops.gated_head_proj, tuple(req))
+    torch.library.opcheck(torch.ops.mhr_ops.gated_head_proj, (o, g, W, None))
+    gy = torch.randn(9, 5, device=device)
+    torch.library.opcheck(torch.ops.mhr_ops.gated_head_proj_backward, (gy, o, g, W, True, [True] * 4))
+
+
+def test_torch_compile_fullgraph():
+    gate = MoHGate(12, 6, n_shared=2, top_k=2)
+    proj = GatedOutputProjection(torch.nn.Linear(6 * 3, 12), gate, head_dim=3)
+    x, attn = torch.randn(2, 5, 12), torch.randn(2, 5, 18)
+
+    def f(x, attn):
+        return proj(attn, gates=gate(x)).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, attn), f(x, attn))
+
+
+def tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_patched_llama_dense_equivalence_is_exact():
+    dense = tiny_llama()
+    model = mhr_ops.patch_moh(tiny_llama(), n_shared=2, top_k=2)  # 2 routed heads, all kept
+    for m in model.modules():
+        if isinstance(m, MoHGate):
+            torch.nn.init.zeros_(m.routed.weight)  # every gate exactly 1
+    ids = torch.randint(1, 64, (3, 11))
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=0, rtol=0)
+    gates = [m.last_gates for m in model.modules() if isinstance(m, MoHGate)]
+    assert len(gates) == 2 and all(torch.equal(g, torch.ones_like(g)) for g in gates)
+
+
+@pytest.mark.parametrize("router", ["linear", "qnorm"])
+def test_patched_llama_trains(router):
+    model = mhr_ops.patch_moh(tiny_llama(seed=1), n_shared=1, top_k=2, router=router)
+    assert sum(isinstance(m, GatedOutputProjection) for m in model.modules()) == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if router == "linear":
+            gates = [m for m in model.modules() if isinstance(m, MoHGate)]
+            loss = loss + 0.01 * sum(mhr_ops.load_balance_loss(g.last_router_probs, g.last_gates, 1) for g in gates)
+        assert torch.isfinite(out.logits).all()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    gate = next(m for m in model.modules() if isinstance(m, MoHGate))
+    assert ((gate.last_gates[..., 1:] != 0).sum(-1) == 2).all()  # top-2 of the 3 routed heads
+
+
+def test_load_balance_loss_is_one_when_uniform():
+    probs = torch.full((8, 4), 0.25)
+    gates = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]] * 4, dtype=torch.float32)
+    torch.testing.assert_close(mhr_ops.load_balance_loss(probs, gates), torch.tensor(1.0))
+
+
+BAD = [
+    (dict(top_k=0), ValueError, r"top_k: expected in \[1, 5\]"),
+    (dict(top_k=6), ValueError, r"top_k: expected in \[1, 5\]"),
+    (dict(n_shared=-1), ValueError, "n_shared: expected >= 0"),
+    (dict(shared_logits=torch.randn(4, 3), n_shared=2), ValueError, "n_shared: expected 0 or 3"),
+    (dict(shared_logits=torch.randn(3, 3)), ValueError, "shared_logits: expected shape"),
+    (dict(stage_logits=torch.randn(4, 3)), ValueError, "stage_logits: expected shape"),
+    (dict(stage_logits=torch.randn(4, 2, dtype=torch.float64)), ValueError, "stage_logits: expected dtype"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD)
+def test_head_gates_bad_input(override, exc, match):
+    kw = dict(top_k=2)
+    kw.update(override)
+    with pytest.raises(exc, match=match):
+        mhr_ops.head_gates(torch.randn(4, 5), **kw)
+
+
+def test_gated_head_proj_and_modules_bad_input():
+    o, g, W = torch.randn(4, 3, 2), torch.rand(4, 3), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="gates: expected shape"):
+        mhr_ops.gated_head_proj(o, torch.rand(4, 2), W)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(D, 6\)"):
+        mhr_ops.gated_head_proj(o, g, torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(5,\)"):
+        mhr_ops.gated_head_proj(o, g, W, torch.randn(4))
+    with pytest.raises(ValueError, match="gates: expected dtype"):
+        mhr_ops.gated_head_proj(o, g.double(), W)
+    with pytest.raises(ValueError, match="top_k: expected 1..2"):
+        MoHGate(8, 4, n_shared=2, top_k=3)
+    with pytest.raises(ValueError, match="n_shared: expected 0 <= n_shared < n_heads"):
+        MoHGate(8, 4, n_shared=4, top_k=1)
+    with pytest.raises(ValueError, match="o_proj: expected in_features"):
+        GatedOutputProjection(torch.nn.Linear(10, 8), MoHGate(8, 4, n_shared=0, top_k=1), head_dim=3)
+    with pytest.raises(ValueError, match="no attention modules"):
+        mhr_ops.patch_moh(torch.nn.Linear(2, 2), n_shared=0, top_k=1)
