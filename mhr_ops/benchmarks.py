@@ -23,8 +23,11 @@ SHAPES = {
     "cpu-small": dict(kind="linear", bs=8, L=256, d_in=1024, d_out=1024, r=8, S=8, h=8, T=16, dtype="float32"),
     "gpu-train": dict(kind="linear", bs=16, L=512, d_in=4096, d_out=4096, r=16, S=8, h=8, T=16, dtype="bfloat16"),
     "route": dict(kind="route", T=64, h=8, S=8, G=256),
+    # Mixture-of-Head attention output projection: 16 shared + top-8 of 16 routed heads (75% open).
+    "moh": dict(kind="moh", N=8192, H=32, Dh=128, D=4096, n_shared=16, top_k=8, dtype="bfloat16"),
+    "moh-cpu": dict(kind="moh", N=1024, H=16, Dh=64, D=1024, n_shared=8, top_k=4, dtype="float32"),
 }
-DEFAULT_SHAPES = {"cpu": ["cpu-small", "route"], "cuda": ["gpu-train", "route"]}
+DEFAULT_SHAPES = {"cpu": ["cpu-small", "route", "moh-cpu"], "cuda": ["gpu-train", "route", "moh"]}
 
 
 def time_side_by_side(
@@ -246,6 +249,48 @@ def _peak_memory(device, x, A, B, logits, tids, groups, shape, layer) -> dict:
     return {"peak_bytes_mhr_ops": ours, "peak_bytes_plain_lora": plain}
 
 
+# ---- sparse head gating ----
+
+
+def bench_moh(device: torch.device, *, N, H, Dh, D, n_shared, top_k, dtype, **_) -> list[Result]:
+    """The gated output projection against the dense o_proj and the plain-PyTorch reference
+    (gate multiply, then linear), forward; and the router + gates against the projection."""
+    from mhr_ops.nn import MoHGate
+
+    dt = getattr(torch, dtype)
+    gate = MoHGate(D, H, n_shared=n_shared, top_k=top_k).to(device, dt)
+    weight = torch.randn(D, H * Dh, device=device, dtype=dt) / (H * Dh) ** 0.5
+    xs = [torch.randn(N, D, device=device, dtype=dt) for _ in range(3)]
+    os_ = [torch.randn(N, H, Dh, device=device, dtype=dt) for _ in range(3)]
+    with torch.no_grad():
+        gates = [gate(x) for x in xs]
+    active = (gates[0] != 0).float().mean().item()
+
+    def fwd(fn):
+        def call(i):
+            with torch.no_grad():
+                fn(i % 3)
+
+        return call
+
+    impls = {
+        "dense_o_proj": fwd(lambda i: torch.nn.functional.linear(os_[i].reshape(N, H * Dh), weight)),
+        "mhr_ops_gated": fwd(lambda i: mhr_ops.gated_head_proj(os_[i], gates[i], weight)),
+        "torch_gate_then_linear": fwd(
+            lambda i: torch.nn.functional.linear((os_[i] * gates[i].unsqueeze(-1)).reshape(N, H * Dh), weight)
+        ),
+        "router_and_gates": fwd(lambda i: gate(xs[i])),
+    }
+    times = time_side_by_side(impls, device=device)
+    ratios = {
+        "gated_vs_dense": times["mhr_ops_gated"] / times["dense_o_proj"],
+        "gated_vs_torch_reference": times["mhr_ops_gated"] / times["torch_gate_then_linear"],
+        "router_fraction_of_projection": times["router_and_gates"] / times["mhr_ops_gated"],
+    }
+    shape = dict(N=N, H=H, Dh=Dh, D=D, n_shared=n_shared, top_k=top_k, dtype=dtype)
+    return [Result("moh gated o_proj fwd", shape, times, ratios, {"active_head_fraction": active})]
+
+
 # ---- driver ----
 
 
@@ -281,7 +326,8 @@ def run(device: torch.device, shapes: list[str] | None = None, json_path: str | 
     for name in shapes:
         spec = SHAPES[name]
         torch.manual_seed(0)
-        results += (bench_linear if spec["kind"] == "linear" else bench_route)(device, **spec)
+        bench = {"linear": bench_linear, "route": bench_route, "moh": bench_moh}[spec["kind"]]
+        results += bench(device, **spec)
     record = {
         "commit": git_commit(),
         "device": device_name(device),

@@ -37,6 +37,17 @@ MHR_HD acc_t mhr_clamp(acc_t x, acc_t lo, acc_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// Element conversion usable in code shared by host and device. The CUDA layer specializes it for
+// __half / __nv_bfloat16 (cuda_utils.cuh), whose implicit conversions torch builds switch off.
+template <typename To, typename From>
+struct Convert {
+  MHR_HD static To apply(From v) { return static_cast<To>(v); }
+};
+template <typename To, typename From>
+MHR_HD To convert(From v) {
+  return Convert<To, From>::apply(v);
+}
+
 // Reads an index from an int32 or int64 tensor with an element stride.
 MHR_HD int64_t load_index(const void* ids, IndexType type, int64_t stride, int64_t i) {
   return type == IndexType::kInt32 ? static_cast<int64_t>(static_cast<const int32_t*>(ids)[i * stride])

@@ -45,6 +45,23 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v)
   return __float2bfloat16_rn(v);
 }
 
+template <>
+struct Convert<float, __half> {
+  MHR_HD static float apply(__half v) { return __half2float(v); }
+};
+template <>
+struct Convert<__half, float> {
+  MHR_HD static __half apply(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Convert<float, __nv_bfloat16> {
+  MHR_HD static float apply(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+template <>
+struct Convert<__nv_bfloat16, float> {
+  MHR_HD static __nv_bfloat16 apply(float v) { return __float2bfloat16_rn(v); }
+};
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll

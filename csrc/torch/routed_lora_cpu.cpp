@@ -18,8 +18,10 @@
 namespace mhr_ops {
 namespace {
 
-// Runs shorter than this on average use project-then-mix.
-constexpr int64_t kMinAverageRun = 16;
+// Cost model for the strategy choice, measured on the 2-core dev VM: each run costs about
+// 50 us of fixed work in the grouped strategy (its GEMM calls, its group's mixing), while
+// project-then-mix pays (S - 1) extra shrink and expand FLOPs per row at ~10 GFLOP/s.
+constexpr double kRunOverheadFlops = 5e5;
 
 struct Run {
   int64_t start, rows, group;
@@ -41,7 +43,8 @@ std::vector<Run> group_runs(const at::Tensor& group_ids, const LoraDims& d) {
 }
 
 bool use_grouped(const std::vector<Run>& runs, const LoraDims& d) {
-  return !runs.empty() && d.rows >= kMinAverageRun * static_cast<int64_t>(runs.size());
+  const double extra_flops = 2.0 * d.rows * (d.d_in + d.d_out) * d.rank * (d.skills - 1);
+  return !runs.empty() && kRunOverheadFlops * static_cast<double>(runs.size()) < extra_flops;
 }
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -69,10 +72,10 @@ std::pair<at::Tensor, at::Tensor> mix_group(const Operands& o, int64_t g, const 
   return {a, b};
 }
 
-// Per-row weights [h, N, S, 1] for project-then-mix.
+// Per-row weights [N, h, S] (contiguous) for project-then-mix.
 at::Tensor row_weights(const Operands& o, const at::Tensor& group_ids, const LoraDims& d) {
   const at::Tensor rows = group_ids.to(at::kLong).repeat_interleave(d.rows_per_id);
-  return o.w.index_select(0, rows).permute({1, 0, 2}).unsqueeze(-1);
+  return o.w.index_select(0, rows);
 }
 
 // x [N, d_in] -> [h, N, dk_in]; A [h, S, dk_in*r] -> [h, dk_in, S*r]; B -> [h, S*r, dk_out].
@@ -82,13 +85,72 @@ at::Tensor a_cat(const Operands& o, const LoraDims& d) {
 }
 at::Tensor b_cat(const Operands& o, const LoraDims& d) { return o.B.view({d.heads, d.skills * d.rank, d.dk_out}); }
 
-// [h, N, S, r] * per-row weights, summed over heads and skills -> [N, r].
-at::Tensor mix_rows(const at::Tensor& proj, const at::Tensor& rows_w, const LoraDims& d) {
-  return (proj.view({d.heads, d.rows, d.skills, d.rank}) * rows_w).sum(at::IntArrayRef{0, 2});
+// The per-row mixing of project-then-mix, as plain loops over contiguous buffers (a few FLOPs
+// per element: ATen's strided reductions cost more in dispatch than in arithmetic here).
+// proj [h, N, S*r] -> z[n, :] = sum_{k,s} w[n,k,s] proj[k, n, s, :]
+at::Tensor mix_rows(const at::Tensor& proj_in, const at::Tensor& rows_w, const LoraDims& d) {
+  const at::Tensor proj = proj_in.contiguous();
+  at::Tensor z = at::zeros({d.rows, d.rank}, proj.options());
+  AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "mix_rows", [&] {
+    const scalar_t* P = proj.data_ptr<scalar_t>();
+    const scalar_t* W = rows_w.data_ptr<scalar_t>();
+    scalar_t* Z = z.data_ptr<scalar_t>();
+    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t k = 0; k < H; ++k)
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t w = W[(n * H + k) * S + s];
+            const scalar_t* p = P + ((k * N + n) * S + s) * R;
+            for (int64_t j = 0; j < R; ++j) Z[n * R + j] += w * p[j];
+          }
+    });
+  });
+  return z;
 }
-// w[n,k,s] * v[n,:] -> [h, N, S*r]
-at::Tensor spread_rows(const at::Tensor& v, const at::Tensor& rows_w, const LoraDims& d) {
-  return (rows_w * v.reshape({1, d.rows, 1, d.rank})).view({d.heads, d.rows, d.skills * d.rank});
+// v [N, r] -> out[k, n, s, :] = w[n,k,s] * v[n, :], as [h, N, S*r]
+at::Tensor spread_rows(const at::Tensor& v_in, const at::Tensor& rows_w, const LoraDims& d) {
+  const at::Tensor v = v_in.contiguous();
+  at::Tensor out = at::empty({d.heads, d.rows, d.skills * d.rank}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "spread_rows", [&] {
+    const scalar_t* V = v.data_ptr<scalar_t>();
+    const scalar_t* W = rows_w.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t k = 0; k < H; ++k)
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t w = W[(n * H + k) * S + s];
+            scalar_t* o = O + ((k * N + n) * S + s) * R;
+            for (int64_t j = 0; j < R; ++j) o[j] = w * V[n * R + j];
+          }
+    });
+  });
+  return out;
+}
+// Routing-weight gradient per row: out[n,k,s] = U[k,n,s,:] . gz[n,:] + T[k,n,s,:] . z[n,:]
+at::Tensor row_weight_grads(const at::Tensor& U_in, const at::Tensor& gz_in, const at::Tensor& T_in,
+                            const at::Tensor& z_in, const LoraDims& d) {
+  const at::Tensor U = U_in.contiguous(), gz = gz_in.contiguous(), T = T_in.contiguous(), z = z_in.contiguous();
+  at::Tensor out = at::empty({d.rows, d.heads, d.skills}, U.options());
+  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "row_weight_grads", [&] {
+    const scalar_t *Up = U.data_ptr<scalar_t>(), *Tp = T.data_ptr<scalar_t>();
+    const scalar_t *G = gz.data_ptr<scalar_t>(), *Z = z.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t k = 0; k < H; ++k)
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t off = ((k * N + n) * S + s) * R;
+            scalar_t acc = 0;
+            for (int64_t j = 0; j < R; ++j) acc += Up[off + j] * G[n * R + j] + Tp[off + j] * Z[n * R + j];
+            O[(n * H + k) * S + s] = acc;
+          }
+    });
+  });
+  return out;
 }
 
 // y [N, d_out] (x's dtype) = or += scale * routed update. Returns z = x @ A_g [N, r] (compute dtype).
@@ -245,12 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
                      .permute({0, 2, 1, 3})
                      .reshape(dA.sizes()));
       if (mask[2]) dB.copy_(at::bmm(spread_rows(z, rows_w, d).transpose(1, 2), gy_h).mul_(scale).view(dB.sizes()));
-      if (mask[3]) {
-        const auto hnsr = std::vector<int64_t>{d.heads, d.rows, d.skills, d.rank};
-        const at::Tensor per_row = (U.view(hnsr) * gz.view({1, d.rows, 1, d.rank})).sum(-1) +
-                                   (T.view(hnsr) * z.reshape({1, d.rows, 1, d.rank})).sum(-1);  // [h, N, S]
-        dw.index_add_(0, group_ids.to(at::kLong).repeat_interleave(d.rows_per_id), per_row.transpose(0, 1));
-      }
+      if (mask[3])
+        dw.index_add_(0, group_ids.to(at::kLong).repeat_interleave(d.rows_per_id), row_weight_grads(U, gz, T, z, d));
     }
   }
   auto cast = [](const at::Tensor& t, const at::Tensor& like) {
