@@ -18,7 +18,7 @@ def bench(args: argparse.Namespace) -> int:
     from mhr_ops import benchmarks
 
     shapes = args.shapes.split(",") if args.shapes else None
-    benchmarks.run(torch.device(args.device), shapes, json_path=args.json)
+    benchmarks.run(torch.device(args.device), shapes, json_path=args.json, png_path=args.png)
     return 0
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--device", default=default_device)
     p_bench.add_argument("--shapes", default=None, help="comma-separated shape sets (default: the device's)")
     p_bench.add_argument("--json", default=None, help="write the results (commit, device, medians) here")
+    p_bench.add_argument("--png", default=None, help="write a plot of the ratios here (needs matplotlib)")
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

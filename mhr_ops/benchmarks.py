@@ -22,12 +22,19 @@ from mhr_ops import reference
 SHAPES = {
     "cpu-small": dict(kind="linear", bs=8, L=256, d_in=1024, d_out=1024, r=8, S=8, h=8, T=16, dtype="float32"),
     "gpu-train": dict(kind="linear", bs=16, L=512, d_in=4096, d_out=4096, r=16, S=8, h=8, T=16, dtype="bfloat16"),
+    # 256 single-token rows (decode), 64 distinct tasks
+    "gpu-decode": dict(kind="linear", bs=256, L=1, d_in=4096, d_out=4096, r=16, S=8, h=8, T=64, dtype="bfloat16"),
+    # the MHR paper's T0 recipe: rank 1, 64 heads, 8 skills
+    "t0-mhr": dict(kind="linear", bs=8, L=512, d_in=2048, d_out=2048, r=1, S=8, h=64, T=16, dtype="bfloat16"),
     "route": dict(kind="route", T=64, h=8, S=8, G=256),
     # Mixture-of-Head attention output projection: 16 shared + top-8 of 16 routed heads (75% open).
     "moh": dict(kind="moh", N=8192, H=32, Dh=128, D=4096, n_shared=16, top_k=8, dtype="bfloat16"),
     "moh-cpu": dict(kind="moh", N=1024, H=16, Dh=64, D=1024, n_shared=8, top_k=4, dtype="float32"),
 }
-DEFAULT_SHAPES = {"cpu": ["cpu-small", "route", "moh-cpu"], "cuda": ["gpu-train", "route", "moh"]}
+DEFAULT_SHAPES = {
+    "cpu": ["cpu-small", "route", "moh-cpu"],
+    "cuda": ["gpu-train", "gpu-decode", "t0-mhr", "route", "moh"],
+}
 
 
 def time_side_by_side(
@@ -317,7 +324,33 @@ def _print_table(results: list[Result]) -> None:
             print(f"    {k}: {v}")
 
 
-def run(device: torch.device, shapes: list[str] | None = None, json_path: str | None = None) -> dict:
+def plot(record: dict, path: str) -> None:
+    """PNG of every result's ratios (speedups, fractions of a ceiling), one bar per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for r in record["results"]:
+        for name, value in r["ratios"].items():
+            labels.append(f"{r['case']}: {name}")
+            values.append(value)
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+    ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:orange" for v in values])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio (see labels: speedups > 1 are better; *_vs_bare and fractions are times or shares)")
+    ax.set_title(f"mhr_ops bench on {record['device']} @ {record['commit'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(
+    device: torch.device, shapes: list[str] | None = None, json_path: str | None = None, png_path: str | None = None
+) -> dict:
     shapes = shapes or DEFAULT_SHAPES[device.type]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -341,4 +374,10 @@ def run(device: torch.device, shapes: list[str] | None = None, json_path: str | 
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
         print(f"wrote {json_path}")
+    if png_path:
+        try:
+            plot(record, png_path)
+            print(f"wrote {png_path}")
+        except ImportError:
+            print(f"not writing {png_path}: matplotlib is missing (pip install 'mhr-ops[bench]')")
     return record
