@@ -337,7 +337,7 @@ def plot(record: dict, path: str) -> None:
             labels.append(f"{r['case']}: {name}")
             values.append(value)
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
-    ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:orange" for v in values])
+    ax.barh(range(len(values)), values, color="tab:blue")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.invert_yaxis()
