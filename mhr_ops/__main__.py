@@ -18,7 +18,10 @@ def bench(args: argparse.Namespace) -> int:
     from mhr_ops import benchmarks
 
     shapes = args.shapes.split(",") if args.shapes else None
-    benchmarks.run(torch.device(args.device), shapes, json_path=args.json, png_path=args.png)
+    device = torch.device(args.device)
+    json_path = args.json or f"mhr_ops-bench-{device.type}.json"
+    png_path = args.png or f"mhr_ops-bench-{device.type}.png"
+    benchmarks.run(device, shapes, json_path=json_path, png_path=png_path)
     return 0
 
 
@@ -34,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="benchmark the ops against PEFT and the reference")
     p_bench.add_argument("--device", default=default_device)
     p_bench.add_argument("--shapes", default=None, help="comma-separated shape sets (default: the device's)")
-    p_bench.add_argument("--json", default=None, help="write the results (commit, device, medians) here")
-    p_bench.add_argument("--png", default=None, help="write a plot of the ratios here (needs matplotlib)")
+    p_bench.add_argument(
+        "--json", default=None, help="results (commit, device, medians); default mhr_ops-bench-DEVICE.json"
+    )
+    p_bench.add_argument(
+        "--png", default=None, help="plot of the ratios (needs matplotlib); default mhr_ops-bench-DEVICE.png"
+    )
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

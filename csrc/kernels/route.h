@@ -43,8 +43,9 @@ struct RouteParams {
   int64_t grad_stride_s = 0;
 
   // grad_logits (backward output): [num_tasks, num_heads * num_skills], contiguous, in the
-  // accumulation type (float, or double when scalar_t is double). Zeroed by the caller; rows of
-  // groups that share a task are summed into it.
+  // accumulation type (float, or double when scalar_t is double). Rows of groups that share a
+  // task are summed into it: the CPU kernel expects it zeroed, the CUDA launcher zeroes it
+  // itself (an async memset on the same stream, then the one kernel).
   void* grad_logits = nullptr;
 
   int64_t num_groups = 0;  // G

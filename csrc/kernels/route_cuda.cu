@@ -146,6 +146,11 @@ __global__ void route_bwd_kernel(const RouteParams P) {
 template <typename scalar_t, bool kForward>
 int launch(const RouteParams& P, cudaStream_t stream) {
   using acc_t = typename AccType<scalar_t>::type;
+  if (!kForward) {  // the backward sums rows into grad_logits: zero it on the same stream
+    const size_t bytes = sizeof(acc_t) * P.num_tasks * P.num_heads * P.num_skills;
+    const cudaError_t err = bytes ? cudaMemsetAsync(P.grad_logits, 0, bytes, stream) : cudaSuccess;
+    if (err != cudaSuccess || P.mode == RouteMode::kAverage) return static_cast<int>(err);
+  }
   const int64_t rows = P.num_groups * P.num_heads;
   if (rows == 0 || P.num_skills == 0) return 0;
   if (P.num_skills > kMaxSkills) return static_cast<int>(cudaErrorInvalidValue);
@@ -166,7 +171,6 @@ int route_fwd_cuda(const RouteParams& params, DType dtype, void* stream) {
 }
 
 int route_bwd_cuda(const RouteParams& params, DType dtype, void* stream) {
-  if (params.mode == RouteMode::kAverage) return 0;  // constant weights: zero gradient
   MHR_DISPATCH_CUDA_FLOAT(dtype, return launch<scalar_t, false>(params, static_cast<cudaStream_t>(stream)));
   return 0;
 }

@@ -1,7 +1,6 @@
 // CUDA registration of route / route_backward: checks, then one kernel launch on the current
 // stream. Host code only; the kernels are in csrc/kernels/route_cuda.cu.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -45,7 +44,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
   set_route_grad(P, grad_weights, logits);
   // Accumulate across groups that share a task in fp32 (fp64 for fp64 logits), then cast.
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_logits = at::zeros({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(acc));
+  at::Tensor grad_logits = at::empty({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(acc));
   P.grad_logits = grad_logits.data_ptr();
   const int err = route_bwd_cuda(P, kernel_dtype(logits, "logits"), c10::cuda::getCurrentCUDAStream().stream());
   check_launch(err, "route_backward");

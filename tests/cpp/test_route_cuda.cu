@@ -73,7 +73,7 @@ void compare(RouteMode mode, int64_t top_k) {
   float *d_w = nullptr, *d_gl = nullptr;
   cudaMalloc(&d_w, w_cpu.size() * sizeof(float));
   cudaMalloc(&d_gl, gl_cpu.size() * sizeof(float));
-  cudaMemset(d_gl, 0, gl_cpu.size() * sizeof(float));
+  cudaMemset(d_gl, 0xff, gl_cpu.size() * sizeof(float));  // garbage: the launcher must zero it
   D.logits = d_logits;
   D.task_ids = d_ids;
   D.noise = mode == RouteMode::kRelaxedBernoulli ? d_noise : nullptr;
