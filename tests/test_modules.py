@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, tiny_llama
 from torch import nn
 
 import mhr_ops
@@ -238,12 +238,7 @@ def test_compiled_patched_model_with_use_tasks():
 
 
 def test_generate_with_beams_on_a_patched_transformer():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
-    )
-    torch.manual_seed(0)
-    model = mhr_ops.patch(transformers.LlamaForCausalLM(config), ["q_proj", "v_proj"], r=2, n_skills=3, n_tasks=4)
+    model = mhr_ops.patch(tiny_llama(seed=0), ["q_proj", "v_proj"], r=2, n_skills=3, n_tasks=4)
     randomize_adapters(model).eval()
     prompts, ids = torch.randint(1, 64, (2, 6)), torch.tensor([3, 1])
     kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)

@@ -4,7 +4,7 @@ patch_moh on a tiny Llama built from a config."""
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, tiny_llama
 
 import mhr_ops
 from mhr_ops import reference
@@ -151,21 +151,6 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, attn), f(x, attn))
-
-
-def tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
 
 
 def test_patched_llama_dense_equivalence_is_exact():

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import mhr_ops
 import mhr_ops.peft as mpeft
@@ -31,23 +32,11 @@ def tiny_t5():
     return transformers.T5ForConditionalGeneration(config), "SEQ_2_SEQ_LM", ["q", "v"]
 
 
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config), "CAUSAL_LM", ["q_proj", "v_proj"]
+def llama_for_poly():
+    return tiny_llama(seed=None), "CAUSAL_LM", ["q_proj", "v_proj"]
 
 
-MODELS = {"t5": tiny_t5, "llama": tiny_llama}
+MODELS = {"t5": tiny_t5, "llama": llama_for_poly}
 
 
 def poly_model(kind, seed=0, n_tasks=5):

@@ -7,27 +7,13 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda_check.cuh"
 #include "route.h"
 
 using mhr_ops::RouteMode;
 using mhr_ops::RouteParams;
 
 namespace {
-
-template <typename T>
-T* to_device(const std::vector<T>& v) {
-  T* d = nullptr;
-  cudaMalloc(&d, v.size() * sizeof(T));
-  cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> v(n);
-  cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
 
 void compare(RouteMode mode, int64_t top_k) {
   const int64_t T = 5, h = 3, S = 37, G = 11;  // S > 32: several skills per lane
@@ -98,11 +84,7 @@ void compare(RouteMode mode, int64_t top_k) {
 }  // namespace
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("test_route_cuda: no CUDA device, skipped\n");
-    return 77;
-  }
+  if (const int skip = skip_without_device("test_route_cuda")) return skip;
   for (RouteMode mode : {RouteMode::kSigmoid, RouteMode::kRelaxedBernoulli, RouteMode::kSoftmax, RouteMode::kAverage})
     for (int64_t top_k : {0, 1, 5}) compare(mode, top_k);
   return finish("test_route_cuda");

@@ -9,26 +9,12 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda_check.cuh"
 #include "routed_lora.h"
 
 using namespace mhr_ops;
 
 namespace {
-
-template <typename T>
-T* to_device(const std::vector<T>& v) {
-  T* d = nullptr;
-  cudaMalloc(&d, v.size() * sizeof(T));
-  cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> v(n);
-  cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
 
 float* zeros_on_device(size_t n) {
   float* d = nullptr;
@@ -173,11 +159,7 @@ void run_case(const Problem& p) {
 }  // namespace
 
 int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("test_routed_lora_cuda: no CUDA device, skipped\n");
-    return 77;
-  }
+  if (const int skip = skip_without_device("test_routed_lora_cuda")) return skip;
   run_case(make_problem(/*N=*/77, /*h=*/3, /*S=*/4, /*dki=*/37, /*r=*/5, /*dko=*/29, /*G=*/6, 1, true));
   run_case(make_problem(/*N=*/96, /*h=*/2, /*S=*/3, /*dki=*/40, /*r=*/48, /*dko=*/70, /*G=*/4, 24, false));
   run_case(make_problem(/*N=*/5, /*h=*/1, /*S=*/2, /*dki=*/8, /*r=*/1, /*dko=*/130, /*G=*/5, 1, true));
