@@ -231,3 +231,21 @@ def test_gated_head_proj_and_modules_bad_input():
         GatedOutputProjection(torch.nn.Linear(10, 8), MoHGate(8, 4, n_shared=0, top_k=1), head_dim=3)
     with pytest.raises(ValueError, match="no attention modules"):
         mhr_ops.patch_moh(torch.nn.Linear(2, 2), n_shared=0, top_k=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_gates_non_contiguous(device):
+    wide = torch.randn(11, 20, dtype=torch.float64, device=device)
+    lr, ls, st = wide[:, 0:14:2], wide[:, 1:7:2], wide[:, 15:19:2]  # strided columns
+    assert not any(t.is_contiguous() for t in (lr, ls, st))
+    ours = [t.clone().requires_grad_() for t in (lr, ls, st)]
+    refs = [t.clone().requires_grad_() for t in (lr, ls, st)]
+    kw = dict(top_k=3)
+    got = mhr_ops.head_gates(ours[0], shared_logits=ours[1], stage_logits=ours[2], **kw)
+    ref = reference.head_gates(refs[0], shared_logits=refs[1], stage_logits=refs[2], **kw)
+    assert_close(got, ref, atol=1e-12, rtol=1e-12, what="non-contiguous gates")
+    gy = torch.randn(10, 11, dtype=torch.float64, device=device).t()  # non-contiguous grad
+    got.backward(gy)
+    ref.backward(gy)
+    for a, b in zip(ours, refs, strict=True):
+        assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-10, what="non-contiguous grads")

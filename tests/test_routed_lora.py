@@ -232,6 +232,18 @@ def test_non_contiguous_inputs(device):
     ref.backward(gy)
     for a, b in zip(ins, refs, strict=True):
         assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, what="non-contiguous grad")
+    # mhr_linear with a transposed base weight and a strided bias
+    weight = torch.randn(h * dk_in, h * dk_out, dtype=torch.float64, device=device).t()
+    bias = torch.randn(2 * h * dk_out, dtype=torch.float64, device=device)[::2]
+    lin = [t.clone().requires_grad_() for t in (x, weight, bias, A, B, w)]
+    y = mhr_ops.mhr_linear(*lin, ids, scale=0.5)
+    lin_ref = [t.clone().requires_grad_() for t in (x, weight, bias, A, B, w)]
+    ref = reference.mhr_linear(*lin_ref, ids, scale=0.5)
+    assert_close(y, ref, atol=1e-10, rtol=1e-10, what="non-contiguous mhr_linear")
+    y.backward(gy)
+    ref.backward(gy)
+    for a, b in zip(lin, lin_ref, strict=True):
+        assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, what="non-contiguous mhr_linear grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
