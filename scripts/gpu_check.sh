@@ -6,6 +6,9 @@
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #
+# Budget: about 8-10 minutes on an H200 (one device-tool command). Each sanitizer tool gets
+# SANITIZER_TIMEOUT seconds (default 120) over the CUDA tests, stopping at the first failure;
+# a run cut short is recorded as exit 124. OUTDIR receives 8 files (the device tool's limit).
 # Wheels the GPU machine lacks (nvidia-cutlass) may be placed in .whl/ and are installed first.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -26,14 +29,15 @@ python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>
 python3 scripts/check_cuda_build.py | tee -a "$OUT/build.log" || status=1
 
 step "pytest (all tests, CUDA included)"
-python3 -m pytest tests -q -ra --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1 || status=1
+JUNIT=$(mktemp --suffix=.xml)
+python3 -m pytest tests -q -ra --junitxml="$JUNIT" > "$OUT/pytest.log" 2>&1 || status=1
 tail -5 "$OUT/pytest.log"
 
 step "compute-sanitizer memcheck + racecheck over the CUDA tests (small shapes)"
 : > "$OUT/sanitizer.log"
 for tool in memcheck racecheck; do
   echo "### $tool" >> "$OUT/sanitizer.log"
-  compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+  timeout "${SANITIZER_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
     python3 -m pytest tests -q -x -m cuda -k "not compile and not peft" >> "$OUT/sanitizer.log" 2>&1
   rc=$?
   echo "### $tool exit $rc" >> "$OUT/sanitizer.log"
@@ -48,8 +52,8 @@ step "C++ kernel tests (ctest, CUDA tests run on the GPU)"
 tail -3 "$OUT/ctest.log"
 
 step "benchmarks"
-python3 -m mhr_ops bench --device cuda --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+python3 -m mhr_ops bench --device cuda --json "$OUT/bench.json" --png "$OUT/bench.png" > "$OUT/bench.log" 2>&1 || status=1
 cat "$OUT/bench.log"
 
-python3 scripts/gpu_record.py "$OUT" --status "$status" || status=1
+python3 scripts/gpu_record.py "$OUT" --junit "$JUNIT" --status "$status" || status=1
 exit $status

@@ -28,6 +28,7 @@ def pytest_counts(xml_path):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir")
+    parser.add_argument("--junit", required=True, help="pytest's junit XML (kept out of OUTDIR)")
     parser.add_argument("--status", type=int, default=0)
     args = parser.parse_args()
     out = args.outdir
@@ -37,11 +38,11 @@ def main():
     record = {
         "commit": commit,
         "worktree_dirty": dirty,
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "build": mhr_ops.build_info(),
-        "pytest": pytest_counts(os.path.join(out, "pytest.xml")),
+        "pytest": pytest_counts(args.junit),
         "sanitizer": {
             tool: int(m.group(1)) if (m := re.search(rf"### {tool} exit (\d+)", sanitizer)) else None
             for tool in ("memcheck", "racecheck")
