@@ -107,6 +107,34 @@ struct WgradParams {
   int64_t rank = 0;
 };
 
+// The grouped CPU backward's fused part, over rows [row_begin, row_end) of one group g with mixed
+// adapter A_g / B_g: gz = grad_y @ (scale B_g^T) written per row, dA_g += x^T gz and
+// dB_g^T += scale * grad_y^T z accumulated. fp32 only.
+struct LoraGroupGradParams {
+  const void* x = nullptr;  // [N, d_in]; rows stride x_stride_n, columns stride x_stride_c
+  int64_t x_stride_n = 0;
+  int64_t x_stride_c = 0;
+  const void* grad_y = nullptr;  // [N, d_out]; strides as x
+  int64_t gy_stride_n = 0;
+  int64_t gy_stride_c = 0;
+  const void* z = nullptr;       // the forward's bottleneck [N, r], contiguous
+  const void* bt_mix = nullptr;  // scale * B_g^T [d_out, r], contiguous
+  void* gz = nullptr;            // out: [N, r] contiguous; rows [row_begin, row_end) written
+  void* da = nullptr;            // dA_g accumulator [d_in, r], contiguous
+  void* dbt = nullptr;           // dB_g^T accumulator [d_out, r], contiguous
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+  int64_t rank = 0;
+  double scale = 1.0;
+};
+
+// Whether the AVX2+FMA kernel below takes this problem: ranks 8 and 16, unit column strides,
+// a CPU with AVX2 and FMA. Otherwise the caller runs its BLAS path.
+bool routed_lora_group_grads_supported(int64_t rank, int64_t x_stride_c, int64_t gy_stride_c);
+void routed_lora_group_grads_cpu(const LoraGroupGradParams& p);
+
 #if defined(MHR_OPS_WITH_CUDA)
 // Data type x matrix type pairs: (fp16, fp16), (fp16, fp32), (bf16, bf16), (bf16, fp32),
 // (fp32, fp32), (fp64, fp64). All return a cudaError_t value (0 on success), launch on `stream`

@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../kernels/routed_lora.h"
 #include "routed_lora_args.h"
 
 namespace mhr_ops {
@@ -262,11 +263,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       }
       const int64_t n_groups = static_cast<int64_t>(order.size());
       std::vector<at::Tensor> dags(n_groups), dbgs(n_groups);
+      // fp32, ranks 8 / 16, unit column strides: the fused AVX2 kernel (gz written per row here).
+      const bool try_fused =
+          ct == at::kFloat && routed_lora_group_grads_supported(d.rank, o.x.stride(1), gy.stride(1));
+      const at::Tensor gz_rows = try_fused ? at::empty({d.rows, d.rank}, opts) : at::Tensor();
+      const at::Tensor zc = z.contiguous();
       at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const auto [ag, bg] = mix_group(o, order[i], d);
-          const at::Tensor bg_t = bg.t().mul(scale);  // [d_out, r], scale folded in once per group
-          at::Tensor dag = at::zeros({d.d_in, d.rank}, opts), dbg = at::zeros({d.rank, d.d_out}, opts);
+          const at::Tensor bg_t = bg.t().mul(scale).contiguous();  // [d_out, r], scale folded in once per group
+          at::Tensor dag = at::zeros({d.d_in, d.rank}, opts);
+          if (try_fused) {
+            at::Tensor dbgt = at::zeros({d.d_out, d.rank}, opts);
+            LoraGroupGradParams p;
+            p.x = o.x.data_ptr();
+            p.x_stride_n = o.x.stride(0);
+            p.x_stride_c = o.x.stride(1);
+            p.grad_y = gy.data_ptr();
+            p.gy_stride_n = gy.stride(0);
+            p.gy_stride_c = gy.stride(1);
+            p.z = zc.data_ptr();
+            p.bt_mix = bg_t.data_ptr();
+            p.gz = gz_rows.data_ptr();
+            p.da = dag.data_ptr();
+            p.dbt = dbgt.data_ptr();
+            p.d_in = d.d_in;
+            p.d_out = d.d_out;
+            p.rank = d.rank;
+            p.scale = scale;
+            for (const Run& run : by_group.at(order[i])) {
+              p.row_begin = run.start;
+              p.row_end = run.start + run.rows;
+              routed_lora_group_grads_cpu(p);
+              if (mask[0])
+                dx.narrow(0, run.start, run.rows).addmm_(gz_rows.narrow(0, run.start, run.rows), ag.t(), dx_beta);
+            }
+            dags[i] = dag;
+            dbgs[i] = dbgt.t().contiguous();
+            continue;
+          }
+          at::Tensor dbg = at::zeros({d.rank, d.d_out}, opts);
           for (const Run& run : by_group.at(order[i])) {
             const at::Tensor xs = o.x.narrow(0, run.start, run.rows), gys = gy.narrow(0, run.start, run.rows);
             const at::Tensor gz = at::mm(gys, bg_t);
