@@ -48,6 +48,15 @@ MHR_HD To convert(From v) {
   return Convert<To, From>::apply(v);
 }
 
+// Top-k order shared by every selection in the package: true when value a (index ia) ranks
+// before b (index ib). Larger first, NaN before any number (as torch.topk), ties to the lower index.
+template <typename acc_t>
+MHR_HD bool ranks_before(acc_t a, int64_t ia, acc_t b, int64_t ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && (!nb || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
 // Reads an index from an int32 or int64 tensor with an element stride.
 MHR_HD int64_t load_index(const void* ids, IndexType type, int64_t stride, int64_t i) {
   return type == IndexType::kInt32 ? static_cast<int64_t>(static_cast<const int32_t*>(ids)[i * stride])

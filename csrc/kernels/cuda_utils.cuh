@@ -19,30 +19,14 @@ struct AccType<double> {
   using type = double;
 };
 
+// Element conversions in and out of the accumulation type (see Convert below).
 template <typename acc_t, typename T>
 __device__ __forceinline__ acc_t to_acc(T v) {
-  return static_cast<acc_t>(v);
+  return convert<acc_t>(v);
 }
-template <>
-__device__ __forceinline__ float to_acc<float, __half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
 template <typename T, typename acc_t>
 __device__ __forceinline__ T from_acc(acc_t v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
+  return convert<T>(v);
 }
 
 template <>

@@ -84,11 +84,7 @@ MHR_HD void softmax_stats(const Row& l, acc_t* mx, acc_t* sum) {
 template <typename Row>
 MHR_HD bool head_kept(const Row& l, int64_t j, int64_t top_k) {
   int64_t rank = 0;
-  for (int64_t i = 0; i < l.size && rank < top_k; ++i) {
-    const auto a = l[i], b = l[j];
-    const bool na = a != a, nb = b != b;
-    rank += (na || nb) ? (na && (!nb || i < j)) : (a > b || (a == b && i < j));
-  }
+  for (int64_t i = 0; i < l.size && rank < top_k; ++i) rank += ranks_before(l[i], i, l[j], j);
   return rank < top_k;
 }
 

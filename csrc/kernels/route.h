@@ -123,13 +123,4 @@ MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, a
   return q * (acc_t(1) - q) * dz * dpr;
 }
 
-// Top-k order: true when skill (a, ia) ranks before skill (b, ib). Larger first, NaN before any
-// number (as torch.topk), ties to the lower index.
-template <typename acc_t>
-MHR_HD bool route_ranks_before(acc_t a, int64_t ia, acc_t b, int64_t ib) {
-  const bool na = a != a, nb = b != b;
-  if (na || nb) return na && (!nb || ia < ib);
-  return a > b || (a == b && ia < ib);
-}
-
 }  // namespace mhr_ops

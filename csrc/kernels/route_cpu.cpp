@@ -45,7 +45,7 @@ scalar_t select_top_k(const RouteParams& P, const scalar_t* p, bool* kept) {
   for (int64_t s = 0; s < S; ++s) {
     int64_t rank = 0;
     if (P.top_k > 0)
-      for (int64_t j = 0; j < S && rank < P.top_k; ++j) rank += route_ranks_before(p[j], j, p[s], s);
+      for (int64_t j = 0; j < S && rank < P.top_k; ++j) rank += ranks_before(p[j], j, p[s], s);
     kept[s] = P.top_k == 0 || rank < P.top_k;
     if (kept[s]) sum += p[s];
   }

@@ -57,7 +57,7 @@ template <typename acc_t>
 __device__ bool warp_kept(const RouteParams& P, const acc_t* p, int64_t s) {
   if (P.top_k == 0) return true;
   int64_t rank = 0;
-  for (int64_t j = 0; j < P.num_skills && rank < P.top_k; ++j) rank += route_ranks_before(p[j], j, p[s], s);
+  for (int64_t j = 0; j < P.num_skills && rank < P.top_k; ++j) rank += ranks_before(p[j], j, p[s], s);
   return rank < P.top_k;
 }
 
