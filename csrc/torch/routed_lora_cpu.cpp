@@ -88,23 +88,29 @@ at::Tensor b_cat(const Operands& o, const LoraDims& d) { return o.B.view({d.head
 
 // The per-row mixing of project-then-mix, as plain loops over contiguous buffers (a few FLOPs
 // per element: ATen's strided reductions cost more in dispatch than in arithmetic here).
+// Calls fn(n, wi, pi) for every row n, head k and skill s, rows split across threads, with
+// wi = (n*h + k)*S + s indexing the per-row weights [N, h, S] and pi = ((k*N + n)*S + s)*r the
+// start of that (k, n, s) rank vector in a projection laid out [h, N, S, r].
+template <typename Fn>
+void for_row_head_skill(const LoraDims& d, Fn&& fn) {
+  const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < H; ++k)
+        for (int64_t s = 0; s < S; ++s) fn(n, (n * H + k) * S + s, ((k * N + n) * S + s) * R);
+  });
+}
+
 // proj [h, N, S*r] -> z[n, :] = sum_{k,s} w[n,k,s] proj[k, n, s, :]
 at::Tensor mix_rows(const at::Tensor& proj_in, const at::Tensor& rows_w, const LoraDims& d) {
   const at::Tensor proj = proj_in.contiguous();
   at::Tensor z = at::zeros({d.rows, d.rank}, proj.options());
   AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "mix_rows", [&] {
-    const scalar_t* P = proj.data_ptr<scalar_t>();
-    const scalar_t* W = rows_w.data_ptr<scalar_t>();
+    const scalar_t *P = proj.data_ptr<scalar_t>(), *W = rows_w.data_ptr<scalar_t>();
     scalar_t* Z = z.data_ptr<scalar_t>();
-    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t k = 0; k < H; ++k)
-          for (int64_t s = 0; s < S; ++s) {
-            const scalar_t w = W[(n * H + k) * S + s];
-            const scalar_t* p = P + ((k * N + n) * S + s) * R;
-            for (int64_t j = 0; j < R; ++j) Z[n * R + j] += w * p[j];
-          }
+    const int64_t R = d.rank;
+    for_row_head_skill(d, [&](int64_t n, int64_t wi, int64_t pi) {
+      for (int64_t j = 0; j < R; ++j) Z[n * R + j] += W[wi] * P[pi + j];
     });
   });
   return z;
@@ -114,18 +120,11 @@ at::Tensor spread_rows(const at::Tensor& v_in, const at::Tensor& rows_w, const L
   const at::Tensor v = v_in.contiguous();
   at::Tensor out = at::empty({d.heads, d.rows, d.skills * d.rank}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "spread_rows", [&] {
-    const scalar_t* V = v.data_ptr<scalar_t>();
-    const scalar_t* W = rows_w.data_ptr<scalar_t>();
+    const scalar_t *V = v.data_ptr<scalar_t>(), *W = rows_w.data_ptr<scalar_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
-    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t k = 0; k < H; ++k)
-          for (int64_t s = 0; s < S; ++s) {
-            const scalar_t w = W[(n * H + k) * S + s];
-            scalar_t* o = O + ((k * N + n) * S + s) * R;
-            for (int64_t j = 0; j < R; ++j) o[j] = w * V[n * R + j];
-          }
+    const int64_t R = d.rank;
+    for_row_head_skill(d, [&](int64_t n, int64_t wi, int64_t pi) {
+      for (int64_t j = 0; j < R; ++j) O[pi + j] = W[wi] * V[n * R + j];
     });
   });
   return out;
@@ -139,16 +138,11 @@ at::Tensor row_weight_grads(const at::Tensor& U_in, const at::Tensor& gz_in, con
     const scalar_t *Up = U.data_ptr<scalar_t>(), *Tp = T.data_ptr<scalar_t>();
     const scalar_t *G = gz.data_ptr<scalar_t>(), *Z = z.data_ptr<scalar_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
-    const int64_t H = d.heads, S = d.skills, R = d.rank, N = d.rows;
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t k = 0; k < H; ++k)
-          for (int64_t s = 0; s < S; ++s) {
-            const int64_t off = ((k * N + n) * S + s) * R;
-            scalar_t acc = 0;
-            for (int64_t j = 0; j < R; ++j) acc += Up[off + j] * G[n * R + j] + Tp[off + j] * Z[n * R + j];
-            O[(n * H + k) * S + s] = acc;
-          }
+    const int64_t R = d.rank;
+    for_row_head_skill(d, [&](int64_t n, int64_t wi, int64_t pi) {
+      scalar_t acc = 0;
+      for (int64_t j = 0; j < R; ++j) acc += Up[pi + j] * G[n * R + j] + Tp[pi + j] * Z[n * R + j];
+      O[wi] = acc;
     });
   });
   return out;
