@@ -2,6 +2,12 @@
 Linear: dtypes, shapes, group layouts, out=, gradients, gradcheck, opcheck, torch.compile, bad
 input."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -457,16 +463,18 @@ def test_matches_plain_linear_when_all_skills_equal():
     assert_close(y, 0.5 * F.linear(F.linear(x, lora_a.t()), lora_b.t()), atol=1e-5, rtol=1e-5, what="plain LoRA")
 
 
-@pytest.mark.parametrize("r", [8, 16, 4])
+@pytest.mark.parametrize("r", [4, 8, 16, 32, 5])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_grouped_cpu_backward_paths(r, with_base):
-    """Long runs of rows per group take the CPU grouped strategy, and ranks 8 / 16 in fp32 its
-    fused AVX2 kernel (where the CPU has AVX2): gradients against the float64 reference, with
-    a group repeated in two runs that are not adjacent and an odd run length."""
+def test_grouped_cpu_paths(r, with_base):
+    """Long runs of rows per group take the CPU grouped strategy: in fp32 its fused kernels
+    (AVX-512: ranks 4 / 8 / 16 / 32 forward and backward; AVX2: ranks 8 / 16 backward) where the
+    CPU has them, BLAS otherwise (rank 5 always). Output and gradients against the float64
+    reference, with a group repeated in two runs that are not adjacent, an odd run length, and
+    a run long enough to be split between threads."""
     h, S, dk_in, dk_out = 4, 5, 16, 12
-    x, A, B, w = make(h, S, dk_in, r, dk_out, 3, (4, 301), device="cpu", seed=12)
-    ids = torch.tensor([2, 0, 2, 1])
-    gy = torch.randn(4, 301, h * dk_out)
+    x, A, B, w = make(h, S, dk_in, r, dk_out, 3, (5, 301), device="cpu", seed=12)
+    ids = torch.tensor([2, 2, 0, 2, 1])  # runs of 602 (cut for two threads), 301, 301, 301 rows
+    gy = torch.randn(5, 301, h * dk_out)
     weight = torch.randn(h * dk_out, h * dk_in) / 8
     ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
     refs = [t.detach().double().requires_grad_() for t in (x, A, B, w)]
@@ -476,8 +484,41 @@ def test_grouped_cpu_backward_paths(r, with_base):
     else:
         y = mhr_ops.routed_lora(*ours, ids, scale=0.25)
         ref = reference.routed_lora(*refs, ids, scale=0.25)
+    assert_close(y, ref, atol=3e-5 * max(1.0, ref.abs().max().item()), rtol=3e-5, what=f"y r={r}")
     y.backward(gy)
     ref.backward(gy.double())
     for name, a, b in zip("x A B weights".split(), ours, refs, strict=True):
         scale = max(1.0, b.grad.abs().max().item())
         assert_close(a.grad, b.grad, atol=3e-5 * scale, rtol=3e-5, what=f"d{name} r={r}")
+    out = torch.randn(5, 301, h * dk_out)  # out= accumulation through the same kernels
+    expect = out.double() + reference.routed_lora(*(t.detach().double() for t in (x, A, B, w)), ids, scale=0.25)
+    mhr_ops.routed_lora(x, A, B, w, ids, scale=0.25, out=out)
+    assert_close(out, expect, atol=3e-5, rtol=3e-5, what=f"out= r={r}")
+
+
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_grouped_cpu_paths_under_capability_cap(capability):
+    """ATEN_CPU_CAPABILITY caps the fused CPU kernels as it caps ATen's own: with "avx2" an
+    AVX-512 machine runs the AVX2 backward kernel and BLAS for the forward, with "default" BLAS
+    everywhere. The grouped-path test above, rerun in a subprocess under the cap."""
+    native = torch.backends.cpu.get_cpu_capability()
+    want = CAPABILITIES[min(CAPABILITIES.index(capability.upper()), CAPABILITIES.index(native))]
+    script = textwrap.dedent(f"""
+        import sys
+        import torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        got = torch.backends.cpu.get_cpu_capability()
+        assert got == {want!r}, got
+        import test_routed_lora as t
+        for r in (4, 8, 16, 32, 5):
+            for with_base in (False, True):
+                t.test_grouped_cpu_paths(r, with_base)
+        print("checked", got)
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"checked {want}" in done.stdout

@@ -8,8 +8,11 @@
 //    per-group loop and no per-row adapter.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -43,6 +46,28 @@ std::vector<Run> group_runs(const at::Tensor& group_ids, const LoraDims& d) {
   return runs;
 }
 
+// Pieces of the runs for the threads: runs longer than an even share of the rows are cut
+// (at multiples of 8 rows, the CPU kernels' tile), so that one long run still uses every core.
+std::vector<Run> split_runs(const std::vector<Run>& runs, int64_t rows) {
+  const int64_t share = (rows + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t max_rows = std::max<int64_t>(64, (share + 7) / 8 * 8);
+  std::vector<Run> pieces;
+  for (const Run& run : runs)
+    for (int64_t start = 0; start < run.rows; start += max_rows)
+      pieces.push_back({run.start + start, std::min(max_rows, run.rows - start), run.group});
+  return pieces;
+}
+
+// The instruction sets ATen itself is allowed (ATEN_CPU_CAPABILITY caps it, e.g. "avx2" or
+// "default"): the fused CPU kernels follow the same switch.
+CpuIsa allowed_cpu_isa() {
+  static const CpuIsa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? CpuIsa::kAvx512 : cap == "AVX2" ? CpuIsa::kAvx2 : CpuIsa::kNone;
+  }();
+  return isa;
+}
+
 bool use_grouped(const std::vector<Run>& runs, const LoraDims& d) {
   const double extra_flops = 2.0 * d.rows * (d.d_in + d.d_out) * d.rank * (d.skills - 1);
   return !runs.empty() && kRunOverheadFlops * static_cast<double>(runs.size()) < extra_flops;
@@ -65,12 +90,32 @@ Operands operands(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
           B.to(ct).contiguous().view({d.heads, d.skills, d.rank * d.dk_out})};
 }
 
-// Mixed adapters of one group: A_g [d_in, r], B_g [r, d_out].
-std::pair<at::Tensor, at::Tensor> mix_group(const Operands& o, int64_t g, const LoraDims& d) {
-  const at::Tensor wg = o.w.select(0, g).unsqueeze(1);  // [h, 1, S]
-  at::Tensor a = at::bmm(wg, o.A).view({d.d_in, d.rank});
-  at::Tensor b = at::bmm(wg, o.B).view({d.heads, d.rank, d.dk_out}).permute({1, 0, 2}).reshape({d.rank, d.d_out});
-  return {a, b};
+// Mixed adapters of the groups `ids` (one batched GEMM per matrix, over heads):
+// A_g [n, d_in, r] and scale * B_g^T [n, d_out, r], both contiguous.
+std::pair<at::Tensor, at::Tensor> mix_groups(const Operands& o, const std::vector<int64_t>& ids, const LoraDims& d,
+                                             double scale) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const at::Tensor w = o.w.index_select(0, at::tensor(ids, at::kLong)).permute({1, 0, 2});  // [h, n, S]
+  const at::Tensor a = at::bmm(w, o.A)  // [h, n, dk_in * r]
+                           .transpose(0, 1)
+                           .reshape({n, d.d_in, d.rank});
+  const at::Tensor b = at::bmm(w, o.B);  // [h, n, r * dk_out], contiguous
+  // The transpose to [n, d_out, r] as a plain loop: ATen's permute-copy with a transposed
+  // last dimension costs several times more here.
+  at::Tensor bt = at::empty({n, d.d_out, d.rank}, b.options());
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "mix_groups", [&] {
+    const scalar_t* src = b.const_data_ptr<scalar_t>();
+    scalar_t* dst = bt.data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scale);
+    for (int64_t k = 0; k < d.heads; ++k)
+      for (int64_t g = 0; g < n; ++g)
+        for (int64_t j = 0; j < d.rank; ++j) {
+          const scalar_t* row = src + ((k * n + g) * d.rank + j) * d.dk_out;
+          scalar_t* col = dst + (g * d.d_out + k * d.dk_out) * d.rank + j;
+          for (int64_t c = 0; c < d.dk_out; ++c) col[c * d.rank] = s * row[c];
+        }
+  });
+  return {a, bt};
 }
 
 // Per-row weights [N, h, S] (contiguous) for project-then-mix.
@@ -159,20 +204,46 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   const bool direct = y.scalar_type() == compute_type(x);
   if (use_grouped(runs, d)) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
-    std::unordered_map<int64_t, std::pair<at::Tensor, at::Tensor>> mixed;
+    std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
+    std::vector<int64_t> ids;
     for (const Run& run : runs)
-      if (mixed.find(run.group) == mixed.end()) mixed.emplace(run.group, mix_group(o, run.group, d));
-    at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t begin, int64_t end) {
+      if (slot.emplace(run.group, static_cast<int64_t>(ids.size())).second) ids.push_back(run.group);
+    const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);
+    // fp32 x and y with unit column strides: the fused kernel (z and y in one pass each).
+    const CpuIsa isa = direct && o.x.scalar_type() == at::kFloat && o.x.stride(1) == 1 && y.stride(1) == 1
+                           ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
+                           : CpuIsa::kNone;
+    const std::vector<Run> pieces = split_runs(runs, d.rows);
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const Run& run = runs[i];
-        const auto& [ag, bg] = mixed.at(run.group);
-        at::Tensor zs = z.narrow(0, run.start, run.rows);
-        at::mm_out(zs, o.x.narrow(0, run.start, run.rows), ag);
-        at::Tensor ys = y.narrow(0, run.start, run.rows);
+        const Run& piece = pieces[i];
+        const int64_t g = slot.at(piece.group);
+        if (isa != CpuIsa::kNone) {
+          LoraGroupForwardParams p;
+          p.x = o.x.data_ptr();
+          p.x_stride_n = o.x.stride(0);
+          p.y = y.data_ptr();
+          p.y_stride_n = y.stride(0);
+          p.a_mix = a_mix.select(0, g).data_ptr();
+          p.bt_mix = bt_mix.select(0, g).data_ptr();
+          p.z = z.data_ptr();
+          p.row_begin = piece.start;
+          p.row_end = piece.start + piece.rows;
+          p.d_in = d.d_in;
+          p.d_out = d.d_out;
+          p.rank = d.rank;
+          p.accumulate = accumulate;
+          TORCH_CHECK(routed_lora_group_forward_cpu(p, isa), "routed_lora: CPU kernel refused its problem");
+          continue;
+        }
+        at::Tensor zs = z.narrow(0, piece.start, piece.rows);
+        at::mm_out(zs, o.x.narrow(0, piece.start, piece.rows), a_mix.select(0, g));
+        const at::Tensor bg = bt_mix.select(0, g).t();  // scale * B_g [r, d_out]
+        at::Tensor ys = y.narrow(0, piece.start, piece.rows);
         if (direct) {
-          ys.addmm_(zs, bg, accumulate ? 1.0 : 0.0, scale);
+          ys.addmm_(zs, bg, accumulate ? 1.0 : 0.0);
         } else {
-          const at::Tensor upd = at::mm(zs, bg).mul_(scale);
+          const at::Tensor upd = at::mm(zs, bg);
           accumulate ? ys.add_(upd) : ys.copy_(upd);
         }
       }
@@ -212,14 +283,6 @@ void check_bottleneck(const at::Tensor& z, const LoraDims& d, at::ScalarType ct)
               " ", z.scalar_type());
 }
 
-// grad_y @ base_weight for mhr_linear's backward (undefined without a base weight).
-at::Tensor base_dx(const at::Tensor& grad_y, const std::optional<at::Tensor>& base_weight, const LoraDims& d) {
-  if (!base_weight.has_value() || !base_weight->defined()) return at::Tensor();
-  TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == d.d_out && base_weight->size(1) == d.d_in,
-              "base_weight: expected shape [", d.d_out, ", ", d.d_in, "], got ", base_weight->sizes());
-  return at::mm(grad_y, *base_weight);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
@@ -229,46 +292,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   const auto ct = compute_type(x);
   check_bottleneck(z, d, ct);
   const auto opts = x.options().dtype(ct);
-  // dx starts as the base layer's gradient (mhr_linear) and the adapter's part adds into it;
-  // without a base it is written, not accumulated (beta = 0), so it needs no zero fill.
-  at::Tensor dx;
-  double dx_beta = 0.0;
-  if (mask[0]) {
-    dx = base_dx(grad_y, base_weight, d);
-    dx_beta = dx.defined() ? 1.0 : 0.0;
-    dx = dx.defined() ? dx.to(ct) : at::empty({d.rows, d.d_in}, opts);
-  }
+  // dx: in the grouped strategy the adapter writes its part first and the base layer's
+  // grad_y @ base_weight accumulates into it inside the GEMM (beta = 1), which saves a
+  // read-modify-write pass over dx. The other cases start from the base part (or nothing).
+  const bool has_base = base_weight.has_value() && base_weight->defined();
+  if (has_base)
+    TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == d.d_out && base_weight->size(1) == d.d_in,
+                "base_weight: expected shape [", d.d_out, ", ", d.d_in, "], got ", base_weight->sizes());
   at::Tensor dA = mask[1] ? at::zeros({d.heads, d.skills, d.dk_in * d.rank}, opts) : at::Tensor();
   at::Tensor dB = mask[2] ? at::zeros({d.heads, d.skills, d.rank * d.dk_out}, opts) : at::Tensor();
   at::Tensor dw = mask[3] ? at::zeros({d.groups, d.heads, d.skills}, opts) : at::Tensor();
+  const auto runs = d.rows > 0 ? group_runs(group_ids, d) : std::vector<Run>();
+  const bool grouped = d.rows > 0 && use_grouped(runs, d);
+  // The base GEMM adds into an fp32/fp64 dx directly; fp16/bf16 x keeps it in x's dtype (as
+  // F.linear's backward would) and adds it to the adapter's part afterwards.
+  const bool fold_base = mask[0] && has_base && grouped && x.scalar_type() == ct;
+  at::Tensor dx;
+  bool dx_written = false;  // whether dx already holds a part the adapter must add to
+  if (mask[0]) {
+    if (has_base && !fold_base) {
+      dx = at::mm(grad_y, *base_weight).to(ct);
+      dx_written = true;
+    } else {
+      dx = at::empty({d.rows, d.d_in}, opts);
+    }
+  }
   if (d.rows > 0) {
-    const auto runs = group_runs(group_ids, d);
     Operands o = operands(x, A, B, weights, d);
     const at::Tensor gy = grad_y.to(ct);
-    if (use_grouped(runs, d)) {
-      // Groups in parallel (their runs write disjoint dx rows); each returns its fp32 partials
-      // dA_g [d_in, r] and dB_g [r, d_out], chained through the mixing serially afterwards.
-      std::vector<int64_t> order;
-      std::unordered_map<int64_t, std::vector<Run>> by_group;
-      for (const Run& run : runs) {
-        auto& list = by_group[run.group];
-        if (list.empty()) order.push_back(run.group);
-        list.push_back(run);
-      }
-      const int64_t n_groups = static_cast<int64_t>(order.size());
-      std::vector<at::Tensor> dags(n_groups), dbgs(n_groups);
-      // fp32, ranks 8 / 16, unit column strides: the fused AVX2 kernel (gz written per row here).
-      const bool try_fused =
-          ct == at::kFloat && routed_lora_group_grads_supported(d.rank, o.x.stride(1), gy.stride(1));
-      const at::Tensor gz_rows = try_fused ? at::empty({d.rows, d.rank}, opts) : at::Tensor();
+    if (grouped) {
+      // Rows split into pieces of one group (runs, long runs cut so that every thread has
+      // work even for a single group), the pieces in parallel: they write disjoint dx rows
+      // and each its own slot of the fp32 partials dA_g [d_in, r] and dB_g^T [d_out, r].
+      // All slots pass back through the mixing in three batched GEMMs afterwards.
+      const std::vector<Run> pieces = split_runs(runs, d.rows);
+      const int64_t n_pieces = static_cast<int64_t>(pieces.size());
+      std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
+      std::vector<int64_t> ids;
+      for (const Run& piece : pieces)
+        if (slot.emplace(piece.group, static_cast<int64_t>(ids.size())).second) ids.push_back(piece.group);
+      const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);  // A_g, scale * B_g^T
+      const at::Tensor dag_all = at::zeros({n_pieces, d.d_in, d.rank}, opts);
+      const at::Tensor dbgt_all = at::zeros({n_pieces, d.d_out, d.rank}, opts);
+      const CpuIsa isa = ct == at::kFloat ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, o.x.stride(1),
+                                                                        gy.stride(1), allowed_cpu_isa())
+                                          : CpuIsa::kNone;
+      const at::Tensor gz_rows = isa != CpuIsa::kNone ? at::empty({d.rows, d.rank}, opts) : at::Tensor();
       const at::Tensor zc = z.contiguous();
-      at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+      const double dx_beta = dx_written ? 1.0 : 0.0;
+      at::parallel_for(0, n_pieces, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const auto [ag, bg] = mix_group(o, order[i], d);
-          const at::Tensor bg_t = bg.t().mul(scale).contiguous();  // [d_out, r], scale folded in once per group
-          at::Tensor dag = at::zeros({d.d_in, d.rank}, opts);
-          if (try_fused) {
-            at::Tensor dbgt = at::zeros({d.d_out, d.rank}, opts);
+          const Run& piece = pieces[i];
+          const int64_t g = slot.at(piece.group);
+          const at::Tensor ag = a_mix.select(0, g), bg_t = bt_mix.select(0, g);
+          at::Tensor dag = dag_all.select(0, i), dbgt = dbgt_all.select(0, i);
+          if (isa != CpuIsa::kNone) {
             LoraGroupGradParams p;
             p.x = o.x.data_ptr();
             p.x_stride_n = o.x.stride(0);
@@ -285,39 +363,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
             p.d_out = d.d_out;
             p.rank = d.rank;
             p.scale = scale;
-            for (const Run& run : by_group.at(order[i])) {
-              p.row_begin = run.start;
-              p.row_end = run.start + run.rows;
-              routed_lora_group_grads_cpu(p);
-              if (mask[0])
-                dx.narrow(0, run.start, run.rows).addmm_(gz_rows.narrow(0, run.start, run.rows), ag.t(), dx_beta);
+            p.row_begin = piece.start;
+            p.row_end = piece.start + piece.rows;
+            if (mask[0]) {  // dx rows in the same kernel (a thin BLAS GEMM with K = r is slow)
+              p.dx = dx.data_ptr();
+              p.dx_stride_n = dx.stride(0);
+              p.dx_accumulate = dx_written;
+              p.a_mix = ag.data_ptr();
             }
-            dags[i] = dag;
-            dbgs[i] = dbgt.t().contiguous();
+            TORCH_CHECK(routed_lora_group_grads_cpu(p, isa), "routed_lora backward: CPU kernel refused its problem");
             continue;
           }
-          at::Tensor dbg = at::zeros({d.rank, d.d_out}, opts);
-          for (const Run& run : by_group.at(order[i])) {
-            const at::Tensor xs = o.x.narrow(0, run.start, run.rows), gys = gy.narrow(0, run.start, run.rows);
-            const at::Tensor gz = at::mm(gys, bg_t);
-            if (mask[0]) dx.narrow(0, run.start, run.rows).addmm_(gz, ag.t(), dx_beta);
-            dag.addmm_(xs.t(), gz);
-            dbg.addmm_(z.narrow(0, run.start, run.rows).t(), gys, 1.0, scale);
-          }
-          dags[i] = dag;
-          dbgs[i] = dbg;
+          const at::Tensor gys = gy.narrow(0, piece.start, piece.rows);
+          const at::Tensor gz = at::mm(gys, bg_t);
+          dag.addmm_(o.x.narrow(0, piece.start, piece.rows).t(), gz);
+          dbgt.addmm_(gys.t(), zc.narrow(0, piece.start, piece.rows), 1.0, scale);
+          if (mask[0]) dx.narrow(0, piece.start, piece.rows).addmm_(gz, ag.t(), dx_beta);
         }
       });
-      for (int64_t i = 0; i < n_groups; ++i) {
-        // Through the mixing: A_g[k] = sum_s w[g,k,s] A[k,s] (and B likewise).
-        const int64_t g = order[i];
-        const at::Tensor wg = o.w.select(0, g).unsqueeze(-1);  // [h, S, 1]
-        const at::Tensor dag_h = dags[i].view({d.heads, 1, d.dk_in * d.rank});
-        const at::Tensor dbg_h =
-            dbgs[i].view({d.rank, d.heads, d.dk_out}).permute({1, 0, 2}).reshape({d.heads, 1, -1});
-        if (mask[1]) dA.addcmul_(wg, dag_h);
-        if (mask[2]) dB.addcmul_(wg, dbg_h);
-        if (mask[3]) dw.select(0, g).add_((o.A * dag_h).sum(-1)).add_((o.B * dbg_h).sum(-1));
+      if (fold_base) dx.addmm_(gy, *base_weight);
+      // Through the mixing, A_g[k] = sum_s w[g,k,s] A[k,s] (B likewise), batched over heads:
+      //   dA[k] = W_k^T dA_g[k],  dw[g,k,s] = A[k,s] . dA_g[k] + B[k,s] . dB_g[k]
+      // with W_k [pieces, S] each piece's group weights and dA_g[k] [pieces, dk_in * r].
+      std::vector<int64_t> piece_groups(n_pieces);
+      for (int64_t i = 0; i < n_pieces; ++i) piece_groups[i] = pieces[i].group;
+      const at::Tensor piece_ids = at::tensor(piece_groups, at::kLong);
+      const at::Tensor w_used = o.w.index_select(0, piece_ids).permute({1, 0, 2});  // [h, n, S]
+      const at::Tensor dag_h = dag_all.view({n_pieces, d.heads, d.dk_in * d.rank}).transpose(0, 1);  // [h, n, .]
+      const at::Tensor dbg_h = dbgt_all.view({n_pieces, d.heads, d.dk_out, d.rank})
+                                   .permute({1, 0, 3, 2})
+                                   .reshape({d.heads, n_pieces, d.rank * d.dk_out});  // [h, n, .]
+      if (mask[1]) dA.copy_(at::bmm(w_used.transpose(1, 2), dag_h));
+      if (mask[2]) dB.copy_(at::bmm(w_used.transpose(1, 2), dbg_h));
+      if (mask[3]) {
+        const at::Tensor dw_used = at::bmm(o.A, dag_h.transpose(1, 2)).baddbmm_(o.B, dbg_h.transpose(1, 2));
+        dw.index_add_(0, piece_ids, dw_used.permute({2, 0, 1}));  // [h, S, n] -> [n, h, S]; a group's pieces sum
       }
     } else {
       const at::Tensor rows_w = row_weights(o, group_ids, d);
@@ -329,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       const at::Tensor wgz = spread_rows(gz, rows_w, d);
       if (mask[0]) {
         const at::Tensor lora_dx = at::bmm(wgz, ac.transpose(1, 2)).transpose(0, 1).reshape({d.rows, d.d_in});
-        dx_beta != 0.0 ? dx.add_(lora_dx) : dx.copy_(lora_dx);
+        dx_written ? dx.add_(lora_dx) : dx.copy_(lora_dx);
       }
       if (mask[1])
         dA.copy_(at::bmm(x_h.transpose(1, 2), wgz)
