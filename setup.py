@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -131,6 +132,12 @@ def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def openmp_backend():
+    """Whether this torch runs at::parallel_for on OpenMP (Linux builds do) with a GCC-style
+    compiler that takes -fopenmp."""
+    return sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def make_extension():
     with_cuda = want_cuda()
     kernels = os.path.join(ROOT, "csrc", "kernels")
@@ -138,6 +145,13 @@ def make_extension():
     sources = glob.glob(os.path.join(kernels, "*.cpp"))
     sources += [p for p in glob.glob(os.path.join(binding, "*.cpp")) if not p.endswith("_cuda.cpp")]
     cxx_flags = ["-O3", "-DMHR_OPS_BUILD_CONFIG"]
+    link_flags = []
+    if openmp_backend():
+        # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel` is
+        # dropped and every parallel loop of ours runs on one thread. The soname libgomp.so.1
+        # resolves to the copy torch already loaded, so there is one OpenMP runtime.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = []
     archs = ""
     cutlass_version = None
@@ -159,8 +173,15 @@ def make_extension():
             rel(sources),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
-    return CppExtension("mhr_ops._C", rel(sources), include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension(
+        "mhr_ops._C",
+        rel(sources),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
 
 
 setup(

@@ -5,6 +5,7 @@ and by ``bench/`` (pytest-benchmark)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -41,25 +42,34 @@ def time_side_by_side(
     fns: dict[str, Callable[[int], object]], *, device: torch.device, warmup: int = 3, reps: int = 20
 ) -> dict[str, float]:
     """Median time in microseconds of each ``fn(i)`` (i = rep index, for rotating inputs). The
-    implementations take turns within every rep; CUDA is timed with events."""
+    implementations take turns within every rep; CUDA is timed with events. Python's garbage
+    collector is paused while timing (as timeit does): with torch, transformers and peft loaded
+    one full collection scans millions of objects and lands on whichever call triggers it."""
     for i in range(warmup):
         for fn in fns.values():
             fn(i)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(reps):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                fn(i)
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn(i)
-                times[name].append((time.perf_counter() - t0) * 1e6)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(reps):
+            for name, fn in fns.items():
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize(device)
+                    start.record()
+                    fn(i)
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end) * 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn(i)
+                    times[name].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        if was_enabled:
+            gc.enable()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -8,6 +8,7 @@
 //    per-group loop and no per-row adapter.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -214,7 +215,9 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                            ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
                            : CpuIsa::kNone;
     const std::vector<Run> pieces = split_runs(runs, d.rows);
+    const at::ThreadLocalState tls;  // the caller's dispatch state (autograd excluded) for the workers
     at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t i = begin; i < end; ++i) {
         const Run& piece = pieces[i];
         const int64_t g = slot.at(piece.group);
@@ -340,7 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       const at::Tensor gz_rows = isa != CpuIsa::kNone ? at::empty({d.rows, d.rank}, opts) : at::Tensor();
       const at::Tensor zc = z.contiguous();
       const double dx_beta = dx_written ? 1.0 : 0.0;
+      const at::ThreadLocalState tls;  // the caller's dispatch state for the workers' ATen calls
       at::parallel_for(0, n_pieces, 1, [&](int64_t begin, int64_t end) {
+        const at::ThreadLocalStateGuard tls_guard(tls);
         for (int64_t i = begin; i < end; ++i) {
           const Run& piece = pieces[i];
           const int64_t g = slot.at(piece.group);
