@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -23,10 +24,13 @@
 namespace mhr_ops {
 namespace {
 
-// Cost model for the strategy choice, measured on the 2-core dev VM: each run costs about
-// 50 us of fixed work in the grouped strategy (its GEMM calls, its group's mixing), while
-// project-then-mix pays (S - 1) extra shrink and expand FLOPs per row at ~10 GFLOP/s.
-constexpr double kRunOverheadFlops = 5e5;
+// Cost model for the strategy choice, in FLOPs at ~10 GFLOP/s, measured on the 2-core dev VM.
+// Project-then-mix pays (S - 1) extra shrink and expand FLOPs per row. The grouped strategy
+// pays per run of rows: with the fused kernels ~2 us plus re-laying out the group's [d, r]
+// matrices (~1 ns per element, 2 (d_in + d_out) r elements), with BLAS ~50 us (its GEMM calls).
+constexpr double kRunOverheadFlopsBlas = 5e5;
+constexpr double kRunOverheadFlopsFused = 2e4;
+constexpr double kRelayoutFlopsPerElement = 20;
 
 struct Run {
   int64_t start, rows, group;
@@ -69,9 +73,11 @@ CpuIsa allowed_cpu_isa() {
   return isa;
 }
 
-bool use_grouped(const std::vector<Run>& runs, const LoraDims& d) {
+bool use_grouped(const std::vector<Run>& runs, const LoraDims& d, bool fused) {
   const double extra_flops = 2.0 * d.rows * (d.d_in + d.d_out) * d.rank * (d.skills - 1);
-  return !runs.empty() && kRunOverheadFlops * static_cast<double>(runs.size()) < extra_flops;
+  const double per_run = fused ? kRunOverheadFlopsFused + kRelayoutFlopsPerElement * (d.d_in + d.d_out) * d.rank
+                               : kRunOverheadFlopsBlas;
+  return !runs.empty() && per_run * static_cast<double>(runs.size()) < extra_flops;
 }
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -203,42 +209,52 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   const auto runs = group_runs(group_ids, d);
   Operands o = operands(x, A, B, weights, d);
   const bool direct = y.scalar_type() == compute_type(x);
-  if (use_grouped(runs, d)) {
+  // fp32 x and y with unit column strides: the fused kernel (z and y in one pass each).
+  const CpuIsa isa = direct && o.x.scalar_type() == at::kFloat && o.x.stride(1) == 1 && y.stride(1) == 1
+                         ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
+                         : CpuIsa::kNone;
+  if (use_grouped(runs, d, isa != CpuIsa::kNone)) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
     std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
     std::vector<int64_t> ids;
     for (const Run& run : runs)
       if (slot.emplace(run.group, static_cast<int64_t>(ids.size())).second) ids.push_back(run.group);
     const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);
-    // fp32 x and y with unit column strides: the fused kernel (z and y in one pass each).
-    const CpuIsa isa = direct && o.x.scalar_type() == at::kFloat && o.x.stride(1) == 1 && y.stride(1) == 1
-                           ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
-                           : CpuIsa::kNone;
     const std::vector<Run> pieces = split_runs(runs, d.rows);
+    if (isa != CpuIsa::kNone) {  // raw pointers only in the loop: per-piece ATen views cost ~2 us each
+      LoraGroupForwardParams base;
+      base.x = o.x.data_ptr();
+      base.x_stride_n = o.x.stride(0);
+      base.y = y.data_ptr();
+      base.y_stride_n = y.stride(0);
+      base.z = z.data_ptr();
+      base.d_in = d.d_in;
+      base.d_out = d.d_out;
+      base.rank = d.rank;
+      base.accumulate = accumulate;
+      const float* a_base = a_mix.const_data_ptr<float>();
+      const float* bt_base = bt_mix.const_data_ptr<float>();
+      std::atomic<bool> refused{false};
+      at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t g = slot.at(pieces[i].group);
+          LoraGroupForwardParams p = base;
+          p.a_mix = a_base + g * d.d_in * d.rank;
+          p.bt_mix = bt_base + g * d.d_out * d.rank;
+          p.row_begin = pieces[i].start;
+          p.row_end = pieces[i].start + pieces[i].rows;
+          if (!routed_lora_group_forward_cpu(p, isa)) refused = true;
+        }
+      });
+      TORCH_CHECK(!refused, "routed_lora: CPU kernel refused its problem");
+      return z;
+    }
     const at::ThreadLocalState tls;  // the caller's dispatch state (autograd excluded) for the workers
     at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
       const at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t i = begin; i < end; ++i) {
         const Run& piece = pieces[i];
         const int64_t g = slot.at(piece.group);
-        if (isa != CpuIsa::kNone) {
-          LoraGroupForwardParams p;
-          p.x = o.x.data_ptr();
-          p.x_stride_n = o.x.stride(0);
-          p.y = y.data_ptr();
-          p.y_stride_n = y.stride(0);
-          p.a_mix = a_mix.select(0, g).data_ptr();
-          p.bt_mix = bt_mix.select(0, g).data_ptr();
-          p.z = z.data_ptr();
-          p.row_begin = piece.start;
-          p.row_end = piece.start + piece.rows;
-          p.d_in = d.d_in;
-          p.d_out = d.d_out;
-          p.rank = d.rank;
-          p.accumulate = accumulate;
-          TORCH_CHECK(routed_lora_group_forward_cpu(p, isa), "routed_lora: CPU kernel refused its problem");
-          continue;
-        }
         at::Tensor zs = z.narrow(0, piece.start, piece.rows);
         at::mm_out(zs, o.x.narrow(0, piece.start, piece.rows), a_mix.select(0, g));
         const at::Tensor bg = bt_mix.select(0, g).t();  // scale * B_g [r, d_out]
@@ -306,7 +322,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   at::Tensor dB = mask[2] ? at::zeros({d.heads, d.skills, d.rank * d.dk_out}, opts) : at::Tensor();
   at::Tensor dw = mask[3] ? at::zeros({d.groups, d.heads, d.skills}, opts) : at::Tensor();
   const auto runs = d.rows > 0 ? group_runs(group_ids, d) : std::vector<Run>();
-  const bool grouped = d.rows > 0 && use_grouped(runs, d);
+  // The fused kernel (fp32, unit column strides once x and grad_y are in the compute dtype).
+  const int64_t x_col_stride = x.scalar_type() == ct ? x.stride(1) : 1;
+  const int64_t gy_col_stride = grad_y.scalar_type() == ct ? grad_y.stride(1) : 1;
+  const CpuIsa isa = ct == at::kFloat ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, x_col_stride,
+                                                                    gy_col_stride, allowed_cpu_isa())
+                                      : CpuIsa::kNone;
+  const bool grouped = d.rows > 0 && use_grouped(runs, d, isa != CpuIsa::kNone);
   // The base GEMM adds into an fp32/fp64 dx directly; fp16/bf16 x keeps it in x's dtype (as
   // F.linear's backward would) and adds it to the adapter's part afterwards.
   const bool fold_base = mask[0] && has_base && grouped && x.scalar_type() == ct;
@@ -337,55 +359,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);  // A_g, scale * B_g^T
       const at::Tensor dag_all = at::zeros({n_pieces, d.d_in, d.rank}, opts);
       const at::Tensor dbgt_all = at::zeros({n_pieces, d.d_out, d.rank}, opts);
-      const CpuIsa isa = ct == at::kFloat ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, o.x.stride(1),
-                                                                        gy.stride(1), allowed_cpu_isa())
-                                          : CpuIsa::kNone;
+      TORCH_INTERNAL_ASSERT(isa == CpuIsa::kNone || (o.x.stride(1) == 1 && gy.stride(1) == 1));
       const at::Tensor gz_rows = isa != CpuIsa::kNone ? at::empty({d.rows, d.rank}, opts) : at::Tensor();
       const at::Tensor zc = z.contiguous();
       const double dx_beta = dx_written ? 1.0 : 0.0;
-      const at::ThreadLocalState tls;  // the caller's dispatch state for the workers' ATen calls
-      at::parallel_for(0, n_pieces, 1, [&](int64_t begin, int64_t end) {
-        const at::ThreadLocalStateGuard tls_guard(tls);
-        for (int64_t i = begin; i < end; ++i) {
-          const Run& piece = pieces[i];
-          const int64_t g = slot.at(piece.group);
-          const at::Tensor ag = a_mix.select(0, g), bg_t = bt_mix.select(0, g);
-          at::Tensor dag = dag_all.select(0, i), dbgt = dbgt_all.select(0, i);
-          if (isa != CpuIsa::kNone) {
-            LoraGroupGradParams p;
-            p.x = o.x.data_ptr();
-            p.x_stride_n = o.x.stride(0);
-            p.x_stride_c = o.x.stride(1);
-            p.grad_y = gy.data_ptr();
-            p.gy_stride_n = gy.stride(0);
-            p.gy_stride_c = gy.stride(1);
-            p.z = zc.data_ptr();
-            p.bt_mix = bg_t.data_ptr();
-            p.gz = gz_rows.data_ptr();
-            p.da = dag.data_ptr();
-            p.dbt = dbgt.data_ptr();
-            p.d_in = d.d_in;
-            p.d_out = d.d_out;
-            p.rank = d.rank;
-            p.scale = scale;
-            p.row_begin = piece.start;
-            p.row_end = piece.start + piece.rows;
-            if (mask[0]) {  // dx rows in the same kernel (a thin BLAS GEMM with K = r is slow)
-              p.dx = dx.data_ptr();
-              p.dx_stride_n = dx.stride(0);
-              p.dx_accumulate = dx_written;
-              p.a_mix = ag.data_ptr();
-            }
-            TORCH_CHECK(routed_lora_group_grads_cpu(p, isa), "routed_lora backward: CPU kernel refused its problem");
-            continue;
-          }
-          const at::Tensor gys = gy.narrow(0, piece.start, piece.rows);
-          const at::Tensor gz = at::mm(gys, bg_t);
-          dag.addmm_(o.x.narrow(0, piece.start, piece.rows).t(), gz);
-          dbgt.addmm_(gys.t(), zc.narrow(0, piece.start, piece.rows), 1.0, scale);
-          if (mask[0]) dx.narrow(0, piece.start, piece.rows).addmm_(gz, ag.t(), dx_beta);
+      if (isa != CpuIsa::kNone) {  // raw pointers only in the loop (per-piece ATen views cost ~2 us each)
+        LoraGroupGradParams base;
+        base.x = o.x.data_ptr();
+        base.x_stride_n = o.x.stride(0);
+        base.x_stride_c = o.x.stride(1);
+        base.grad_y = gy.data_ptr();
+        base.gy_stride_n = gy.stride(0);
+        base.gy_stride_c = gy.stride(1);
+        base.z = zc.data_ptr();
+        base.gz = gz_rows.data_ptr();
+        base.d_in = d.d_in;
+        base.d_out = d.d_out;
+        base.rank = d.rank;
+        base.scale = scale;
+        if (mask[0]) {  // dx rows in the same kernel (a thin BLAS GEMM with K = r is slow)
+          base.dx = dx.data_ptr();
+          base.dx_stride_n = dx.stride(0);
+          base.dx_accumulate = dx_written;
         }
-      });
+        const float* a_base = a_mix.const_data_ptr<float>();
+        const float* bt_base = bt_mix.const_data_ptr<float>();
+        float* da_base = dag_all.data_ptr<float>();
+        float* dbt_base = dbgt_all.data_ptr<float>();
+        std::atomic<bool> refused{false};
+        at::parallel_for(0, n_pieces, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t g = slot.at(pieces[i].group);
+            LoraGroupGradParams p = base;
+            p.a_mix = a_base + g * d.d_in * d.rank;
+            p.bt_mix = bt_base + g * d.d_out * d.rank;
+            p.da = da_base + i * d.d_in * d.rank;
+            p.dbt = dbt_base + i * d.d_out * d.rank;
+            p.row_begin = pieces[i].start;
+            p.row_end = pieces[i].start + pieces[i].rows;
+            if (!routed_lora_group_grads_cpu(p, isa)) refused = true;
+          }
+        });
+        TORCH_CHECK(!refused, "routed_lora backward: CPU kernel refused its problem");
+      } else {
+        const at::ThreadLocalState tls;  // the caller's dispatch state for the workers' ATen calls
+        at::parallel_for(0, n_pieces, 1, [&](int64_t begin, int64_t end) {
+          const at::ThreadLocalStateGuard tls_guard(tls);
+          for (int64_t i = begin; i < end; ++i) {
+            const Run& piece = pieces[i];
+            const int64_t g = slot.at(piece.group);
+            const at::Tensor ag = a_mix.select(0, g), bg_t = bt_mix.select(0, g);
+            at::Tensor dag = dag_all.select(0, i), dbgt = dbgt_all.select(0, i);
+            const at::Tensor gys = gy.narrow(0, piece.start, piece.rows);
+            const at::Tensor gz = at::mm(gys, bg_t);
+            dag.addmm_(o.x.narrow(0, piece.start, piece.rows).t(), gz);
+            dbgt.addmm_(gys.t(), zc.narrow(0, piece.start, piece.rows), 1.0, scale);
+            if (mask[0]) dx.narrow(0, piece.start, piece.rows).addmm_(gz, ag.t(), dx_beta);
+          }
+        });
+      }
       if (fold_base) dx.addmm_(gy, *base_weight);
       // Through the mixing, A_g[k] = sum_s w[g,k,s] A[k,s] (B likewise), batched over heads:
       //   dA[k] = W_k^T dA_g[k],  dw[g,k,s] = A[k,s] . dA_g[k] + B[k,s] . dB_g[k]
