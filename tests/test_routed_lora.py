@@ -478,9 +478,10 @@ def test_grouped_cpu_paths(r, with_base):
     weight = torch.randn(h * dk_out, h * dk_in) / 8
     ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
     refs = [t.detach().double().requires_grad_() for t in (x, A, B, w)]
-    if with_base:
-        y = mhr_ops.mhr_linear(ours[0], weight, None, *ours[1:], ids, scale=0.25)
-        ref = reference.mhr_linear(refs[0], weight, None, *refs[1:], ids, scale=0.25)
+    bias = torch.randn(h * dk_out)
+    if with_base:  # the fused forward writes bias + update, then the base GEMM adds into it
+        y = mhr_ops.mhr_linear(ours[0], weight, bias, *ours[1:], ids, scale=0.25)
+        ref = reference.mhr_linear(refs[0], weight, bias, *refs[1:], ids, scale=0.25)
     else:
         y = mhr_ops.routed_lora(*ours, ids, scale=0.25)
         ref = reference.routed_lora(*refs, ids, scale=0.25)

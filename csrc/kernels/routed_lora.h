@@ -122,7 +122,8 @@ struct LoraGroupForwardParams {
   int64_t d_in = 0;
   int64_t d_out = 0;
   int64_t rank = 0;
-  bool accumulate = false;  // y += update (else y = update)
+  bool accumulate = false;  // y += update (else y = update, or bias + update)
+  const void* bias = nullptr;  // [d_out] contiguous, added when not accumulating; may be null
 };
 
 // The grouped CPU backward over rows [row_begin, row_end) of one group g with mixed adapter

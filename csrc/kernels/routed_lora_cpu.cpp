@@ -159,9 +159,11 @@ void add_from_vector_layout(const float* in, int64_t d, float* m) {
 
 // out[t, c] (+)= sum_j v[t, j] m_rows[j, c] for kRows rows, 16 columns at a time (masked tail):
 // the forward's y = z @ (scale B_g) and the backward's dx = gz @ A_g^T. m_rows: [kR, d].
+// Without accumulate, out starts from `init` [d] (a bias) when given, else zero.
 template <int kR, int kRows>
 __attribute__((target("avx512f"))) inline void avx512_expand(const float* v, const float* m_rows, int64_t d,
-                                                             float* out, int64_t out_stride, bool accumulate) {
+                                                             float* out, int64_t out_stride, bool accumulate,
+                                                             const float* init = nullptr) {
   constexpr int kChunk = kR < 16 ? kR : 16;  // rows of m_rows held in registers at a time
   for (int64_t c = 0; c < d; c += 16) {
     const int64_t cols = d - c < 16 ? d - c : 16;
@@ -171,7 +173,9 @@ __attribute__((target("avx512f"))) inline void avx512_expand(const float* v, con
       for (int jj = 0; jj < kChunk; ++jj) m[jj] = _mm512_maskz_loadu_ps(mask, m_rows + (j0 + jj) * d + c);
       for (int t = 0; t < kRows; ++t) {
         float* o = out + t * out_stride + c;
-        __m512 acc = (j0 == 0 && !accumulate) ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, o);
+        __m512 acc = (j0 > 0 || accumulate) ? _mm512_maskz_loadu_ps(mask, o)
+                     : init != nullptr     ? _mm512_maskz_loadu_ps(mask, init + c)
+                                           : _mm512_setzero_ps();
         for (int jj = 0; jj < kChunk; ++jj) acc = _mm512_fmadd_ps(_mm512_set1_ps(v[t * kR + j0 + jj]), m[jj], acc);
         _mm512_mask_storeu_ps(o, mask, acc);
       }
@@ -331,7 +335,7 @@ __attribute__((target("avx512f"))) void avx512_forward_tile(const LoraGroupForwa
     }
   }
   avx512_expand<kR, kRows>(z, b_rows, p.d_out, static_cast<float*>(p.y) + n0 * p.y_stride_n, p.y_stride_n,
-                           p.accumulate);
+                           p.accumulate, static_cast<const float*>(p.bias));
 }
 
 template <int kR>

@@ -200,20 +200,35 @@ at::Tensor row_weight_grads(const at::Tensor& U_in, const at::Tensor& gz_in, con
   return out;
 }
 
+// The fused forward kernel's variant for fp32 x and y with unit column strides (else kNone).
+CpuIsa forward_kernel_isa(const at::Tensor& x, const at::Tensor& y, const LoraDims& d) {
+  return x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.stride(1) == 1 && y.stride(1) == 1
+             ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
+             : CpuIsa::kNone;
+}
+
+// Whether forward_into runs the fused grouped kernel for this problem.
+bool fused_grouped_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& group_ids,
+                           const LoraDims& d) {
+  const CpuIsa isa = forward_kernel_isa(x, y, d);
+  return d.rows > 0 && isa != CpuIsa::kNone && use_grouped(group_runs(group_ids, d), d, /*fused=*/true);
+}
+
 // y [N, d_out] (x's dtype) = or += scale * routed update. Returns z = x @ A_g [N, r] (compute dtype).
+// `bias` [d_out] (fp32, contiguous) is only taken by the fused grouped kernel, which then writes
+// y = bias + update (see fused_grouped_forward).
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale,
-                        bool accumulate) {
+                        bool accumulate, const float* bias = nullptr) {
   at::Tensor z = at::empty({d.rows, d.rank}, x.options().dtype(compute_type(x)));
   if (d.rows == 0) return z;
   const auto runs = group_runs(group_ids, d);
   Operands o = operands(x, A, B, weights, d);
   const bool direct = y.scalar_type() == compute_type(x);
-  // fp32 x and y with unit column strides: the fused kernel (z and y in one pass each).
-  const CpuIsa isa = direct && o.x.scalar_type() == at::kFloat && o.x.stride(1) == 1 && y.stride(1) == 1
-                         ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
-                         : CpuIsa::kNone;
-  if (use_grouped(runs, d, isa != CpuIsa::kNone)) {
+  const CpuIsa isa = forward_kernel_isa(o.x, y, d);  // z and y in one pass each
+  const bool grouped = use_grouped(runs, d, isa != CpuIsa::kNone);
+  TORCH_INTERNAL_ASSERT(bias == nullptr || (grouped && isa != CpuIsa::kNone && !accumulate));
+  if (grouped) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
     std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
     std::vector<int64_t> ids;
@@ -232,6 +247,7 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
       base.d_out = d.d_out;
       base.rank = d.rank;
       base.accumulate = accumulate;
+      base.bias = bias;
       const float* a_base = a_mix.const_data_ptr<float>();
       const float* bt_base = bt_mix.const_data_ptr<float>();
       std::atomic<bool> refused{false};
@@ -294,6 +310,36 @@ at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::T
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(out, "out", x, d);
   return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+}
+
+// mhr_linear on the CPU: as the composite (F.linear, then routed_lora_add_), except when the
+// fused grouped kernel runs: it writes y = bias + update first and the base GEMM accumulates
+// into y (beta = 1), which saves a read-modify-write pass over y.
+std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                  const at::Tensor& B, const at::Tensor& weights,
+                                                  const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor [d_out, d_in], got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape [N, ", weight.size(1),
+              "] (weight's d_in), got ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(),
+              " (x's dtype), got ", weight.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
+  TORCH_CHECK(weight.size(0) == d.d_out, "weight: expected ", d.d_out, " rows (B's d_out), got ", weight.size(0));
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
+  if (fused_grouped_forward(x, y, group_ids, d) && (!has_bias || bias->scalar_type() == at::kFloat)) {
+    TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == d.d_out), "bias: expected shape [", d.d_out,
+                "], got ", bias->sizes());
+    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+    at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false,
+                                has_bias ? b.const_data_ptr<float>() : nullptr);
+    y.addmm_(x, weight.t());
+    return {y, z};
+  }
+  y = at::linear(x, weight, bias);
+  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  return {y, z};
 }
 
 void check_bottleneck(const at::Tensor& z, const LoraDims& d, at::ScalarType ct) {
@@ -471,4 +517,5 @@ TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
   m.impl("routed_lora", &mhr_ops::routed_lora_cpu);
   m.impl("routed_lora_add_", &mhr_ops::routed_lora_add_cpu);
   m.impl("routed_lora_backward", &mhr_ops::routed_lora_backward_cpu);
+  m.impl("mhr_linear", &mhr_ops::mhr_linear_cpu);
 }

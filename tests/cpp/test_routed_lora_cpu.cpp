@@ -40,8 +40,11 @@ Problem make(int64_t rows, int64_t d_in, int64_t d_out, int64_t rank, unsigned s
 
 double tol(int64_t terms) { return 2e-5 * std::sqrt(static_cast<double>(terms)) + 1e-5; }
 
-void check_forward(const Problem& pr, CpuIsa isa, bool accumulate) {
+// with_bias (write mode only): y = bias + update.
+void check_forward(const Problem& pr, CpuIsa isa, bool accumulate, bool with_bias = false) {
   const int64_t r = pr.rank;
+  std::vector<float> bias(pr.d_out);
+  for (int64_t c = 0; c < pr.d_out; ++c) bias[c] = 0.1f * static_cast<float>(c) - 1.f;
   std::vector<float> z(pr.rows * r, -1.f), y(pr.rows * (pr.d_out + 2));
   const int64_t y_stride = pr.d_out + 2;
   for (size_t i = 0; i < y.size(); ++i) y[i] = 0.25f * static_cast<float>(i % 7);
@@ -60,6 +63,7 @@ void check_forward(const Problem& pr, CpuIsa isa, bool accumulate) {
   p.d_out = pr.d_out;
   p.rank = r;
   p.accumulate = accumulate;
+  p.bias = with_bias ? bias.data() : nullptr;
   EXPECT_TRUE(mhr_ops::routed_lora_group_forward_cpu(p, isa));
   for (int64_t n = 0; n < pr.rows; ++n) {
     std::vector<double> zr(r, 0.0);
@@ -78,7 +82,8 @@ void check_forward(const Problem& pr, CpuIsa isa, bool accumulate) {
       }
       double upd = 0.0;
       for (int64_t j = 0; j < r; ++j) upd += zr[j] * pr.bt[c * r + j];
-      EXPECT_NEAR(y[n * y_stride + c], (accumulate ? before : 0.0) + upd, tol(pr.d_in * r));
+      const double start = accumulate ? before : with_bias ? bias[c] : 0.0;
+      EXPECT_NEAR(y[n * y_stride + c], start + upd, tol(pr.d_in * r));
     }
   }
 }
@@ -167,6 +172,7 @@ int main() {
       if (mhr_ops::routed_lora_group_forward_isa(rank, pr.d_in, pr.d_out, isa) == isa) {
         check_forward(pr, isa, /*accumulate=*/false);
         check_forward(pr, isa, /*accumulate=*/true);
+        check_forward(pr, isa, /*accumulate=*/false, /*with_bias=*/true);
         ++variants_run;
         std::printf("%s forward rank %lld: checked\n", name, static_cast<long long>(rank));
       }
