@@ -161,8 +161,9 @@ def _peft_poly_linear(d_in, d_out, r, S, h, T, device, dtype):
 
 
 def bench_linear(device: torch.device, *, bs, L, d_in, d_out, r, S, h, T, dtype, **_) -> list[Result]:
-    """PEFT's Poly layer vs route + mhr_linear vs the bare nn.Linear, forward (eval) and
-    forward+backward (train), same weights and inputs. Adapters fp32 as PEFT keeps them."""
+    """PEFT's Poly layer vs route + mhr_linear vs the bare nn.Linear vs the float64 reference
+    (route + mhr_linear of mhr_ops.reference), forward (eval) and forward+backward (train), same
+    weights and inputs. Adapters fp32 as PEFT keeps them."""
     dt = getattr(torch, dtype)
     layer = _peft_poly_linear(d_in, d_out, r, S, h, T, device, dt)
     base = layer.base_layer
@@ -178,6 +179,11 @@ def bench_linear(device: torch.device, *, bs, L, d_in, d_out, r, S, h, T, dtype,
         w = mhr_ops.route(logits, t, n_skills=S, mode=mode, check_ids=False)
         return mhr_ops.mhr_linear(x, base.weight, base.bias, A, B, w, groups, scale=1.0 / r, check_ids=False)
 
+    def ref(x, t, mode):  # the plain-PyTorch float64 reference of SPEC, route included
+        noise = torch.rand(len(t), h, S, device=device) if mode == "relaxed_bernoulli" else None
+        w = reference.route(logits, t, n_skills=S, mode=mode, noise=noise)
+        return reference.mhr_linear(x, base.weight, base.bias, A, B, w, groups, scale=1.0 / r)
+
     results = []
     for train in (False, True):
         layer.train(train)
@@ -186,13 +192,15 @@ def bench_linear(device: torch.device, *, bs, L, d_in, d_out, r, S, h, T, dtype,
             "bare": lambda x, t: base(x),
             "peft": lambda x, t: layer(x, task_ids=t),
             "mhr_ops": lambda x, t, mode=mode: ours(x, t, mode),
+            "reference_fp64": lambda x, t, mode=mode: ref(x, t, mode),
         }
 
         def run(fn, train=train):
             def call(i):
                 x = xs[i % 3].requires_grad_(train)
                 if train:
-                    fn(x, tids[i % 3]).backward(gy)
+                    y = fn(x, tids[i % 3])
+                    y.backward(gy.to(y.dtype))
                 else:
                     with torch.no_grad():
                         fn(x, tids[i % 3])
@@ -205,6 +213,7 @@ def bench_linear(device: torch.device, *, bs, L, d_in, d_out, r, S, h, T, dtype,
             "ours_vs_bare": times["mhr_ops"] / bare,
             "peft_vs_bare": times["peft"] / bare,
             "speedup_vs_peft": times["peft"] / times["mhr_ops"],
+            "speedup_vs_reference": times["reference_fp64"] / times["mhr_ops"],
             # Our overhead is floored at 1% of the bare time (below that it is timing noise, and
             # can even come out negative): the ratio is then a lower bound, flagged below.
             "overhead_reduction_vs_peft": (times["peft"] - bare) / max(times["mhr_ops"] - bare, 0.01 * bare),
