@@ -97,6 +97,27 @@ Operands operands(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
           B.to(ct).contiguous().view({d.heads, d.skills, d.rank * d.dk_out})};
 }
 
+// src [a, b, c, e] (contiguous) -> scale * src permuted to [b, a, e, c], contiguous, as a plain
+// loop: ATen's permuted copy with a transposed last dimension costs several times more here.
+at::Tensor swap_pairs(const at::Tensor& src_in, double scale) {
+  const at::Tensor src = src_in.contiguous();
+  const int64_t A0 = src.size(0), B0 = src.size(1), C0 = src.size(2), E0 = src.size(3);
+  at::Tensor out = at::empty({B0, A0, E0, C0}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "swap_pairs", [&] {
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scale);
+    for (int64_t a = 0; a < A0; ++a)
+      for (int64_t b = 0; b < B0; ++b) {
+        const scalar_t* blk = in + (a * B0 + b) * C0 * E0;  // [c, e]
+        scalar_t* dst = o + (b * A0 + a) * E0 * C0;         // [e, c]
+        for (int64_t c = 0; c < C0; ++c)
+          for (int64_t e = 0; e < E0; ++e) dst[e * C0 + c] = s * blk[c * E0 + e];
+      }
+  });
+  return out;
+}
+
 // Mixed adapters of the groups `ids` (one batched GEMM per matrix, over heads):
 // A_g [n, d_in, r] and scale * B_g^T [n, d_out, r], both contiguous.
 std::pair<at::Tensor, at::Tensor> mix_groups(const Operands& o, const std::vector<int64_t>& ids, const LoraDims& d,
@@ -106,22 +127,8 @@ std::pair<at::Tensor, at::Tensor> mix_groups(const Operands& o, const std::vecto
   const at::Tensor a = at::bmm(w, o.A)  // [h, n, dk_in * r]
                            .transpose(0, 1)
                            .reshape({n, d.d_in, d.rank});
-  const at::Tensor b = at::bmm(w, o.B);  // [h, n, r * dk_out], contiguous
-  // The transpose to [n, d_out, r] as a plain loop: ATen's permute-copy with a transposed
-  // last dimension costs several times more here.
-  at::Tensor bt = at::empty({n, d.d_out, d.rank}, b.options());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "mix_groups", [&] {
-    const scalar_t* src = b.const_data_ptr<scalar_t>();
-    scalar_t* dst = bt.data_ptr<scalar_t>();
-    const auto s = static_cast<scalar_t>(scale);
-    for (int64_t k = 0; k < d.heads; ++k)
-      for (int64_t g = 0; g < n; ++g)
-        for (int64_t j = 0; j < d.rank; ++j) {
-          const scalar_t* row = src + ((k * n + g) * d.rank + j) * d.dk_out;
-          scalar_t* col = dst + (g * d.d_out + k * d.dk_out) * d.rank + j;
-          for (int64_t c = 0; c < d.dk_out; ++c) col[c * d.rank] = s * row[c];
-        }
-  });
+  const at::Tensor b = at::bmm(w, o.B);  // [h, n, r * dk_out]
+  const at::Tensor bt = swap_pairs(b.view({d.heads, n, d.rank, d.dk_out}), scale).view({n, d.d_out, d.rank});
   return {a, bt};
 }
 
@@ -364,8 +371,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   if (has_base)
     TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == d.d_out && base_weight->size(1) == d.d_in,
                 "base_weight: expected shape [", d.d_out, ", ", d.d_in, "], got ", base_weight->sizes());
-  at::Tensor dA = mask[1] ? at::zeros({d.heads, d.skills, d.dk_in * d.rank}, opts) : at::Tensor();
-  at::Tensor dB = mask[2] ? at::zeros({d.heads, d.skills, d.rank * d.dk_out}, opts) : at::Tensor();
+  // dA and dB are written whole by either strategy; only an empty x leaves them at zero.
+  const auto grad_buffer = [&](bool needed, at::IntArrayRef sizes) {
+    return !needed ? at::Tensor() : d.rows > 0 ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+  };
+  at::Tensor dA = grad_buffer(mask[1], {d.heads, d.skills, d.dk_in * d.rank});
+  at::Tensor dB = grad_buffer(mask[2], {d.heads, d.skills, d.rank * d.dk_out});
   at::Tensor dw = mask[3] ? at::zeros({d.groups, d.heads, d.skills}, opts) : at::Tensor();
   const auto runs = d.rows > 0 ? group_runs(group_ids, d) : std::vector<Run>();
   // The fused kernel (fp32, unit column strides once x and grad_y are in the compute dtype).
@@ -473,11 +484,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       const at::Tensor piece_ids = at::tensor(piece_groups, at::kLong);
       const at::Tensor w_used = o.w.index_select(0, piece_ids).permute({1, 0, 2});  // [h, n, S]
       const at::Tensor dag_h = dag_all.view({n_pieces, d.heads, d.dk_in * d.rank}).transpose(0, 1);  // [h, n, .]
-      const at::Tensor dbg_h = dbgt_all.view({n_pieces, d.heads, d.dk_out, d.rank})
-                                   .permute({1, 0, 3, 2})
-                                   .reshape({d.heads, n_pieces, d.rank * d.dk_out});  // [h, n, .]
-      if (mask[1]) dA.copy_(at::bmm(w_used.transpose(1, 2), dag_h));
-      if (mask[2]) dB.copy_(at::bmm(w_used.transpose(1, 2), dbg_h));
+      const at::Tensor dbg_h = swap_pairs(dbgt_all.view({n_pieces, d.heads, d.dk_out, d.rank}), 1.0)
+                                   .view({d.heads, n_pieces, d.rank * d.dk_out});  // [h, n, .]
+      if (mask[1]) at::bmm_out(dA, w_used.transpose(1, 2), dag_h);
+      if (mask[2]) at::bmm_out(dB, w_used.transpose(1, 2), dbg_h);
       if (mask[3]) {
         const at::Tensor dw_used = at::bmm(o.A, dag_h.transpose(1, 2)).baddbmm_(o.B, dbg_h.transpose(1, 2));
         dw.index_add_(0, piece_ids, dw_used.permute({2, 0, 1}));  // [h, S, n] -> [n, h, S]; a group's pieces sum
