@@ -63,4 +63,12 @@ void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x
   check_same_device(t, arg, x, "x");
 }
 
+void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor [d_out, d_in], got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape [N, ", weight.size(1),
+              "] (weight's d_in), got ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(),
+              " (x's dtype), got ", weight.scalar_type());
+}
+
 }  // namespace mhr_ops

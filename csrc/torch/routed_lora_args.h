@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU and CUDA registrations of routed_lora and its backward.
+// Argument checks shared by the CPU and CUDA registrations of routed_lora, its backward and
+// mhr_linear.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,5 +27,8 @@ LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::T
 
 // out / grad_y: [N, d_out] in x's dtype, on x's device.
 void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x, const LoraDims& d);
+
+// mhr_linear's base layer: weight [d_out, d_in] in x's dtype, x [N, d_in].
+void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight);
 
 }  // namespace mhr_ops

@@ -51,6 +51,18 @@ std::vector<Run> group_runs(const at::Tensor& group_ids, const LoraDims& d) {
   return runs;
 }
 
+// The distinct groups of some runs in order of first appearance, and each one's index there.
+struct GroupSlots {
+  std::unordered_map<int64_t, int64_t> slot;
+  std::vector<int64_t> ids;
+};
+GroupSlots group_slots(const std::vector<Run>& runs) {
+  GroupSlots s;
+  for (const Run& run : runs)
+    if (s.slot.emplace(run.group, static_cast<int64_t>(s.ids.size())).second) s.ids.push_back(run.group);
+  return s;
+}
+
 // Pieces of the runs for the threads: runs longer than an even share of the rows are cut
 // (at multiples of 8 rows, the CPU kernels' tile), so that one long run still uses every core.
 std::vector<Run> split_runs(const std::vector<Run>& runs, int64_t rows) {
@@ -237,11 +249,9 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   TORCH_INTERNAL_ASSERT(bias == nullptr || (grouped && isa != CpuIsa::kNone && !accumulate));
   if (grouped) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
-    std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
-    std::vector<int64_t> ids;
-    for (const Run& run : runs)
-      if (slot.emplace(run.group, static_cast<int64_t>(ids.size())).second) ids.push_back(run.group);
-    const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);
+    const GroupSlots slots = group_slots(runs);
+    const auto& slot = slots.slot;
+    const auto [a_mix, bt_mix] = mix_groups(o, slots.ids, d, scale);
     const std::vector<Run> pieces = split_runs(runs, d.rows);
     if (isa != CpuIsa::kNone) {  // raw pointers only in the loop: per-piece ATen views cost ~2 us each
       LoraGroupForwardParams base;
@@ -326,11 +336,7 @@ std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                   const at::Tensor& B, const at::Tensor& weights,
                                                   const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
-  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor [d_out, d_in], got shape ", weight.sizes());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape [N, ", weight.size(1),
-              "] (weight's d_in), got ", x.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(),
-              " (x's dtype), got ", weight.scalar_type());
+  check_mhr_linear_base(x, weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   TORCH_CHECK(weight.size(0) == d.d_out, "weight: expected ", d.d_out, " rows (B's d_out), got ", weight.size(0));
@@ -409,11 +415,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
       // All slots pass back through the mixing in three batched GEMMs afterwards.
       const std::vector<Run> pieces = split_runs(runs, d.rows);
       const int64_t n_pieces = static_cast<int64_t>(pieces.size());
-      std::unordered_map<int64_t, int64_t> slot;  // group -> its index in the mixed adapters
-      std::vector<int64_t> ids;
-      for (const Run& piece : pieces)
-        if (slot.emplace(piece.group, static_cast<int64_t>(ids.size())).second) ids.push_back(piece.group);
-      const auto [a_mix, bt_mix] = mix_groups(o, ids, d, scale);  // A_g, scale * B_g^T
+      const GroupSlots slots = group_slots(pieces);
+      const auto& slot = slots.slot;
+      const auto [a_mix, bt_mix] = mix_groups(o, slots.ids, d, scale);  // A_g, scale * B_g^T
       const at::Tensor dag_all = at::zeros({n_pieces, d.d_in, d.rank}, opts);
       const at::Tensor dbgt_all = at::zeros({n_pieces, d.d_out, d.rank}, opts);
       TORCH_INTERNAL_ASSERT(isa == CpuIsa::kNone || (o.x.stride(1) == 1 && gy.stride(1) == 1));
