@@ -43,8 +43,9 @@ def __getattr__(name: str):
 
 def build_info() -> dict:
     """How this copy was built: version, torch versions (built against, running), whether CUDA
-    kernels are compiled in and for which architectures, the CUTLASS version used (or None), and
-    whether the CUDA kernels are registered for the CUDA dispatch key."""
+    kernels are compiled in and for which architectures, the CUTLASS version used (or None),
+    whether the C++ code was built with OpenMP (its parallel loops use threads), and whether the
+    CUDA kernels are registered for the CUDA dispatch key."""
     info = dict(_C.build_info())
     info["torch_version"] = torch.__version__
     info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key("mhr_ops::route", "CUDA")

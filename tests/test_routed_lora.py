@@ -523,3 +523,14 @@ def test_grouped_cpu_paths_under_capability_cap(capability):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"checked {want}" in done.stdout
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()),
+    reason="this torch does not run its parallel loops on OpenMP",
+)
+def test_cpu_build_runs_parallel_loops_on_threads():
+    """at::parallel_for is a header template: built without -fopenmp its OpenMP pragma is
+    dropped and every parallel CPU loop of the extension runs on one thread (silently slow).
+    Wherever torch itself runs on OpenMP (Linux builds), ours must be built with it too."""
+    assert mhr_ops.build_info()["openmp"] is True

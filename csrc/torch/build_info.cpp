@@ -34,6 +34,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
     info["cuda_archs"] = "";
 #endif
+#ifdef _OPENMP
+    info["openmp"] = true;  // at::parallel_for in our code runs on threads
+#else
+    info["openmp"] = false;
+#endif
     const char* cutlass = MHR_OPS_CUTLASS_VERSION;
     info["cutlass_version"] = cutlass[0] ? py::object(py::str(cutlass)) : py::object(py::none());
     return info;
