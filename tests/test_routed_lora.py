@@ -497,6 +497,29 @@ def test_grouped_cpu_paths(r, with_base):
     assert_close(out, expect, atol=3e-5, rtol=3e-5, what=f"out= r={r}")
 
 
+def test_opcheck_grouped_cpu_path():
+    """opcheck (schema, fake kernel, autograd registration, AOT dispatch) on the CPU grouped
+    path: ranks 8, long runs (fused kernels where the CPU has them), x with padded rows."""
+    h, S, dk_in, dk_out, r = 2, 3, 16, 8, 8
+    x, A, B, w = make(h, S, dk_in, r, dk_out, 4, (3, 100), device="cpu", seed=21)
+    x2 = torch.cat([x.reshape(300, -1), torch.randn(300, 5)], dim=1)[:, : h * dk_in]  # row stride 37
+    assert x2.stride() == (h * dk_in + 5, 1)
+    ids = torch.tensor([3, 1, 3])
+    weight, bias = torch.randn(h * dk_out, h * dk_in), torch.randn(h * dk_out)
+    req = [t.clone().requires_grad_() for t in (x2, A, B, w)]
+    torch.library.opcheck(torch.ops.mhr_ops.routed_lora, (*req, ids, 100, 0.5))
+    _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, 100, 0.5)
+    gy = torch.randn(300, h * dk_out)
+    torch.library.opcheck(
+        torch.ops.mhr_ops.routed_lora_backward, (gy, x2, A, B, w, ids, 100, 0.5, z, weight, [True] * 4)
+    )
+    req_lin = [t.clone().requires_grad_() for t in (x2, weight, bias, A, B, w)]
+    torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, 100, 0.5))
+    y, _ = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, w, ids, 100, 0.5)
+    ref = reference.mhr_linear(x2.reshape(3, 100, -1), weight, bias, A, B, w, ids, scale=0.5).reshape(300, -1)
+    assert_close(y, ref, atol=3e-5 * max(1.0, ref.abs().max().item()), rtol=3e-5, what="padded rows")
+
+
 CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
 
 
