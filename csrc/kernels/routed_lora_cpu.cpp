@@ -22,6 +22,14 @@ namespace mhr_ops {
 #if defined(MHR_HAVE_X86_PATHS)
 namespace {
 
+// Scratch of at least n floats for the calling thread, kept between calls (one kernel call
+// at a time per thread uses it).
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // ---- AVX2: kRows rows starting at n0, rank = 8 * kV ----
 template <int kV, int kRows>
 __attribute__((target("avx2,fma"))) void avx2_tile(const LoraGroupGradParams& p, const float* a_rows, int64_t n0) {
@@ -96,12 +104,11 @@ inline void transpose_to_rows(const float* m, int64_t d, int64_t r, float* rows)
 template <int kV>
 void avx2_rows(const LoraGroupGradParams& p) {
   constexpr int kTile = kV == 1 ? 4 : 2;  // gz and the scaled z of a tile stay in registers
-  thread_local std::vector<float> a_rows;  // A_g^T for the dx pass, kept per thread
+  float* rows = nullptr;  // A_g^T for the dx pass
   if (p.dx != nullptr) {
-    a_rows.resize(static_cast<size_t>(p.d_in) * p.rank);
-    transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, p.rank, a_rows.data());
+    rows = thread_scratch(static_cast<size_t>(p.d_in) * p.rank);
+    transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, p.rank, rows);
   }
-  const float* rows = p.dx != nullptr ? a_rows.data() : nullptr;
   int64_t n = p.row_begin;
   for (; n + kTile <= p.row_end; n += kTile) avx2_tile<kV, kTile>(p, rows, n);
   for (; n < p.row_end; ++n) avx2_tile<kV, 1>(p, rows, n);
@@ -278,10 +285,8 @@ void avx512_rows(const LoraGroupGradParams& p) {
                    nullptr};
   // Scratch kept per thread: A_g^T rows for the dx pass, and for kP > 1 the three [d, r]
   // matrices in the vector layout.
-  thread_local std::vector<float> scratch;
   const size_t n_out = static_cast<size_t>(p.d_out) * kR, n_in = static_cast<size_t>(p.d_in) * kR;
-  if (scratch.size() < 2 * n_out + 2 * n_in) scratch.resize(2 * n_out + 2 * n_in);
-  float* buf = scratch.data();
+  float* buf = thread_scratch(2 * n_out + 2 * n_in);
   if (p.dx != nullptr) {
     transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, kR, buf + 2 * n_out + n_in);
     m.a_rows = buf + 2 * n_out + n_in;
@@ -342,10 +347,8 @@ template <int kR>
 void avx512_forward_rows(const LoraGroupForwardParams& p) {
   using S = Avx512Shape<kR>;
   // Scratch per thread: scale * B_g as [r, d_out] rows, and A_g in the vector layout (kP > 1).
-  thread_local std::vector<float> scratch;
   const size_t n_out = static_cast<size_t>(p.d_out) * kR, n_in = static_cast<size_t>(p.d_in) * kR;
-  if (scratch.size() < n_out + n_in) scratch.resize(n_out + n_in);
-  float* b_rows = scratch.data();
+  float* b_rows = thread_scratch(n_out + n_in);
   transpose_to_rows(static_cast<const float*>(p.bt_mix), p.d_out, kR, b_rows);
   const float* a_vec = static_cast<const float*>(p.a_mix);
   if constexpr (S::kP > 1) {
