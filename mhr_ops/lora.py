@@ -211,6 +211,9 @@ def _mhr_linear_setup(ctx, inputs, output):
 
 
 def _mhr_linear_backward(ctx, grad_y, grad_z):
+    # One layout for grad_y (autograd passes `y.sum()`'s gradient expanded, AOT dispatch a
+    # contiguous one): the GEMMs below then sum in the same order, bit for bit.
+    grad_y = grad_y.contiguous()
     needs = ctx.needs_input_grad
     *saved, weight = ctx.saved_tensors
     x = saved[0]

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -94,6 +95,16 @@ bool use_grouped(const std::vector<Run>& runs, const LoraDims& d, bool fused) {
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A [rows, cols] operand in a layout every path takes as it is: unit column stride and rows
+// that do not overlap (padded rows stay, a transposed or broadcast operand is copied). The
+// kernel choice and BLAS's summation order then depend on the values alone, not on how the
+// caller laid them out: autograd hands the backward an expanded grad_y for `y.sum()` where AOT
+// dispatch hands it a contiguous one, and both must give the same bits (determinism contract).
+at::Tensor rows_layout(const at::Tensor& t) {
+  const bool ok = t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+  return ok ? t : t.contiguous();
+}
+
 // The problem's tensors in the compute dtype, skill matrices reshaped for per-head GEMMs.
 struct Operands {
   at::Tensor x;   // [N, d_in]
@@ -105,7 +116,7 @@ struct Operands {
 Operands operands(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
                   const LoraDims& d) {
   const auto ct = compute_type(x);
-  return {x.to(ct), weights.to(ct), A.to(ct).contiguous().view({d.heads, d.skills, d.dk_in * d.rank}),
+  return {rows_layout(x.to(ct)), weights.to(ct), A.to(ct).contiguous().view({d.heads, d.skills, d.dk_in * d.rank}),
           B.to(ct).contiguous().view({d.heads, d.skills, d.rank * d.dk_out})};
 }
 
@@ -326,16 +337,25 @@ at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::T
                                double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(out, "out", x, d);
-  return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "out: expected a tensor without internal overlap (each element written once), got strides ",
+              out.strides());
+  const at::Tensor y = rows_layout(out);
+  if (y.is_same(out)) return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  at::Tensor tmp = y;  // a column-strided out: the same arithmetic as a row-major one, then copied back
+  at::Tensor z = forward_into(tmp, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  out.copy_(tmp);
+  return z;
 }
 
 // mhr_linear on the CPU: as the composite (F.linear, then routed_lora_add_), except when the
 // fused grouped kernel runs: it writes y = bias + update first and the base GEMM accumulates
 // into y (beta = 1), which saves a read-modify-write pass over y.
-std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                   const at::Tensor& B, const at::Tensor& weights,
                                                   const at::Tensor& group_ids, int64_t rows_per_id, double scale) {
+  const at::Tensor x = rows_layout(x_in);  // the base GEMM and the kernel choice see one layout
   check_mhr_linear_base(x, weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
@@ -386,20 +406,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   at::Tensor dw = mask[3] ? at::zeros({d.groups, d.heads, d.skills}, opts) : at::Tensor();
   const auto runs = d.rows > 0 ? group_runs(group_ids, d) : std::vector<Run>();
   // The fused kernel (fp32, unit column strides once x and grad_y are in the compute dtype).
-  const int64_t x_col_stride = x.scalar_type() == ct ? x.stride(1) : 1;
-  const int64_t gy_col_stride = grad_y.scalar_type() == ct ? grad_y.stride(1) : 1;
-  const CpuIsa isa = ct == at::kFloat ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, x_col_stride,
-                                                                    gy_col_stride, allowed_cpu_isa())
-                                      : CpuIsa::kNone;
+  // (Operands and grad_y come in rows_layout: unit column strides.)
+  const CpuIsa isa =
+      ct == at::kFloat ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, 1, 1, allowed_cpu_isa()) : CpuIsa::kNone;
   const bool grouped = d.rows > 0 && use_grouped(runs, d, isa != CpuIsa::kNone);
   // The base GEMM adds into an fp32/fp64 dx directly; fp16/bf16 x keeps it in x's dtype (as
   // F.linear's backward would) and adds it to the adapter's part afterwards.
   const bool fold_base = mask[0] && has_base && grouped && x.scalar_type() == ct;
+  const at::Tensor gy = d.rows > 0 ? rows_layout(grad_y.to(ct)) : grad_y.to(ct);
   at::Tensor dx;
   bool dx_written = false;  // whether dx already holds a part the adapter must add to
   if (mask[0]) {
     if (has_base && !fold_base) {
-      dx = at::mm(grad_y, *base_weight).to(ct);
+      dx = at::mm(rows_layout(grad_y), *base_weight).to(ct);
       dx_written = true;
     } else {
       dx = at::empty({d.rows, d.d_in}, opts);
@@ -407,7 +426,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   }
   if (d.rows > 0) {
     Operands o = operands(x, A, B, weights, d);
-    const at::Tensor gy = grad_y.to(ct);
     if (grouped) {
       // Rows split into pieces of one group (runs, long runs cut so that every thread has
       // work even for a single group), the pieces in parallel: they write disjoint dx rows
