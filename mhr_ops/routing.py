@@ -43,7 +43,10 @@ def route(
         noise: ``[G, h, S]`` uniforms for ``"relaxed_bernoulli"``, in the logits dtype. When
             ``None`` the op draws exactly one ``torch.rand((G, h, S), dtype=logits.dtype,
             device=logits.device, generator=generator)``, so a run seeded like a PEFT run
-            consumes the random stream the same way and gives the same numbers.
+            consumes the random stream the same way and gives the same numbers. Under
+            ``torch.compile`` the draw is eager's with the AOT backends (``aot_eager``) and with
+            inductor when ``torch._inductor.config.fallback_random = True``; plain inductor draws
+            from its own generator (seeded runs repeat themselves, but do not match eager/PEFT).
         generator: random generator for that draw.
         check_ids: raise if a task id is outside ``[0, T)``. This reads two numbers back from
             the device (a host sync on CUDA); callers that validate ids once per forward pass
@@ -75,9 +78,10 @@ def route(
     n_groups, n_heads = task_ids.shape[0], logits.shape[1] // n_skills
     if mode == "relaxed_bernoulli":
         if noise is None:
-            noise = torch.rand(
-                (n_groups, n_heads, n_skills), dtype=logits.dtype, device=logits.device, generator=generator
-            )
+            # Under torch.compile with dynamic shapes, torch.rand's generator overload takes no
+            # symbolic sizes: pass generator only when there is one (the same draw either way).
+            extra = {} if generator is None else {"generator": generator}
+            noise = torch.rand((n_groups, n_heads, n_skills), dtype=logits.dtype, device=logits.device, **extra)
         else:
             check_tensor(noise, "noise", ndim=3)
             if tuple(noise.shape) != (n_groups, n_heads, n_skills):
