@@ -37,7 +37,8 @@ def route(
         n_skills: ``S``, the inventory size.
         mode: ``"sigmoid"`` (PEFT eval), ``"relaxed_bernoulli"`` (PEFT train),
             ``"softmax"`` (MoE routers) or ``"average"`` (``1/S``, no gradient).
-        temperature: divides the relaxed-Bernoulli and softmax logits; must be > 0.
+        temperature: divides the relaxed-Bernoulli and softmax logits; a number > 0, or a 0-d
+            tensor holding one (read once, constant: no gradient flows to it).
         top_k: keep this many skills per (group, head), ``1 <= top_k <= S``; ``None`` keeps all.
         eps: added to the normalizer; 1e-12 as PEFT (mttl uses 1e-8).
         noise: ``[G, h, S]`` uniforms for ``"relaxed_bernoulli"``, in the logits dtype. When
@@ -69,11 +70,13 @@ def route(
     check_same_device(task_ids, "task_ids", logits, "logits")
     if mode not in ROUTE_MODES:
         raise ValueError(f"mode: expected one of {ROUTE_MODES}, got {mode!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
+    temperature = _as_number(temperature, "temperature")
+    if not temperature > 0:
         raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
     if top_k is not None:
         check_int(top_k, "top_k", low=1, high=n_skills, what=" (1..n_skills)")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    eps = _as_number(eps, "eps")
+    if not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     n_groups, n_heads = task_ids.shape[0], logits.shape[1] // n_skills
     if mode == "relaxed_bernoulli":
@@ -96,6 +99,19 @@ def route(
     if check_ids:
         check_id_range(task_ids, "task_ids", logits.shape[0], "task")
     return torch.ops.mhr_ops.route(logits, task_ids, noise, n_skills, mode, float(temperature), top_k or 0, float(eps))
+
+
+def _as_number(value, name: str) -> float:
+    """A Python number, or a 0-d tensor read once (``.item()``; constant, no gradient)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise TypeError(f"{name}: expected a number or a 0-d real tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{name}: expected a constant, got a tensor that requires grad (it is not learnable)")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
 
 
 @torch.library.register_fake("mhr_ops::route")

@@ -249,3 +249,24 @@ def test_head_gates_non_contiguous(device):
     ref.backward(gy)
     for a, b in zip(ours, refs, strict=True):
         assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-10, what="non-contiguous grads")
+
+
+@pytest.mark.parametrize("where", ["routed", "shared", "stage"])
+def test_nan_logit_propagates_as_in_the_reference(where):
+    """The rule (docs/API.md): NaN propagates as through a softmax. A NaN routed logit makes every
+    routed gate of its token NaN (kept or not), a NaN shared logit every shared gate, a NaN
+    stage logit every gate; other tokens are untouched. Gradients of such a token are NaN."""
+    gen = torch.Generator().manual_seed(3)
+    routed, shared, stage = torch.randn(3, 5, generator=gen), torch.randn(3, 3, generator=gen), torch.randn(3, 2)
+    {"routed": routed, "shared": shared, "stage": stage}[where][1, 1] = float("nan")
+    args = [t.clone().requires_grad_() for t in (routed, shared, stage)]
+    got = mhr_ops.head_gates(args[0], top_k=2, shared_logits=args[1], stage_logits=args[2])
+    ref = reference.head_gates(routed, top_k=2, shared_logits=shared, stage_logits=stage)
+    print(got[1], ref[1])
+    assert torch.equal(got.isnan(), ref.isnan())
+    nan_cols = {"routed": slice(3, 8), "shared": slice(0, 3), "stage": slice(0, 8)}[where]
+    assert got[1, nan_cols].isnan().all() and not got[[0, 2]].isnan().any()
+    torch.testing.assert_close(got[[0, 2]].double(), ref[[0, 2]])
+    got.sum().backward()
+    g = args[["routed", "shared", "stage"].index(where)].grad
+    assert g[1].isnan().all() and not g[[0, 2]].isnan().any()

@@ -292,3 +292,18 @@ def test_op_level_checks_name_the_argument():
         torch.ops.mhr_ops.route(torch.randn(2, 4), torch.tensor([0]), None, 2, "relaxed_bernoulli", 1.0, 0, 1e-12)
     with pytest.raises(RuntimeError, match="mode: expected one of"):
         torch.ops.mhr_ops.route(torch.randn(2, 4), torch.tensor([0]), None, 2, "nope", 1.0, 0, 1e-12)
+
+
+def test_temperature_as_0d_tensor():
+    """A 0-d tensor temperature is read as its number (constant); a learnable one is refused."""
+    logits, ids = torch.randn(4, 6), torch.tensor([0, 3, 1])
+    noise = torch.rand(3, 2, 3)
+    kw = dict(n_skills=3, mode="relaxed_bernoulli", noise=noise)
+    expected = mhr_ops.route(logits, ids, temperature=0.5, **kw)
+    torch.testing.assert_close(mhr_ops.route(logits, ids, temperature=torch.tensor(0.5), **kw), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="temperature: expected a constant"):
+        mhr_ops.route(logits, ids, temperature=torch.tensor(0.5, requires_grad=True), **kw)
+    with pytest.raises(TypeError, match="temperature: expected a number or a 0-d real tensor"):
+        mhr_ops.route(logits, ids, temperature=torch.tensor([0.5]), **kw)
+    with pytest.raises(ValueError, match="temperature: expected a number > 0"):
+        mhr_ops.route(logits, ids, temperature=torch.tensor(0.0), **kw)

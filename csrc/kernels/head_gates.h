@@ -124,12 +124,16 @@ MHR_HD void head_gates_row_fwd(const HeadGatesParams& p, int64_t n, scalar_t* ou
   }
   acc_t mx, unused;
   softmax_stats(lr, &mx, &unused);
+  // NaN propagates as through a softmax: a NaN logit (mx is then NaN) makes every routed gate
+  // of the row NaN, kept or not, as torch.softmax and the reference do; so does a NaN stage weight.
+  const bool nan_row = mx != mx;
   acc_t kept_sum = 0;
   for (int64_t j = 0; j < p.num_routed; ++j)
-    if (head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
+    if (nan_row || head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
   const acc_t k = acc_t(p.top_k);
   for (int64_t j = 0; j < p.num_routed; ++j)
-    out[Hs + j] = convert<scalar_t>(head_kept(lr, j, p.top_k) ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum : acc_t(0));
+    out[Hs + j] = convert<scalar_t>(nan_row || head_kept(lr, j, p.top_k) ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum
+                                                                         : a2 * acc_t(0));  // NaN stage: NaN
 }
 
 template <typename scalar_t, typename acc_t>
@@ -146,13 +150,14 @@ MHR_HD void head_gates_row_bwd(const HeadGatesParams& p, int64_t n) {
   // routed: out_j = a2 * k * q_j over kept j, q = softmax over the kept heads
   acc_t mx, unused;
   softmax_stats(lr, &mx, &unused);
+  const bool nan_row = mx != mx;  // every gate NaN (forward): every gradient NaN
   acc_t kept_sum = 0;
   for (int64_t j = 0; j < Hr; ++j)
-    if (head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
+    if (nan_row || head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
   const acc_t k = acc_t(p.top_k);
   acc_t dq_dot_q = 0, da2 = 0;
   for (int64_t j = 0; j < Hr; ++j) {
-    if (!head_kept(lr, j, p.top_k)) continue;
+    if (!nan_row && !head_kept(lr, j, p.top_k)) continue;
     const acc_t q = mhr_exp(lr[j] - mx) / kept_sum;
     dq_dot_q += a2 * k * gy[Hs + j] * q;
     da2 += gy[Hs + j] * k * q;
@@ -160,7 +165,7 @@ MHR_HD void head_gates_row_bwd(const HeadGatesParams& p, int64_t n) {
   scalar_t* gr = static_cast<scalar_t*>(p.grad_routed) + n * Hr;
   for (int64_t j = 0; j < Hr; ++j) {
     acc_t v = 0;
-    if (head_kept(lr, j, p.top_k)) {
+    if (nan_row || head_kept(lr, j, p.top_k)) {
       const acc_t q = mhr_exp(lr[j] - mx) / kept_sum;
       v = q * (a2 * k * gy[Hs + j] - dq_dot_q);
     }
