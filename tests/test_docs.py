@@ -42,7 +42,7 @@ def resolve(name: str):
     parts = name.split(".")
     obj = mhr_ops
     for i, part in enumerate(parts[1:], start=1):
-        if inspect.ismodule(obj) and not hasattr(obj, part):
+        if obj is mhr_ops and part in SUBMODULES:
             obj = importlib.import_module(".".join(parts[: i + 1]))
         else:
             obj = getattr(obj, part)
@@ -109,7 +109,10 @@ def test_documented_signatures_match_the_code():
     pytest.importorskip("peft")
     wrong = {}
     for name, params in documented().items():
-        actual = plain_signature(name)
+        try:
+            actual = plain_signature(name)
+        except AttributeError:
+            actual = "(no such object)"
         if params != actual:
             wrong[name] = f"documented {params}, code {actual}"
     assert not wrong, "signatures in docs/API.md differ from the code:\n" + "\n".join(
