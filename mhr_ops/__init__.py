@@ -1,5 +1,5 @@
 """mhr_ops: fused kernels for routed adapters (Poly / MHR LoRA, mixture-of-LoRA experts, sparse
-head gating). Ops are registered under ``torch.ops.mhr_ops``; see SPEC.md for their contract."""
+head gating). Ops are registered under ``torch.ops.mhr_ops``; see docs/API.md for their contract."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Argument validation shared by the public functions: every error names the argument, what was
-expected and what came (SPEC section 7)."""
+expected and what came (docs/API.md, Errors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`routed_lora` and `mhr_linear` (SPEC section 3), with fake kernels and autograd registration
+"""`routed_lora` and `mhr_linear` (docs/API.md), with fake kernels and autograd registration
 for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse head gating, Mixture-of-Head attention (SPEC section 5): ``head_gates`` and
+"""Sparse head gating, Mixture-of-Head attention (docs/API.md): ``head_gates`` and
 ``gated_head_proj``, their fake kernels and autograd, and a load-balance loss."""
 
 from __future__ import annotations

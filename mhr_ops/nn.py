@@ -14,7 +14,7 @@ from .routing import ROUTE_MODES, route
 
 class MHRLinear(nn.Module):
     """``nn.Linear`` plus a Poly/MHR adapter: ``S`` LoRA skills split into ``h`` heads, mixed per
-    task by learned routing logits (SPEC sections 1-3, PEFT's ``poly`` layout and defaults).
+    task by learned routing logits (docs/API.md, MHRLinear; PEFT's ``poly`` layout and defaults).
 
     ``y = base(x) + scale * (x @ A_t) @ B_t`` where ``A_t`` / ``B_t`` mix the skills with the
     weights ``route(logits, task_ids)``: ``relaxed_bernoulli`` in train mode and ``sigmoid`` in

@@ -27,6 +27,7 @@ def patch(
     n_skills: int,
     n_splits: int = 1,
     n_tasks: int,
+    modules_to_save: str | Sequence[str] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Swaps every ``nn.Linear`` of ``model`` whose name matches ``target_modules`` for an
@@ -35,9 +36,29 @@ def patch(
     ``target_modules``: a regex (full match on the module's dotted name) or a list of names, each
     matching a module whose name is that name or ends with ``.name`` (PEFT's rule). Other keyword
     arguments go to MHRLinear (``alpha``, ``train_mode``, ``eval_mode``, ``top_k``,
-    ``freeze_base``, ...). Base weights are frozen by default."""
+    ``freeze_base``, ...).
+
+    Freezing follows PEFT's ``get_peft_model`` (``bias="none"``): afterwards, in the whole model,
+    only adapter parameters (``A``, ``B``, ``logits`` of every MHRLinear, and of PEFT Poly layers
+    if any) and the modules named in ``modules_to_save`` require grad; every other parameter,
+    biases included, is frozen. Adapter parameters keep their own ``requires_grad`` (new ones are
+    trainable, as in PEFT). ``freeze_base=False`` additionally keeps the swapped layers' base
+    weights trainable.
+
+    ``modules_to_save``: module names matched like ``target_modules`` (a regex, or a list of
+    names); every parameter of a matching module stays trainable. Unlike PEFT's
+    ``ModulesToSaveWrapper``, the module is not copied: it is trained in place, so the model's
+    structure and state-dict keys do not change (and a weight tied to another module, e.g.
+    ``lm_head`` tied to the embeddings, is trained in both). A name matching no module raises."""
     if isinstance(target_modules, str) and not target_modules:
         raise ValueError("target_modules: expected a regex or a list of module names, got ''")
+    if isinstance(modules_to_save, str) and not modules_to_save:
+        raise ValueError("modules_to_save: expected a regex or a list of module names, got ''")
+    saved = []
+    if modules_to_save is not None:
+        saved = [m for n, m in model.named_modules() if n and _matches(n, modules_to_save)]
+        if not saved:
+            raise ValueError(f"modules_to_save: {modules_to_save!r} matches no module of the model")
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -53,7 +74,20 @@ def patch(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs))
+    keep = {id(p) for view in adapted_layers(model) for p in (view.get("A"), view.get("B"), view.get("logits"))}
+    if kwargs.get("freeze_base", True) is False:
+        keep.update(id(p) for _, module in targets for p in module.parameters())
+    _freeze_all_but(model, keep)
+    for module in saved:
+        module.requires_grad_(True)
     return model
+
+
+def _freeze_all_but(model: nn.Module, keep: set[int]) -> None:
+    """``requires_grad_(False)`` on every parameter of ``model`` whose id is not in ``keep``."""
+    for param in model.parameters():
+        if id(param) not in keep:
+            param.requires_grad_(False)
 
 
 class _Adapted:
@@ -142,13 +176,15 @@ def _layers_or_raise(model: nn.Module) -> list[_Adapted]:
 
 
 def routing_only(model: nn.Module, n_tasks: int | None = None) -> nn.Module:
-    """MHR-z: freeze the skills (A, B), train only the routing logits. With ``n_tasks``, every
-    layer gets fresh logits for that many new tasks, uniform in +-1e-3 (mttl's init)."""
+    """MHR-z: afterwards only the routing logits require grad, in the whole model: the skills
+    (A, B), the base weights and every other parameter (also PEFT ``modules_to_save`` copies and
+    previously unfrozen modules) are frozen, for patched and PEFT models alike. With ``n_tasks``,
+    every layer gets fresh logits for that many new tasks, uniform in +-1e-3 (mttl's init)."""
     if n_tasks is not None and (isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1):
         raise ValueError(f"n_tasks: expected an int >= 1, got {n_tasks!r}")
-    for view in _layers_or_raise(model):
-        view.get("A").requires_grad_(False)
-        view.get("B").requires_grad_(False)
+    layers = _layers_or_raise(model)
+    _freeze_all_but(model, set())
+    for view in layers:
         logits = view.get("logits")
         if n_tasks is not None:
             fresh = torch.empty(n_tasks, logits.shape[1], device=logits.device, dtype=logits.dtype)

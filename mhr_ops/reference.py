@@ -1,4 +1,5 @@
-"""Plain float64 PyTorch versions of the mhr_ops ops, written from SPEC.md (not from the kernels).
+"""Plain float64 PyTorch versions of the mhr_ops ops, written from their definitions in docs/API.md
+(not from the kernels).
 They are the oracle for the tests and the baseline of the benchmarks; they favour clarity over
 speed and differentiate through ordinary autograd."""
 
@@ -23,7 +24,7 @@ def route(
     eps: float = 1e-12,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC section 2 in float64. ``noise`` is required for ``relaxed_bernoulli``. Its clamps use
+    """docs/API.md ``route`` in float64. ``noise`` is required for ``relaxed_bernoulli``. Its clamps use
     ``torch.finfo`` of the logits' own dtype, as PEFT's computation in that dtype does."""
     in_dtype = logits.dtype
     n_heads = logits.shape[1] // n_skills
@@ -70,7 +71,7 @@ def mixed_adapters(A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def routed_lora(x, A, B, weights, group_ids, *, scale, out=None):
-    """SPEC section 3 in float64: ``y_row = scale * (x_row @ A_g) @ B_g`` (plus ``out`` if given)."""
+    """docs/API.md ``routed_lora`` in float64: ``y_row = scale * (x_row @ A_g) @ B_g`` (plus ``out`` if given)."""
     a, b = mixed_adapters(A, B, weights)
     rows = x.double().reshape(-1, x.shape[-1])
     groups = _row_groups(x, group_ids)
@@ -83,13 +84,13 @@ def routed_lora(x, A, B, weights, group_ids, *, scale, out=None):
 
 
 def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale):
-    """SPEC section 3: ``F.linear(x, weight, bias) + routed_lora(...)`` in float64."""
+    """docs/API.md ``mhr_linear``: ``F.linear(x, weight, bias) + routed_lora(...)`` in float64."""
     base = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
     return base + routed_lora(x, A, B, weights, group_ids, scale=scale)
 
 
 def head_gates(routed_logits, *, top_k, shared_logits=None, stage_logits=None, n_shared=0, binary=False):
-    """SPEC section 5, head gates, in float64."""
+    """docs/API.md ``head_gates`` in float64."""
     lr = routed_logits.double()
     n_routed = lr.shape[-1]
     order = torch.sort(lr.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
@@ -112,6 +113,6 @@ def head_gates(routed_logits, *, top_k, shared_logits=None, stage_logits=None, n
 
 
 def gated_head_proj(o, gates, weight, bias=None):
-    """SPEC section 5: gate multiply, then the linear projection, in float64."""
+    """docs/API.md ``gated_head_proj``: gate multiply, then the linear projection, in float64."""
     gated = (o.double() * gates.double().unsqueeze(-1)).flatten(-2)
     return torch.nn.functional.linear(gated, weight.double(), None if bias is None else bias.double())

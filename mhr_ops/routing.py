@@ -1,4 +1,4 @@
-"""`route`: routing weights over a skill inventory (SPEC section 2), with its fake kernel and
+"""`route`: routing weights over a skill inventory (docs/API.md), with its fake kernel and
 autograd registration for torch.ops.mhr_ops.route."""
 
 from __future__ import annotations
