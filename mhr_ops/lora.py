@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import register_no_double_backward
+from ._autograd import call_below_autograd, needs_autograd, register_no_double_backward
 from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_same_device, check_tensor
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -104,7 +104,11 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
     if out is None:
-        y, _ = torch.ops.mhr_ops.routed_lora(x2, A, B, weights, ids, rows_per_id, scale)
+        args = (x2, A, B, weights, ids, rows_per_id, scale)
+        if needs_autograd(x, A, B, weights):
+            y, _ = torch.ops.mhr_ops.routed_lora(*args)
+        else:
+            y, _ = call_below_autograd(torch.ops.mhr_ops.routed_lora.default, *args)
         return y.view(*lead, d_out)
     check_tensor(out, "out")
     if tuple(out.shape) != (*lead, d_out):
@@ -148,8 +152,30 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
     scale = _check_scale(scale)
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
-    y, _ = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
+    args = (x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
+    if needs_autograd(x, weight, bias, A, B, weights):
+        y, _ = torch.ops.mhr_ops.mhr_linear(*args)
+    else:
+        y, _ = call_below_autograd(torch.ops.mhr_ops.mhr_linear.default, *args)
     return y.view(*lead, d_out)
+
+
+def adapted_linear(x, weight, bias, A, B, weights, group_ids, scale: float):
+    """``mhr_linear`` for adapted layers (``nn.MHRLinear``, the PEFT bridge), whose own tensors
+    are known good: one group id per ``x.shape[0]`` (or a 0-d id for a 1-D ``x``). No Python
+    checks (the op checks shapes, dtypes and devices) and no Python autograd layer when nothing
+    needs a gradient: the per-call cost a serving layer pays."""
+    d_in = x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    ids = group_ids.reshape(-1)
+    if x2.shape[0] == 0 or ids.shape[0] == 0:
+        return mhr_linear(x, weight, bias, A, B, weights, group_ids, scale=scale, check_ids=False)
+    args = (x2, weight, bias, A, B, weights, ids, x2.shape[0] // ids.shape[0], scale)
+    if needs_autograd(x, weight, bias, A, B, weights):
+        y, _ = torch.ops.mhr_ops.mhr_linear(*args)
+    else:
+        y, _ = call_below_autograd(torch.ops.mhr_ops.mhr_linear.default, *args)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- fake kernels ----

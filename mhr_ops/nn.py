@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
+from ._autograd import needs_autograd
 from ._tasks import check_merged_task_once, resolve_task_ids
-from .lora import mhr_linear, routed_lora
+from .lora import adapted_linear, routed_lora
 from .routing import ROUTE_MODES, route
 
 
@@ -134,6 +135,37 @@ class MHRLinear(nn.Module):
             check_ids=False,
         )
 
+    def routing_groups(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights [G, h, S], group_ids [len(ids)])`` for examples of tasks ``ids``.
+
+        A mode without per-example noise (``sigmoid``, ``softmax``, ``average``: eval by default)
+        routes per task: ``G = T`` and the group ids are the task ids, so a batch of many examples
+        over few tasks costs what few groups cost, with no host sync. Relaxed-Bernoulli routing
+        draws its noise per example (PEFT's stream): one group per example. With far more tasks
+        than examples (``T > max(256, len(ids))``), per-example routing is cheaper and is used."""
+        mode = self.routing_mode()
+        n_tasks = self.logits.shape[0]
+        if mode != "relaxed_bernoulli" and n_tasks <= max(256, ids.shape[0]):
+            return self._task_weights(mode), ids
+        return self.routing_weights(ids, mode=mode), torch.arange(ids.shape[0], device=device)
+
+    def _task_weights(self, mode: str) -> torch.Tensor:
+        """Weights of every task ``[T, h, S]``. Without autograd (serving) they are kept between
+        calls while the logits and the routing options are unchanged (the logits' version
+        counter moves with every in-place update, e.g. an optimizer step)."""
+        logits = self.logits
+        if needs_autograd(logits):
+            return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
+        key = (id(logits), logits._version, logits.device, mode, self.temperature, self.top_k, self.eps)
+        cached = self.__dict__.get("_mhr_task_weights")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            weights = self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not serve later no_grad calls
+            self.__dict__["_mhr_task_weights"] = (key, weights)
+        return weights
+
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         if self.merged_task is not None:
             if task_ids is not None or self._mhr_task_ids is not None:
@@ -141,14 +173,11 @@ class MHRLinear(nn.Module):
                 check_merged_task_once(ids, self.merged_task, "MHRLinear")
             return self.base(x)
         ids = resolve_task_ids(self, task_ids, x, self.logits.shape[0])
-        weights = self.routing_weights(ids)
-        groups = torch.arange(ids.shape[0], device=x.device)
+        weights, groups = self.routing_groups(ids, x.device)
         if x.dim() == 1:
             groups = groups.reshape(())
         if self.base.weight.dtype == x.dtype:
-            return mhr_linear(
-                x, self.base.weight, self.base.bias, self.A, self.B, weights, groups, scale=self.scale, check_ids=False
-            )
+            return adapted_linear(x, self.base.weight, self.base.bias, self.A, self.B, weights, groups, self.scale)
         return routed_lora(x, self.A, self.B, weights, groups, scale=self.scale, out=self.base(x), check_ids=False)
 
     @torch.no_grad()

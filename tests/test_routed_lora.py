@@ -497,6 +497,42 @@ def test_grouped_cpu_paths(r, with_base):
     assert_close(out, expect, atol=3e-5, rtol=3e-5, what=f"out= r={r}")
 
 
+ROW_TILE_LAYOUTS = {
+    # few groups, rows in random order, many rows: sorted by group, each adapter mixed once
+    "gathered": dict(lead=(3001,), G=4),
+    # few rows, each its own group: project-then-mix in registers (tiles of 8 and single rows)
+    "rows": dict(lead=(13,), G=13),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(ROW_TILE_LAYOUTS))
+@pytest.mark.parametrize("r", [1, 2, 4, 8, 16, 32, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_tile_cpu_paths(layout, r, dtype):
+    """The CPU row-tile kernels, which serve rows in any group order where runs are short:
+    every compile-time rank (1, 2, 4, 8, 16, 32) and a run-time one (5), fp32 and fp64, x with
+    padded rows, y written, added into (out=) and written over a base layer (mhr_linear),
+    against the float64 reference."""
+    spec = ROW_TILE_LAYOUTS[layout]
+    h, S, dk_in, dk_out = 2, 3, 9, 7
+    x, A, B, w = make(h, S, dk_in, r, dk_out, spec["G"], spec["lead"], device="cpu", dtype=dtype, seed=r)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, spec["G"], spec["lead"], generator=gen)
+    x = torch.cat([x, torch.randn(*spec["lead"], 3, dtype=dtype)], dim=-1)[..., : h * dk_in]  # padded rows
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    ref = reference.routed_lora(*(t.double() for t in (x, A, B, w)), ids, scale=0.5)
+    y = mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5)
+    assert_close(y, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what=f"{layout} r={r}")
+    out = torch.randn(*spec["lead"], h * dk_out, dtype=dtype)
+    expect = out.double() + ref
+    mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=out)
+    assert_close(out, expect, atol=tol * max(1.0, expect.abs().max().item()), rtol=tol, what="out=")
+    weight, bias = torch.randn(h * dk_out, h * dk_in, dtype=dtype), torch.randn(h * dk_out, dtype=dtype)
+    y = mhr_ops.mhr_linear(x, weight, bias, A, B, w, ids, scale=0.5)
+    ref = reference.mhr_linear(*(t.double() for t in (x, weight, bias, A, B, w)), ids, scale=0.5)
+    assert_close(y, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what="mhr_linear")
+
+
 def test_opcheck_grouped_cpu_path():
     """opcheck (schema, fake kernel, autograd registration, AOT dispatch) on the CPU grouped
     path: ranks 8, long runs (fused kernels where the CPU has them), x with padded rows."""
@@ -540,6 +576,9 @@ def test_grouped_cpu_paths_under_capability_cap(capability):
         for r in (4, 8, 16, 32, 5):
             for with_base in (False, True):
                 t.test_grouped_cpu_paths(r, with_base)
+        for layout in t.ROW_TILE_LAYOUTS:
+            for r in (1, 8, 5):
+                t.test_row_tile_cpu_paths(layout, r, torch.float32)
         print("checked", got)
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../kernels/routed_lora.h"
+#include "../kernels/routed_lora_rows.h"
 #include "routed_lora_args.h"
 
 namespace mhr_ops {
@@ -230,6 +231,94 @@ at::Tensor row_weight_grads(const at::Tensor& U_in, const at::Tensor& gz_in, con
   return out;
 }
 
+// Whether BLAS over runs of rows beats the row-tile kernels: long runs (a training batch, one
+// task per example), where each run is two thin GEMMs.
+bool use_blas_runs(const std::vector<Run>& runs, const LoraDims& d) {
+  return !runs.empty() && d.rows >= 64 * static_cast<int64_t>(runs.size());
+}
+
+// Group of every row [N] (ids repeated rows_per_id times), int64.
+std::vector<int64_t> row_groups(const at::Tensor& group_ids, const LoraDims& d) {
+  const at::Tensor ids = group_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(d.rows);
+  for (int64_t n = 0; n < d.rows; ++n) out[n] = id[n / d.rows_per_id];
+  return out;
+}
+
+// The row-tile kernels (routed_lora_rows.h) for y in the compute dtype: project-then-mix in
+// registers when rows are few against the groups they use (each tile reads every skill once),
+// else rows sorted by group, each used group's adapter mixed once, tiles of one group. Cost in
+// units of one row's LoRA arithmetic 2 (d_in + d_out) r: rows-in-registers pays S per row; the
+// gathered path S per used group (batched GEMMs) + 1 per row + ~30 us of set-up.
+void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at::Tensor& group_ids,
+                      const std::vector<Run>& runs, const LoraDims& d, double scale, bool accumulate) {
+  const std::vector<int64_t> groups_of = row_groups(group_ids, d);
+  const GroupSlots slots = group_slots(runs);
+  const double unit = 2.0 * static_cast<double>(d.d_in + d.d_out) * static_cast<double>(d.rank);
+  const double rows_cost = static_cast<double>(d.rows * d.skills);
+  const double gathered_cost = static_cast<double>(slots.ids.size() * d.skills + d.rows) + 3e5 / unit;
+  const at::ScalarType ct = o.x.scalar_type();
+  const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
+  if (rows_cost <= gathered_cost) {
+    LoraRowsParams p;
+    p.x = o.x.const_data_ptr();
+    p.x_stride_n = o.x.stride(0);
+    p.A = o.A.const_data_ptr();
+    p.B = o.B.const_data_ptr();
+    const at::Tensor w = o.w.contiguous();
+    p.weights = w.const_data_ptr();
+    p.row_group = groups_of.data();
+    p.y = y.data_ptr();
+    p.y_stride_n = y.stride(0);
+    p.accumulate = accumulate;
+    p.z = z.data_ptr();
+    p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills, p.rank = d.rank;
+    p.groups = d.groups;
+    p.scale = scale;
+    at::parallel_for(0, (d.rows + kLoraRowTile - 1) / kLoraRowTile, 1, [&](int64_t b, int64_t e) {
+      const int64_t r0 = b * kLoraRowTile, r1 = std::min(d.rows, e * kLoraRowTile);
+      ct == at::kDouble ? routed_lora_rows_forward_cpu<double>(p, r0, r1, avx2)
+                        : routed_lora_rows_forward_cpu<float>(p, r0, r1, avx2);
+    });
+    return;
+  }
+  // Rows by group; each used group's rows cut into pieces of a fair share for the threads.
+  std::vector<int64_t> order(d.rows), start(d.groups + 1);
+  sort_rows_by_group(groups_of.data(), d.rows, d.groups, order.data(), start.data());
+  const int64_t share = std::max<int64_t>(
+      kLoraRowTile, (d.rows + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()) / kLoraRowTile * kLoraRowTile);
+  std::vector<int64_t> piece_start, piece_rows, piece_slot;
+  for (size_t i = 0; i < slots.ids.size(); ++i) {
+    const int64_t g = slots.ids[i];
+    for (int64_t off = start[g]; off < start[g + 1]; off += share) {
+      piece_start.push_back(off);
+      piece_rows.push_back(std::min(share, start[g + 1] - off));
+      piece_slot.push_back(static_cast<int64_t>(i));
+    }
+  }
+  const auto [a_mix, bt_mix] = mix_groups(o, slots.ids, d, scale);  // [n, d_in, r], scale * B_g^T [n, d_out, r]
+  const at::Tensor b_mix = bt_mix.transpose(1, 2).contiguous();    // scale * B_g [n, r, d_out]
+  LoraGatheredParams p;
+  p.x = o.x.const_data_ptr();
+  p.x_stride_n = o.x.stride(0);
+  p.y = y.data_ptr();
+  p.y_stride_n = y.stride(0);
+  p.accumulate = accumulate;
+  p.z = z.data_ptr();
+  p.a_mix = a_mix.const_data_ptr();
+  p.b_mix = b_mix.const_data_ptr();
+  p.rows = order.data();
+  p.piece_start = piece_start.data();
+  p.piece_rows = piece_rows.data();
+  p.piece_slot = piece_slot.data();
+  p.d_in = d.d_in, p.d_out = d.d_out, p.rank = d.rank;
+  at::parallel_for(0, static_cast<int64_t>(piece_start.size()), 1, [&](int64_t b, int64_t e) {
+    ct == at::kDouble ? routed_lora_gathered_forward_cpu<double>(p, b, e, avx2)
+                      : routed_lora_gathered_forward_cpu<float>(p, b, e, avx2);
+  });
+}
+
 // The fused forward kernel's variant for fp32 x and y with unit column strides (else kNone).
 CpuIsa forward_kernel_isa(const at::Tensor& x, const at::Tensor& y, const LoraDims& d) {
   return x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.stride(1) == 1 && y.stride(1) == 1
@@ -258,6 +347,10 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   const CpuIsa isa = forward_kernel_isa(o.x, y, d);  // z and y in one pass each
   const bool grouped = use_grouped(runs, d, isa != CpuIsa::kNone);
   TORCH_INTERNAL_ASSERT(bias == nullptr || (grouped && isa != CpuIsa::kNone && !accumulate));
+  if (direct && !(grouped && isa != CpuIsa::kNone) && !use_blas_runs(runs, d)) {
+    row_tile_forward(y, z, o, group_ids, runs, d, scale, accumulate);
+    return z;
+  }
   if (grouped) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
     const GroupSlots slots = group_slots(runs);
