@@ -108,7 +108,8 @@ def _as_number(value, name: str) -> float:
     """A Python number, or a 0-d tensor read once (``.item()``; constant, no gradient)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_complex():
-            raise TypeError(f"{name}: expected a number or a 0-d real tensor, got a tensor of shape {tuple(value.shape)}")
+            shape = tuple(value.shape)
+            raise TypeError(f"{name}: expected a number or a 0-d real tensor, got a tensor of shape {shape}")
         if value.requires_grad:
             raise ValueError(f"{name}: expected a constant, got a tensor that requires grad (it is not learnable)")
         return float(value.item())

@@ -300,7 +300,8 @@ def test_temperature_as_0d_tensor():
     noise = torch.rand(3, 2, 3)
     kw = dict(n_skills=3, mode="relaxed_bernoulli", noise=noise)
     expected = mhr_ops.route(logits, ids, temperature=0.5, **kw)
-    torch.testing.assert_close(mhr_ops.route(logits, ids, temperature=torch.tensor(0.5), **kw), expected, rtol=0, atol=0)
+    got = mhr_ops.route(logits, ids, temperature=torch.tensor(0.5), **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="temperature: expected a constant"):
         mhr_ops.route(logits, ids, temperature=torch.tensor(0.5, requires_grad=True), **kw)
     with pytest.raises(TypeError, match="temperature: expected a number or a 0-d real tensor"):
