@@ -16,8 +16,8 @@ from ..shapes import ShapeSet
 # Targets the team tracks: time / bare, per row count (None: not tracked).
 TARGET_VS_BARE = {1: 1.3, 8: 1.15, 4096: 1.1}
 # The train overhead (mhr_ops - bare, us) measured before the op-layer speed-up
-# (bench/results/serve-before.txt); the target is half of it. None until that run exists.
-TRAIN_OVERHEAD_BEFORE_US: float | None = None
+# (bench/results/serve-before.txt, median of mhr_ops - bare); the target is half of it.
+TRAIN_OVERHEAD_BEFORE_US: float | None = 2321.0  # commit 0e27b1d, 2 threads, load ~3-4
 
 
 def bench_serve(device: torch.device, shape_set: ShapeSet) -> list[Result]:
