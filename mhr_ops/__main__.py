@@ -72,6 +72,10 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         benchmarking.resolve(shapes, device.type)
     except ValueError as e:
         parser.error(f"--shapes: {e}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: expected >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     json_path = args.json or f"mhr_ops-bench-{device.type}.json"
     png_path = args.png or f"mhr_ops-bench-{device.type}.png"
     benchmarking.run(device, shapes, json_path=json_path, png_path=png_path)
@@ -108,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--device", default=default_device, help=f"cpu or cuda[:N] (default: {default_device})")
     p_bench.add_argument(
         "--shapes", default=None, metavar="SET[,SET...]", help="comma-separated shape sets (listed below)"
+    )
+    p_bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"CPU threads for torch and the kernels (default: torch's, here {torch.get_num_threads()}); "
+        "on a shared machine, fewer threads than busy cores avoids waiting on descheduled threads",
     )
     p_bench.add_argument(
         "--json", default=None, metavar="PATH", help="the JSON record (default: mhr_ops-bench-DEVICE.json)"
