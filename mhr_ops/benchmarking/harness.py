@@ -66,7 +66,7 @@ def time_side_by_side(
     fns: dict[str, Callable[[int], object]],
     *,
     device: torch.device,
-    warmup: int = 3,
+    warmup: int = 5,
     reps: int | None = None,
     budget_s: float = 2.0,
     min_reps: int = 20,
@@ -75,11 +75,12 @@ def time_side_by_side(
     """Samples in microseconds of each ``fn(i)`` (i = rep index, for rotating inputs), one per rep.
 
     With ``reps=None`` the number of reps is chosen so that timing takes about ``budget_s``
-    seconds (from the last warm-up round), within ``[min_reps, max_reps]``: fast cases get many
+    seconds (from the fastest warm-up round: a busy machine's slow round would cut the reps of
+    the cases it hits), within ``[min_reps, max_reps]``: fast cases get many
     reps, slow ones at least ``min_reps``."""
-    round_us = 0.0
+    round_us = float("inf")
     for i in range(warmup):
-        round_us = sum(_time_once(fn, i, device) for fn in fns.values())
+        round_us = min(round_us, sum(_time_once(fn, i, device) for fn in fns.values()))
     if reps is None:
         reps = int(min(max_reps, max(min_reps, budget_s * 1e6 / max(round_us, 1.0))))
     samples: dict[str, list[float]] = {name: [] for name in fns}

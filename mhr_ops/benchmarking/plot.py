@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .harness import Stat, per_rep_ratio  # noqa: E402
+from .harness import Stat  # noqa: E402
 
 COLORS = {"bare": "0.55", "peft": "tab:orange", "mhr_ops": "tab:blue", "reference_fp64": "tab:purple"}
 OTHER_COLORS = ["tab:green", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
@@ -85,17 +85,13 @@ def plot(record: dict, path: str) -> None:
         ax.set_title(f"{name}: time, median and IQR over interleaved reps", fontsize=10)
         ax.legend(fontsize=8)
 
+        # The per-rep time ratios "X / baseline" the table prints, one series per X.
         ratios, targets = {}, {}
         for i in impls:
-            if all(i == r["baseline"] for r in results if i in r["samples_us"]):
-                continue
-            ratios[i] = [
-                per_rep_ratio(r["samples_us"], i, r["baseline"])
-                if i in r["samples_us"] and i != r["baseline"]
-                else None
-                for r in results
-            ]
-            targets[i] = [_target(r, f"{i} / {r['baseline']}") for r in results]
+            metrics = [_metric(r, f"{i} / {r['baseline']}") for r in results]
+            if any(metrics):
+                ratios[i] = [Stat(**m["stat"]) if m else None for m in metrics]
+                targets[i] = [m["target"] if m else None for m in metrics]
         ax = axes[row][1]
         _bars(ax, cases, ratios, colors, "time / baseline's time (lower is better)", targets, annotate=True)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -107,13 +103,13 @@ def plot(record: dict, path: str) -> None:
         _roofline(axes[-1][0], roofline)
         axes[-1][1].axis("off")
     fig.suptitle(f"mhr_ops bench on {record['device']}, torch {record['torch']}, mhr_ops {record['commit'][:12]}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _target(result: dict, metric: str) -> float | None:
-    return next((m["target"] for m in result["metrics"] if m["name"] == metric), None)
+def _metric(result: dict, name: str) -> dict | None:
+    return next((m for m in result["metrics"] if m["name"] == name), None)
 
 
 def _scaled(s: Stat, k: float) -> Stat:

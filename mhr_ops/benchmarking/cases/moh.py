@@ -43,6 +43,7 @@ def bench_moh(device: torch.device, shape_set: ShapeSet) -> list[Result]:
         shape_set.name, "gated o_proj fwd", dict(p), "dense_o_proj", time_side_by_side(impls, device=device)
     )
     result.ratio("mhr_ops_gated", "dense_o_proj")
+    result.ratio("torch_gate_then_linear", "dense_o_proj")
     result.ratio("mhr_ops_gated", "torch_gate_then_linear")
     result.ratio("router_and_gates", "mhr_ops_gated", note="the router's share of the projection's time")
     result.extra["open_head_fraction"] = active
