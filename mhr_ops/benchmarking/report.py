@@ -40,7 +40,8 @@ EXTRA_LABELS = {
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()}, {n} thread{'' if n == 1 else 's'}"
 
 
 def format_time(us: float) -> str:
