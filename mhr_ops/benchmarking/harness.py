@@ -77,7 +77,9 @@ def time_side_by_side(
     With ``reps=None`` the number of reps is chosen so that timing takes about ``budget_s``
     seconds (from the fastest warm-up round: a busy machine's slow round would cut the reps of
     the cases it hits), within ``[min_reps, max_reps]``: fast cases get many
-    reps, slow ones at least ``min_reps``."""
+    reps, slow ones at least ``min_reps``; timing stops after ``min_reps`` once it has taken
+    twice the budget (the machine got slower). An explicit ``reps`` is always run in full."""
+    stop_early = reps is None
     round_us = float("inf")
     for i in range(warmup):
         round_us = min(round_us, sum(_time_once(fn, i, device) for fn in fns.values()))
@@ -87,10 +89,13 @@ def time_side_by_side(
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a full collection would land on whichever call triggers it
+    deadline = time.perf_counter() + 2 * budget_s  # cap when the machine slows down after warm-up
     try:
         for i in range(reps):
             for name, fn in fns.items():
                 samples[name].append(_time_once(fn, i, device))
+            if stop_early and i + 1 >= min_reps and time.perf_counter() > deadline:
+                break
     finally:
         if was_enabled:
             gc.enable()
