@@ -6,6 +6,7 @@ and flops. Needs matplotlib (imported here, at module import)."""
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,6 +83,7 @@ def plot(record: dict, path: str) -> None:
         ax = axes[row][0]
         _bars(ax, cases, times, colors, f"time per call ({unit}), log scale")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(f"{name}: time, median and IQR over interleaved reps", fontsize=10)
         ax.legend(fontsize=8)
 
@@ -99,6 +101,8 @@ def plot(record: dict, path: str) -> None:
         ax.set_title(f"{name}: time relative to {baselines} (per rep; red bar = target)", fontsize=10)
         if max((s.q3 for ss in ratios.values() for s in ss if s is not None), default=1) > 4:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     if roofline:
         _roofline(axes[-1][0], roofline)
         axes[-1][1].axis("off")
