@@ -45,8 +45,16 @@ def build_info() -> dict:
     """How this copy was built: version, torch versions (built against, running), whether CUDA
     kernels are compiled in and for which architectures, the CUTLASS version used (or None),
     whether the C++ code was built with OpenMP (its parallel loops use threads), and whether the
-    CUDA kernels are registered for the CUDA dispatch key."""
+    CUDA kernels are registered for the CUDA dispatch key; ``commit``: the git commit of the source
+    tree it was built from (``-dirty`` appended, uncommitted changes) as setup.py stamped it in
+    ``mhr_ops/_build_meta.py``, or a sentence saying why it is unknown."""
     info = dict(_C.build_info())
+    try:
+        from . import _build_meta
+    except ImportError:
+        info["commit"] = "unknown (mhr_ops/_build_meta.py is missing: built without setup.py)"
+    else:
+        info["commit"] = _build_meta.COMMIT + ("-dirty" if _build_meta.DIRTY else "")
     info["torch_version"] = torch.__version__
     info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key("mhr_ops::route", "CUDA")
     return info

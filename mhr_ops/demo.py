@@ -4,10 +4,12 @@ A tiny Llama (built from a config: nothing is downloaded) gets MHR adapters on e
 of its blocks through ``mhr_ops.patch``. Four synthetic tasks share the same inputs and differ only
 in their targets, so the model can only solve them through its routed adapters. The demo checks
 that mhr_ops and PEFT's Poly layers agree on the same weights, times a training step of both side
-by side, then trains with mhr_ops and prints the loss falling."""
+by side with the same trainable parameters (the adapters: A, B and the routing logits, nothing
+else), then trains with mhr_ops and prints the loss falling."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -76,6 +78,26 @@ def peft_twin(model, seed: int, device: torch.device):
     return twin
 
 
+def train_adapters_only(model) -> int:
+    """Make the adapters (A, B and routing logits of every MHR or PEFT Poly layer) the only
+    trainable parameters, whatever ``mhr_ops.patch`` or ``get_peft_model`` left trainable
+    (embeddings, norms, lm_head); return their count."""
+    from peft.tuners.poly.layer import PolyLayer
+
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, mhr_ops.nn.MHRLinear):
+            adapters = [module.A, module.B, module.logits]
+        elif isinstance(module, PolyLayer):
+            adapters = [*module.poly_lora_A.parameters(), *module.poly_lora_B.parameters()]
+            adapters += list(module.poly_router.parameters())
+        else:
+            continue
+        for p in adapters:
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def tokens_per_second(step, batches, tokens_per_batch: int, device: torch.device) -> float:
     for b in batches[:2]:
         step(*b)
@@ -99,8 +121,13 @@ def run(device: torch.device, steps: int, seed: int, batch_size: int = 64) -> in
             if name.endswith(".B"):
                 p.normal_(0, 0.02)
     twin = peft_twin(model, seed, device)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"tiny Llama + MHR adapters on {len(TARGETS)} projections x 2 layers: {n_train:,} trainable parameters")
+    n_train, n_train_peft = train_adapters_only(model), train_adapters_only(twin)
+    if n_train != n_train_peft:
+        raise AssertionError(f"trainable parameters differ: mhr_ops {n_train:,}, PEFT {n_train_peft:,}")
+    print(
+        f"tiny Llama + MHR adapters on {len(TARGETS)} projections x 2 layers; trainable parameters "
+        f"(adapters A, B and routing logits only): mhr_ops {n_train:,}, PEFT Poly {n_train_peft:,}"
+    )
 
     gen = torch.Generator().manual_seed(seed)
     ids, labels, task = make_batch(batch_size, gen, device)
@@ -133,13 +160,16 @@ def run(device: torch.device, steps: int, seed: int, batch_size: int = 64) -> in
     tps_peft = tokens_per_second(step_fn(twin, twin_opt, False), timing_batches, tokens, device)
     tps_ours = tokens_per_second(step_fn(model, opt, True), timing_batches, tokens, device)
     print(
-        f"training throughput: mhr_ops {tps_ours:,.0f} tokens/s, PEFT Poly {tps_peft:,.0f} tokens/s "
-        f"({tps_ours / tps_peft:.2f}x)"
+        f"training throughput (full steps: forward, backward and AdamW step, batch {batch_size} x "
+        f"{2 * SEQ + 1} tokens, {len(timing_batches)} steps each): mhr_ops {tps_ours:,.0f} tokens/s, "
+        f"PEFT Poly {tps_peft:,.0f} tokens/s ({tps_ours / tps_peft:.2f}x)"
     )
 
     step = step_fn(model, opt, True)
     first = last = None
-    bar = tqdm(range(steps), desc="training (mhr_ops)", unit="step")
+    # A progress bar only on a terminal: in a log, its carriage-return redraws flood the file;
+    # the periodic "step ... loss ..." lines below are printed either way.
+    bar = tqdm(range(steps), desc="training (mhr_ops)", unit="step", disable=not sys.stderr.isatty())
     for i in bar:
         loss = step(*make_batch(batch_size, gen, device)).item()
         first = loss if first is None else first
