@@ -48,8 +48,10 @@ def resolve_task_ids(module: torch.nn.Module, task_ids, x: torch.Tensor, n_tasks
     if task_ids is None:
         task_ids = getattr(module, "_mhr_task_ids", None)
     if task_ids is None:
+        name = module.__dict__.get("_mhr_name")
+        layer = f"{type(module).__name__} {name!r}" if name else type(module).__name__
         raise ValueError(
-            f"task_ids: {type(module).__name__} needs task ids: pass task_ids=... or run the model inside "
+            f"task_ids: layer {layer} needs task ids: pass task_ids=... or run the model inside "
             "`with mhr_ops.use_tasks(model, task_ids):`"
         )
     ids = as_index_tensor(task_ids, "task_ids", x.device)

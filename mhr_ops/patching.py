@@ -73,7 +73,9 @@ def patch(
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs))
+        adapted = MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs)
+        adapted._mhr_name = name  # errors name the layer
+        setattr(parent, child, adapted)
     keep = {id(p) for view in adapted_layers(model) for p in (view.get("A"), view.get("B"), view.get("logits"))}
     if kwargs.get("freeze_base", True) is False:
         keep.update(id(p) for _, module in targets for p in module.parameters())

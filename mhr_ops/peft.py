@@ -95,7 +95,11 @@ def accelerate(peft_model: nn.Module, enabled: bool = True) -> nn.Module:
     """In place: every PEFT Poly layer of ``peft_model`` runs mhr_ops kernels (``enabled=False``
     puts PEFT's own forward back). Same Parameters, same state-dict keys, same outputs."""
     cls = _poly_linear_cls()
-    layers = [m for m in peft_model.modules() if isinstance(m, cls)]
+    layers = []
+    for name, m in peft_model.named_modules():
+        if isinstance(m, cls):
+            m._mhr_name = name  # errors name the layer
+            layers.append(m)
     if not layers:
         raise ValueError("peft_model: no PEFT Poly layers (peft.tuners.poly.layer.Linear) found")
     for layer in layers:

@@ -85,3 +85,11 @@ def test_no_grad_calls_skip_the_autograd_layer_but_grad_calls_do_not():
     assert y.grad_fn is not None
     y.sum().backward()
     assert x.grad is not None and m.logits.grad is not None
+
+
+def test_missing_task_ids_error_names_the_layer():
+    from conftest import tiny_llama
+
+    model = mhr_ops.patch(tiny_llama(), ["q_proj"], r=2, n_skills=2, n_tasks=3)
+    with pytest.raises(ValueError, match=r"layer MHRLinear 'model\.layers\.0\.self_attn\.q_proj' needs task ids"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
