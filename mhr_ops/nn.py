@@ -156,7 +156,9 @@ class MHRLinear(nn.Module):
         logits = self.logits
         if needs_autograd(logits):
             return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
-        key = (id(logits), logits._version, logits.device, mode, self.temperature, self.top_k, self.eps)
+        # .to() / .half() swap the Parameter's data without bumping its version: data_ptr and dtype
+        key = (id(logits), logits.data_ptr(), logits._version, logits.dtype, logits.device, mode, self.temperature,
+               self.top_k, self.eps)
         cached = self.__dict__.get("_mhr_task_weights")
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -58,6 +58,11 @@ def test_kept_task_weights_follow_the_logits():
     with torch.inference_mode():
         y = m(x, task_ids=tasks)
     assert_close(y, per_example_reference(m, x, tasks, "sigmoid"), atol=1e-5, rtol=1e-5, what="inference_mode")
+    m.double()  # swaps the Parameters' data (no version bump): the kept weights must follow
+    with torch.no_grad():
+        y = m(x.double(), task_ids=tasks)
+    assert y.dtype == torch.float64
+    assert_close(y, per_example_reference(m, x, tasks, "sigmoid"), atol=1e-10, rtol=1e-10, what="after .double()")
 
 
 def test_train_mode_without_noise_routes_per_task_with_gradients():
