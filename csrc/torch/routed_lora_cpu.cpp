@@ -247,20 +247,16 @@ std::vector<int64_t> row_groups(const at::Tensor& group_ids, const LoraDims& d) 
 }
 
 // The row-tile kernels (routed_lora_rows.h) for y in the compute dtype: project-then-mix in
-// registers when rows are few against the groups they use (each tile reads every skill once),
-// else rows sorted by group, each used group's adapter mixed once, tiles of one group. Cost in
-// units of one row's LoRA arithmetic 2 (d_in + d_out) r: rows-in-registers pays S per row; the
-// gathered path S per used group (batched GEMMs) + 1 per row + ~30 us of set-up.
+// registers (few rows against the groups they use: each tile reads every skill once), or rows
+// sorted by group with each used group's adapter mixed once (`gathered`; it also takes `bias`).
 void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at::Tensor& group_ids,
-                      const std::vector<Run>& runs, const LoraDims& d, double scale, bool accumulate) {
+                      const std::vector<Run>& runs, const LoraDims& d, double scale, bool accumulate, bool gathered,
+                      const void* bias) {
   const std::vector<int64_t> groups_of = row_groups(group_ids, d);
   const GroupSlots slots = group_slots(runs);
-  const double unit = 2.0 * static_cast<double>(d.d_in + d.d_out) * static_cast<double>(d.rank);
-  const double rows_cost = static_cast<double>(d.rows * d.skills);
-  const double gathered_cost = static_cast<double>(slots.ids.size() * d.skills + d.rows) + 3e5 / unit;
   const at::ScalarType ct = o.x.scalar_type();
   const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
-  if (rows_cost <= gathered_cost) {
+  if (!gathered) {
     LoraRowsParams p;
     p.x = o.x.const_data_ptr();
     p.x_stride_n = o.x.stride(0);
@@ -305,6 +301,7 @@ void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at:
   p.y = y.data_ptr();
   p.y_stride_n = y.stride(0);
   p.accumulate = accumulate;
+  p.bias = bias;
   p.z = z.data_ptr();
   p.a_mix = a_mix.const_data_ptr();
   p.b_mix = b_mix.const_data_ptr();
@@ -319,38 +316,76 @@ void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at:
   });
 }
 
-// The fused forward kernel's variant for fp32 x and y with unit column strides (else kNone).
-CpuIsa forward_kernel_isa(const at::Tensor& x, const at::Tensor& y, const LoraDims& d) {
-  return x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.stride(1) == 1 && y.stride(1) == 1
+// The fused forward kernel's variant for fp32 x and y (else kNone). Operands come in
+// rows_layout (unit column strides), so the choice does not depend on the caller's layout.
+CpuIsa forward_kernel_isa(at::ScalarType x_type, at::ScalarType y_type, const LoraDims& d) {
+  return x_type == at::kFloat && y_type == at::kFloat
              ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, allowed_cpu_isa())
              : CpuIsa::kNone;
 }
 
-// Whether forward_into runs the fused grouped kernel for this problem.
-bool fused_grouped_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& group_ids,
-                           const LoraDims& d) {
-  const CpuIsa isa = forward_kernel_isa(x, y, d);
-  return d.rows > 0 && isa != CpuIsa::kNone && use_grouped(group_runs(group_ids, d), d, /*fused=*/true);
+// How forward_into computes one problem, decided once from the ids, sizes and dtypes.
+enum class ForwardPath {
+  kFusedRuns,       // long runs of one group, the fused AVX-512 kernel (z and y in one pass each)
+  kTileRows,        // row-tile kernel, project-then-mix in registers (few rows against their groups)
+  kTileGathered,    // row-tile kernel, rows sorted by group, each used adapter mixed once
+  kBlasRuns,        // runs of one group, two thin GEMMs each
+  kProjectThenMix,  // BLAS over all skills at once, mixed per row (half-precision y)
+};
+struct ForwardPlan {
+  ForwardPath path = ForwardPath::kProjectThenMix;
+  std::vector<Run> runs;  // runs of consecutive rows of one group (ids checked)
+  CpuIsa isa = CpuIsa::kNone;
+  // The paths whose kernel can write y = bias + update (mhr_linear then lets the GEMM add x W^T).
+  bool takes_bias() const { return path == ForwardPath::kFusedRuns || path == ForwardPath::kTileGathered; }
+};
+
+// The row-tile kernels' choice, in units of one row's LoRA arithmetic 2 (d_in + d_out) r:
+// rows-in-registers pays S per row; the gathered path S per used group (batched GEMMs) + 1 per
+// row + ~30 us of set-up.
+ForwardPath tile_path(const std::vector<Run>& runs, const LoraDims& d) {
+  const double unit = 2.0 * static_cast<double>(d.d_in + d.d_out) * static_cast<double>(d.rank);
+  const double used = static_cast<double>(group_slots(runs).ids.size());
+  const double rows_cost = static_cast<double>(d.rows * d.skills);
+  const double gathered_cost = used * static_cast<double>(d.skills) + static_cast<double>(d.rows) + 3e5 / unit;
+  return rows_cost <= gathered_cost ? ForwardPath::kTileRows : ForwardPath::kTileGathered;
 }
 
-// y [N, d_out] (x's dtype) = or += scale * routed update. Returns z = x @ A_g [N, r] (compute dtype).
-// `bias` [d_out] (fp32, contiguous) is only taken by the fused grouped kernel, which then writes
-// y = bias + update (see fused_grouped_forward).
+// y_type: y's dtype; the row-tile kernels and the fused kernel write y in the compute dtype.
+ForwardPlan plan_forward(at::ScalarType x_type, at::ScalarType y_type, const at::Tensor& group_ids,
+                         const LoraDims& d) {
+  ForwardPlan plan;
+  if (d.rows == 0) return plan;
+  plan.runs = group_runs(group_ids, d);
+  plan.isa = forward_kernel_isa(x_type, y_type, d);
+  const bool direct = y_type == (x_type == at::kDouble ? at::kDouble : at::kFloat);
+  if (plan.isa != CpuIsa::kNone && use_grouped(plan.runs, d, /*fused=*/true))
+    plan.path = ForwardPath::kFusedRuns;
+  else if (direct && !use_blas_runs(plan.runs, d))
+    plan.path = tile_path(plan.runs, d);
+  else
+    plan.path = use_grouped(plan.runs, d, /*fused=*/false) ? ForwardPath::kBlasRuns : ForwardPath::kProjectThenMix;
+  return plan;
+}
+
+// y [N, d_out] (x's dtype) = or += scale * routed update, as `plan` says. Returns z = x @ A_g
+// [N, r] (compute dtype). `bias` [d_out] (compute dtype, contiguous) is only taken where
+// plan.takes_bias(), without accumulate: those kernels then write y = bias + update.
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale,
-                        bool accumulate, const float* bias = nullptr) {
+                        bool accumulate, const ForwardPlan& plan, const void* bias = nullptr) {
   at::Tensor z = at::empty({d.rows, d.rank}, x.options().dtype(compute_type(x)));
   if (d.rows == 0) return z;
-  const auto runs = group_runs(group_ids, d);
+  const auto& runs = plan.runs;
   Operands o = operands(x, A, B, weights, d);
   const bool direct = y.scalar_type() == compute_type(x);
-  const CpuIsa isa = forward_kernel_isa(o.x, y, d);  // z and y in one pass each
-  const bool grouped = use_grouped(runs, d, isa != CpuIsa::kNone);
-  TORCH_INTERNAL_ASSERT(bias == nullptr || (grouped && isa != CpuIsa::kNone && !accumulate));
-  if (direct && !(grouped && isa != CpuIsa::kNone) && !use_blas_runs(runs, d)) {
-    row_tile_forward(y, z, o, group_ids, runs, d, scale, accumulate);
+  TORCH_INTERNAL_ASSERT(bias == nullptr || (plan.takes_bias() && !accumulate));
+  if (plan.path == ForwardPath::kTileRows || plan.path == ForwardPath::kTileGathered) {
+    row_tile_forward(y, z, o, group_ids, runs, d, scale, accumulate, plan.path == ForwardPath::kTileGathered, bias);
     return z;
   }
+  const CpuIsa isa = plan.path == ForwardPath::kFusedRuns ? plan.isa : CpuIsa::kNone;
+  const bool grouped = plan.path == ForwardPath::kFusedRuns || plan.path == ForwardPath::kBlasRuns;
   if (grouped) {
     // Mix each group's adapter once (small), then the runs in parallel: they write disjoint rows.
     const GroupSlots slots = group_slots(runs);
@@ -368,7 +403,7 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
       base.d_out = d.d_out;
       base.rank = d.rank;
       base.accumulate = accumulate;
-      base.bias = bias;
+      base.bias = static_cast<const float*>(bias);
       const float* a_base = a_mix.const_data_ptr<float>();
       const float* bt_base = bt_mix.const_data_ptr<float>();
       std::atomic<bool> refused{false};
@@ -421,7 +456,8 @@ std::tuple<at::Tensor, at::Tensor> routed_lora_cpu(const at::Tensor& x, const at
                                                    int64_t rows_per_id, double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
-  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false);
+  const ForwardPlan plan = plan_forward(x.scalar_type(), y.scalar_type(), group_ids, d);
+  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false, plan);
   return {y, z};
 }
 
@@ -434,16 +470,17 @@ at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::T
               "out: expected a tensor without internal overlap (each element written once), got strides ",
               out.strides());
   const at::Tensor y = rows_layout(out);
-  if (y.is_same(out)) return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  const ForwardPlan plan = plan_forward(x.scalar_type(), out.scalar_type(), group_ids, d);
+  if (y.is_same(out)) return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true, plan);
   at::Tensor tmp = y;  // a column-strided out: the same arithmetic as a row-major one, then copied back
-  at::Tensor z = forward_into(tmp, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  at::Tensor z = forward_into(tmp, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true, plan);
   out.copy_(tmp);
   return z;
 }
 
-// mhr_linear on the CPU: as the composite (F.linear, then routed_lora_add_), except when the
-// fused grouped kernel runs: it writes y = bias + update first and the base GEMM accumulates
-// into y (beta = 1), which saves a read-modify-write pass over y.
+// mhr_linear on the CPU: as the composite (F.linear, then routed_lora_add_), except where the
+// plan's kernel takes a bias (fused runs, gathered row tiles): it writes y = bias + update first
+// and the base GEMM accumulates into y (beta = 1), which saves a read-modify-write pass over y.
 std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                   const at::Tensor& B, const at::Tensor& weights,
@@ -454,17 +491,19 @@ std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x_in, const 
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   TORCH_CHECK(weight.size(0) == d.d_out, "weight: expected ", d.d_out, " rows (B's d_out), got ", weight.size(0));
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
-  if (fused_grouped_forward(x, y, group_ids, d) && (!has_bias || bias->scalar_type() == at::kFloat)) {
+  const ForwardPlan plan = plan_forward(x.scalar_type(), y.scalar_type(), group_ids, d);
+  const auto ct = compute_type(x);
+  if (plan.takes_bias() && x.scalar_type() == ct && (!has_bias || bias->scalar_type() == ct)) {
     TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == d.d_out), "bias: expected shape [", d.d_out,
                 "], got ", bias->sizes());
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-    at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false,
-                                has_bias ? b.const_data_ptr<float>() : nullptr);
+    at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/false, plan,
+                                has_bias ? b.const_data_ptr() : nullptr);
     y.addmm_(x, weight.t());
     return {y, z};
   }
   y = at::linear(x, weight, bias);
-  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true);
+  at::Tensor z = forward_into(y, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true, plan);
   return {y, z};
 }
 
