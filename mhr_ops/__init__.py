@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, nn, reference
+from . import _C, nn, peft, reference
 from ._tasks import use_tasks
 from .lora import mhr_linear, routed_lora
 from .moh import gated_head_proj, head_gates, load_balance_loss
@@ -23,6 +23,7 @@ __all__ = [
     "nn",
     "patch",
     "patch_moh",
+    "peft",
     "reference",
     "route",
     "routed_lora",
@@ -31,14 +32,6 @@ __all__ = [
     "use_tasks",
 ]
 __version__ = _C.build_info()["version"]
-
-
-def __getattr__(name: str):
-    if name == "peft":  # optional dependency: imported on first use
-        import importlib
-
-        return importlib.import_module(".peft", __name__)
-    raise AttributeError(f"module 'mhr_ops' has no attribute {name!r}")
 
 
 def build_info() -> dict:

@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .nn import MHRLinear
+from .nn import GatedOutputProjection, MHRLinear, MoHGate
+from .peft import peft_task_delta
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -149,8 +150,6 @@ class _Adapted:
     def task_delta(self, task_id: int) -> torch.Tensor:
         if not self.is_peft:
             return self.layer.task_delta(task_id)
-        from .peft import peft_task_delta
-
         return peft_task_delta(self.layer, self.adapter, task_id)
 
 
@@ -257,8 +256,6 @@ def patch_moh(model: nn.Module, *, n_shared: int, top_k: int, router: str = "lin
     a hook on ``q_proj``. ``n_shared`` heads are always on; ``top_k`` of the others per token.
     With ``top_k`` = all routed heads and a fresh linear router whose routed weights are zeroed,
     every gate is 1 and the model computes what it did before."""
-    from .nn import GatedOutputProjection, MoHGate
-
     patched = 0
     for module in list(model.modules()):
         if not all(hasattr(module, a) for a in ("q_proj", "o_proj", "head_dim")) or not isinstance(
