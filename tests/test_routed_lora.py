@@ -533,6 +533,35 @@ def test_row_tile_cpu_paths(layout, r, dtype):
     assert_close(y, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what="mhr_linear")
 
 
+@pytest.mark.parametrize("r", [1, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_row_backward_cpu_path(r, dtype, with_base):
+    """Few rows in short runs (here 11 rows, every row its own or a shared group, unsorted) take
+    the CPU row backward kernel: dx (with mhr_linear's base part), dA, dB and the routing-weight
+    gradient against the float64 reference, x with padded rows."""
+    h, S, dk_in, dk_out = 3, 4, 5, 7
+    x, A, B, w = make(h, S, dk_in, r, dk_out, 6, (11,), device="cpu", dtype=dtype, seed=40 + r)
+    x = torch.cat([x, torch.randn(11, 2, dtype=dtype)], dim=-1)[:, : h * dk_in]
+    ids = torch.tensor([5, 0, 3, 3, 1, 0, 2, 4, 5, 1, 2])
+    weight, bias = torch.randn(h * dk_out, h * dk_in, dtype=dtype), torch.randn(h * dk_out, dtype=dtype)
+    ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    refs = [t.detach().double().requires_grad_() for t in (x, A, B, w)]
+    if with_base:
+        y = mhr_ops.mhr_linear(ours[0], weight, bias, *ours[1:], ids, scale=0.5)
+        ref = reference.mhr_linear(refs[0], weight.double(), bias.double(), *refs[1:], ids, scale=0.5)
+    else:
+        y = mhr_ops.routed_lora(*ours, ids, scale=0.5)
+        ref = reference.routed_lora(*refs, ids, scale=0.5)
+    gy = torch.randn(11, h * dk_out, dtype=dtype)
+    y.backward(gy)
+    ref.backward(gy.double())
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    for name, a, b in zip("x A B weights".split(), ours, refs, strict=True):
+        scale = max(1.0, b.grad.abs().max().item())
+        assert_close(a.grad, b.grad, atol=tol * scale, rtol=tol, what=f"d{name} r={r}")
+
+
 def test_opcheck_grouped_cpu_path():
     """opcheck (schema, fake kernel, autograd registration, AOT dispatch) on the CPU grouped
     path: ranks 8, long runs (fused kernels where the CPU has them), x with padded rows."""
@@ -579,6 +608,8 @@ def test_grouped_cpu_paths_under_capability_cap(capability):
         for layout in t.ROW_TILE_LAYOUTS:
             for r in (1, 8, 5):
                 t.test_row_tile_cpu_paths(layout, r, torch.float32)
+        for with_base in (False, True):
+            t.test_row_backward_cpu_path(8, torch.float32, with_base)
         print("checked", got)
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)

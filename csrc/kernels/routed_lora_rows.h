@@ -69,6 +69,42 @@ template <typename T>
 void routed_lora_gathered_forward_cpu(const LoraGatheredParams& p, int64_t piece_begin, int64_t piece_end,
                                       bool use_avx2);
 
+// The backward of the project-then-mix kernel, one row at a time (for few rows: a training step of
+// short sequences, one task each): per row it re-projects x and grad_y onto every skill, so the
+// cost is ~4 S times plain LoRA's; batches of many rows take the caller's BLAS paths.
+//   gz = scale * sum_{k,s} w[k,s] * (gy[k-block] @ B[k,s]^T)         (written per row, [N, r])
+//   dx[k-block] (+)= sum_s w[k,s] * gz @ A[k,s]^T                       (optional)
+//   dA[k,s] += w[k,s] * x[k-block]^T gz;  dB[k,s] += scale w[k,s] z^T gy[k-block]
+//   dw[g,k,s] += (x[k-block] @ A[k,s]) . gz + scale * z . (gy[k-block] @ B[k,s]^T)
+// dA, dB, dw are summed into the caller's accumulators (zeroed by it; one set per thread).
+struct LoraRowsGradParams {
+  const void* x = nullptr;  // [N, d_in] of T, unit column stride
+  int64_t x_stride_n = 0;
+  const void* grad_y = nullptr;  // [N, d_out] of T, unit column stride
+  int64_t gy_stride_n = 0;
+  const void* z = nullptr;        // the forward's bottleneck [N, r] of T, contiguous
+  const void* A = nullptr;        // [h, S, d_in/h, r] of T, contiguous
+  const void* B = nullptr;        // [h, S, r, d_out/h] of T, contiguous
+  const void* weights = nullptr;  // [G, h, S] of T, contiguous
+  const int64_t* row_group = nullptr;  // [N], ids in [0, G) (checked by the caller)
+  void* gz = nullptr;                  // out: [N, r] of T, contiguous
+  void* dx = nullptr;                  // [N, d_in] of T, unit column stride; null: not needed
+  int64_t dx_stride_n = 0;
+  bool dx_accumulate = false;
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+  int64_t heads = 0;
+  int64_t skills = 0;
+  int64_t rank = 0;
+  double scale = 1.0;
+};
+
+// Rows [row_begin, row_end); dA [h, S, d_in/h, r], dB [h, S, r, d_out/h], dw [G, h, S] of T are
+// accumulated into (each may be null when not needed). T = float or double; use_avx2 as above.
+template <typename T>
+void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
+                                   T* dw, bool use_avx2);
+
 // Stable counting sort of rows by group: order[0 .. N) lists rows of group 0, then group 1, ...
 // (each in row order); start[g] / count[g] locate group g's rows (start has G + 1 entries).
 // Rows whose group is outside [0, G) are left out of `order` (their count is returned).

@@ -218,6 +218,103 @@ MHR_ROWS_INLINE void gathered_forward(const LoraGatheredParams& p, int64_t piece
   }
 }
 
+// sum_c u[c] v[c] over n elements with kL independent partial sums (lanes), combined in a fixed
+// order: vectorizes without reassociation, and the result does not depend on the build.
+template <typename T>
+MHR_ROWS_INLINE T lane_dot(const T* __restrict u, const T* __restrict v, int64_t n) {
+  constexpr int kL = 8;
+  T lane[kL] = {};
+  int64_t c = 0;
+  for (; c + kL <= n; c += kL)
+    for (int l = 0; l < kL; ++l) lane[l] += u[c + l] * v[c + l];
+  T acc = 0;
+  for (int l = 0; l < kL; ++l) acc += lane[l];
+  for (; c < n; ++c) acc += u[c] * v[c];
+  return acc;
+}
+
+template <typename T, int kR>
+MHR_ROWS_INLINE void rows_backward(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
+                                   T* dw) {
+  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / H, dk_out = p.d_out / H;
+  const T* A = static_cast<const T*>(p.A);
+  const T* B = static_cast<const T*>(p.B);
+  const T* W = static_cast<const T*>(p.weights);
+  const T scale = static_cast<T>(p.scale);
+  // Scratch: gy projections [h, S, r], x projections [h, S, r], gz [r], u [r].
+  T* pgy = tile_scratch<T>(static_cast<size_t>(2 * H * S * R + 2 * R));
+  T* px = pgy + H * S * R;
+  T* gz = px + H * S * R;
+  T* u = gz + R;
+  Tile<T> tile;
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const T* x = static_cast<const T*>(p.x) + n * p.x_stride_n;
+    const T* gy = static_cast<const T*>(p.grad_y) + n * p.gy_stride_n;
+    const T* z = static_cast<const T*>(p.z) + n * R;
+    const int64_t g = p.row_group[n];
+    const T* w = W + g * H * S;
+    tile.row[0] = n;
+    tile.x[0] = x;
+    std::fill(gz, gz + R, T(0));
+    for (int64_t k = 0; k < H; ++k)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t ks = k * S + s;
+        const T* b = B + ks * R * dk_out;  // [r, dk_out]
+        for (int64_t j = 0; j < R; ++j) pgy[ks * R + j] = lane_dot(gy + k * dk_out, b + j * dk_out, dk_out);
+        project_tile<T, kR, 1>(tile, k * dk_in, A + ks * dk_in * R, dk_in, R, px + ks * R);
+        const T ws = scale * w[ks];
+        for (int64_t j = 0; j < R; ++j) gz[j] += ws * pgy[ks * R + j];
+      }
+    std::copy(gz, gz + R, static_cast<T*>(p.gz) + n * R);
+    for (int64_t k = 0; k < H; ++k)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t ks = k * S + s;
+        const T wk = w[ks];
+        if (dw != nullptr) {
+          T acc = 0;
+          for (int64_t j = 0; j < R; ++j) acc += px[ks * R + j] * gz[j] + scale * z[j] * pgy[ks * R + j];
+          dw[g * H * S + ks] += acc;
+        }
+        if (dA != nullptr) {  // dA[k,s][c, :] += w x[c] gz
+          T* __restrict da = dA + ks * dk_in * R;
+          for (int64_t c = 0; c < dk_in; ++c) {
+            const T xv = wk * x[k * dk_in + c];
+            for (int64_t j = 0; j < R; ++j) da[c * R + j] += xv * gz[j];
+          }
+        }
+        if (dB != nullptr) {  // dB[k,s][j, :] += scale w z[j] gy[k-block]
+          T* __restrict db = dB + ks * R * dk_out;
+          for (int64_t j = 0; j < R; ++j) {
+            const T coef = scale * wk * z[j];
+            for (int64_t c = 0; c < dk_out; ++c) db[j * dk_out + c] += coef * gy[k * dk_out + c];
+          }
+        }
+      }
+    if (p.dx != nullptr) {  // dx[k-block] (+)= sum_s w gz @ A[k,s]^T
+      T* dx = static_cast<T*>(p.dx) + n * p.dx_stride_n;
+      for (int64_t k = 0; k < H; ++k) {
+        T* __restrict out = dx + k * dk_in;
+        if (!p.dx_accumulate) std::fill(out, out + dk_in, T(0));
+        for (int64_t s = 0; s < S; ++s) {
+          const T* a = A + (k * S + s) * dk_in * R;
+          for (int64_t j = 0; j < R; ++j) u[j] = w[k * S + s] * gz[j];
+          for (int64_t c = 0; c < dk_in; ++c) {
+            T prod[kR > 0 ? kR : 1];
+            T acc = 0;
+            if constexpr (kR > 0) {
+              for (int j = 0; j < kR; ++j) prod[j] = u[j] * a[c * kR + j];
+              for (int j = 0; j < kR; ++j) acc += prod[j];
+            } else {
+              for (int64_t j = 0; j < R; ++j) acc += u[j] * a[c * R + j];
+            }
+            out[c] += acc;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The instantiations for one instruction set: the common ranks at compile time, others at run time.
 #define MHR_ROWS_DISPATCH(BODY, T, P, B, E)                         \
   switch (P.rank) {                                                 \
@@ -228,6 +325,17 @@ MHR_ROWS_INLINE void gathered_forward(const LoraGatheredParams& p, int64_t piece
     case 16: return BODY<T, 16>(P, B, E);                           \
     case 32: return BODY<T, 32>(P, B, E);                           \
     default: return BODY<T, 0>(P, B, E);                            \
+  }
+
+#define MHR_ROWS_BWD_DISPATCH(T, P, B, E, DA, DB, DW)      \
+  switch (P.rank) {                                        \
+    case 1: return rows_backward<T, 1>(P, B, E, DA, DB, DW);   \
+    case 2: return rows_backward<T, 2>(P, B, E, DA, DB, DW);   \
+    case 4: return rows_backward<T, 4>(P, B, E, DA, DB, DW);   \
+    case 8: return rows_backward<T, 8>(P, B, E, DA, DB, DW);   \
+    case 16: return rows_backward<T, 16>(P, B, E, DA, DB, DW); \
+    case 32: return rows_backward<T, 32>(P, B, E, DA, DB, DW); \
+    default: return rows_backward<T, 0>(P, B, E, DA, DB, DW);  \
   }
 
 template <typename T>
@@ -253,7 +361,29 @@ bool has_avx2() {
 }
 #endif
 
+template <typename T>
+void rows_backward_portable(const LoraRowsGradParams& p, int64_t b, int64_t e, T* dA, T* dB, T* dw) {
+  MHR_ROWS_BWD_DISPATCH(T, p, b, e, dA, dB, dw)
+}
+#if defined(MHR_ROWS_X86)
+template <typename T>
+__attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, int64_t b, int64_t e,
+                                                             T* dA, T* dB, T* dw) {
+  MHR_ROWS_BWD_DISPATCH(T, p, b, e, dA, dB, dw)
+}
+#endif
+
 }  // namespace
+
+template <typename T>
+void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
+                                   T* dw, bool use_avx2) {
+#if defined(MHR_ROWS_X86)
+  if (use_avx2 && has_avx2()) return rows_backward_avx2<T>(p, row_begin, row_end, dA, dB, dw);
+#endif
+  (void)use_avx2;
+  rows_backward_portable<T>(p, row_begin, row_end, dA, dB, dw);
+}
 
 template <typename T>
 void routed_lora_rows_forward_cpu(const LoraRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2) {
@@ -297,5 +427,9 @@ template void routed_lora_rows_forward_cpu<float>(const LoraRowsParams&, int64_t
 template void routed_lora_rows_forward_cpu<double>(const LoraRowsParams&, int64_t, int64_t, bool);
 template void routed_lora_gathered_forward_cpu<float>(const LoraGatheredParams&, int64_t, int64_t, bool);
 template void routed_lora_gathered_forward_cpu<double>(const LoraGatheredParams&, int64_t, int64_t, bool);
+template void routed_lora_rows_backward_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, float*, float*,
+                                                   float*, bool);
+template void routed_lora_rows_backward_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, double*, double*,
+                                                    double*, bool);
 
 }  // namespace mhr_ops

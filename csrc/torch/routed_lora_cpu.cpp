@@ -507,6 +507,67 @@ std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x_in, const 
   return {y, z};
 }
 
+// Few rows in short runs (a training step on a few short sequences, one task each): the row
+// backward kernel re-projects each row onto every skill (~4 S times LoRA's arithmetic per row)
+// but makes no ATen calls per skill matrix; more rows take project-then-mix's batched GEMMs.
+bool use_rows_backward(const LoraDims& d, at::ScalarType ct, at::ScalarType x_type) {
+  return x_type == ct && d.rows * d.skills <= 256;
+}
+
+// dx (+)= and dA, dB, dw = the gradients through the row kernel. Rows are cut into one fixed
+// range per thread, each with its own accumulators, summed in order afterwards: the result
+// depends on the thread count only, as the contract allows.
+void rows_backward(at::Tensor& dx, at::Tensor& dA, at::Tensor& dB, at::Tensor& dw, const Operands& o,
+                   const at::Tensor& gy, const at::Tensor& z, const at::Tensor& group_ids, const LoraDims& d,
+                   double scale, bool dx_accumulate) {
+  const std::vector<int64_t> groups_of = row_groups(group_ids, d);
+  const at::Tensor w = o.w.contiguous(), zc = z.contiguous();
+  const at::Tensor gz = at::empty({d.rows, d.rank}, zc.options());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d.rows));
+  const auto part_buffer = [&](const at::Tensor& t) {
+    return t.defined() ? at::zeros({parts, t.numel()}, t.options()) : at::Tensor();
+  };
+  const at::Tensor dA_parts = part_buffer(dA), dB_parts = part_buffer(dB), dw_parts = part_buffer(dw);
+  LoraRowsGradParams p;
+  p.x = o.x.const_data_ptr();
+  p.x_stride_n = o.x.stride(0);
+  p.grad_y = gy.const_data_ptr();
+  p.gy_stride_n = gy.stride(0);
+  p.z = zc.const_data_ptr();
+  p.A = o.A.const_data_ptr();
+  p.B = o.B.const_data_ptr();
+  p.weights = w.const_data_ptr();
+  p.row_group = groups_of.data();
+  p.gz = gz.data_ptr();
+  if (dx.defined()) {
+    p.dx = dx.data_ptr();
+    p.dx_stride_n = dx.stride(0);
+    p.dx_accumulate = dx_accumulate;
+  }
+  p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills, p.rank = d.rank;
+  p.scale = scale;
+  const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
+  AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "routed_lora_rows_backward", [&] {
+    const auto part = [](const at::Tensor& t, int64_t i) {
+      return t.defined() ? t.data_ptr<scalar_t>() + i * t.size(1) : nullptr;
+    };
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        routed_lora_rows_backward_cpu<scalar_t>(p, i * d.rows / parts, (i + 1) * d.rows / parts, part(dA_parts, i),
+                                                part(dB_parts, i), part(dw_parts, i), avx2);
+    });
+  });
+  const auto reduce = [&](at::Tensor& out, const at::Tensor& parts_t) {
+    if (!out.defined()) return;
+    at::Tensor flat = out.view({-1});
+    flat.copy_(parts_t[0]);
+    for (int64_t i = 1; i < parts; ++i) flat.add_(parts_t[i]);
+  };
+  reduce(dA, dA_parts);
+  reduce(dB, dB_parts);
+  reduce(dw, dw_parts);
+}
+
 void check_bottleneck(const at::Tensor& z, const LoraDims& d, at::ScalarType ct) {
   TORCH_CHECK(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == ct,
               "z: expected the forward's bottleneck [", d.rows, ", ", d.rank, "] of dtype ", ct, ", got ", z.sizes(),
@@ -558,7 +619,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   }
   if (d.rows > 0) {
     Operands o = operands(x, A, B, weights, d);
-    if (grouped) {
+    if (!grouped && use_rows_backward(d, ct, x.scalar_type())) {
+      rows_backward(dx, dA, dB, dw, o, gy, z, group_ids, d, scale, dx_written);
+    } else if (grouped) {
       // Rows split into pieces of one group (runs, long runs cut so that every thread has
       // work even for a single group), the pieces in parallel: they write disjoint dx rows
       // and each its own slot of the fp32 partials dA_g [d_in, r] and dB_g^T [d_out, r].
