@@ -593,7 +593,11 @@ def test_grouped_cpu_paths_under_capability_cap(capability):
     """ATEN_CPU_CAPABILITY caps the fused CPU kernels as it caps ATen's own: with "avx2" an
     AVX-512 machine runs the AVX2 backward kernel and BLAS for the forward, with "default" BLAS
     everywhere. The grouped-path test above, rerun in a subprocess under the cap."""
-    native = torch.backends.cpu.get_cpu_capability()
+    # The CPU's own capability: with the whole suite already run under a cap (this process's
+    # ATEN_CPU_CAPABILITY), only a subprocess without it can tell.
+    bare_env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    native = subprocess.run([sys.executable, "-c", probe], env=bare_env, capture_output=True, text=True).stdout.strip()
     want = CAPABILITIES[min(CAPABILITIES.index(capability.upper()), CAPABILITIES.index(native))]
     script = textwrap.dedent(f"""
         import sys
