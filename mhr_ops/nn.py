@@ -157,8 +157,17 @@ class MHRLinear(nn.Module):
         if needs_autograd(logits):
             return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
         # .to() / .half() swap the Parameter's data without bumping its version: data_ptr and dtype
-        key = (id(logits), logits.data_ptr(), logits._version, logits.dtype, logits.device, mode, self.temperature,
-               self.top_k, self.eps)
+        key = (
+            id(logits),
+            logits.data_ptr(),
+            logits._version,
+            logits.dtype,
+            logits.device,
+            mode,
+            self.temperature,
+            self.top_k,
+            self.eps,
+        )
         cached = self.__dict__.get("_mhr_task_weights")
         if cached is not None and cached[0] == key:
             return cached[1]
