@@ -9,6 +9,8 @@
 // Other ranks, CPUs or layouts: the caller runs its BLAS path.
 #include "routed_lora.h"
 
+#include "cpu_scratch.h"
+
 #include <cstring>
 #include <vector>
 
@@ -22,13 +24,6 @@ namespace mhr_ops {
 #if defined(MHR_HAVE_X86_PATHS)
 namespace {
 
-// Scratch of at least n floats for the calling thread, kept between calls (one kernel call
-// at a time per thread uses it).
-float* thread_scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // ---- AVX2: kRows rows starting at n0, rank = 8 * kV ----
 template <int kV, int kRows>
@@ -106,7 +101,7 @@ void avx2_rows(const LoraGroupGradParams& p) {
   constexpr int kTile = kV == 1 ? 4 : 2;  // gz and the scaled z of a tile stay in registers
   float* rows = nullptr;  // A_g^T for the dx pass
   if (p.dx != nullptr) {
-    rows = thread_scratch(static_cast<size_t>(p.d_in) * p.rank);
+    rows = thread_scratch<float>(static_cast<size_t>(p.d_in) * p.rank);
     transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, p.rank, rows);
   }
   int64_t n = p.row_begin;
@@ -286,7 +281,7 @@ void avx512_rows(const LoraGroupGradParams& p) {
   // Scratch kept per thread: A_g^T rows for the dx pass, and for kP > 1 the three [d, r]
   // matrices in the vector layout.
   const size_t n_out = static_cast<size_t>(p.d_out) * kR, n_in = static_cast<size_t>(p.d_in) * kR;
-  float* buf = thread_scratch(2 * n_out + 2 * n_in);
+  float* buf = thread_scratch<float>(2 * n_out + 2 * n_in);
   if (p.dx != nullptr) {
     transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, kR, buf + 2 * n_out + n_in);
     m.a_rows = buf + 2 * n_out + n_in;
@@ -348,7 +343,7 @@ void avx512_forward_rows(const LoraGroupForwardParams& p) {
   using S = Avx512Shape<kR>;
   // Scratch per thread: scale * B_g as [r, d_out] rows, and A_g in the vector layout (kP > 1).
   const size_t n_out = static_cast<size_t>(p.d_out) * kR, n_in = static_cast<size_t>(p.d_in) * kR;
-  float* b_rows = thread_scratch(n_out + n_in);
+  float* b_rows = thread_scratch<float>(n_out + n_in);
   transpose_to_rows(static_cast<const float*>(p.bt_mix), p.d_out, kR, b_rows);
   const float* a_vec = static_cast<const float*>(p.a_mix);
   if constexpr (S::kP > 1) {

@@ -3,6 +3,8 @@
 // vectorizes; every sum has a fixed order (bitwise deterministic).
 #include "routed_lora_rows.h"
 
+#include "cpu_scratch.h"
+
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -17,13 +19,6 @@
 namespace mhr_ops {
 namespace {
 
-// Per-thread accumulator of at least n elements, kept between calls.
-template <typename T>
-T* tile_scratch(size_t n) {
-  thread_local std::vector<T> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // yacc [rows, d_out] -> y rows (y = or += yacc, or bias + yacc).
 template <typename T>
@@ -156,7 +151,7 @@ MHR_ROWS_INLINE void rows_forward(const LoraRowsParams& p, int64_t row_begin, in
   const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank;
   constexpr int kT = static_cast<int>(kLoraRowTile);
   // Scratch: z, projection and u [tile, r], the tile's weights [tile, h, S], yacc [tile, d_out].
-  T* z = tile_scratch<T>(static_cast<size_t>(kT) * (3 * R + H * S + p.d_out));
+  T* z = thread_scratch<T>(static_cast<size_t>(kT) * (3 * R + H * S + p.d_out));
   T* proj = z + kT * R;
   T* u = proj + kT * R;
   T* w = u + kT * R;
@@ -194,7 +189,7 @@ template <typename T, int kR>
 MHR_ROWS_INLINE void gathered_forward(const LoraGatheredParams& p, int64_t piece_begin, int64_t piece_end) {
   const int64_t R = kR > 0 ? kR : p.rank;
   constexpr int kT = static_cast<int>(kLoraRowTile);
-  T* z = tile_scratch<T>(static_cast<size_t>(kT) * (p.d_out + R));
+  T* z = thread_scratch<T>(static_cast<size_t>(kT) * (p.d_out + R));
   T* yacc = z + kT * R;
   Tile<T> tile;
   for (int64_t i = piece_begin; i < piece_end; ++i) {
@@ -242,7 +237,7 @@ MHR_ROWS_INLINE void rows_backward(const LoraRowsGradParams& p, int64_t row_begi
   const T* W = static_cast<const T*>(p.weights);
   const T scale = static_cast<T>(p.scale);
   // Scratch: gy projections [h, S, r], x projections [h, S, r], gz [r], u [r].
-  T* pgy = tile_scratch<T>(static_cast<size_t>(2 * H * S * R + 2 * R));
+  T* pgy = thread_scratch<T>(static_cast<size_t>(2 * H * S * R + 2 * R));
   T* px = pgy + H * S * R;
   T* gz = px + H * S * R;
   T* u = gz + R;

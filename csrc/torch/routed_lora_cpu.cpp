@@ -250,10 +250,9 @@ std::vector<int64_t> row_groups(const at::Tensor& group_ids, const LoraDims& d) 
 // registers (few rows against the groups they use: each tile reads every skill once), or rows
 // sorted by group with each used group's adapter mixed once (`gathered`; it also takes `bias`).
 void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at::Tensor& group_ids,
-                      const std::vector<Run>& runs, const LoraDims& d, double scale, bool accumulate, bool gathered,
+                      const GroupSlots& slots, const LoraDims& d, double scale, bool accumulate, bool gathered,
                       const void* bias) {
   const std::vector<int64_t> groups_of = row_groups(group_ids, d);
-  const GroupSlots slots = group_slots(runs);
   const at::ScalarType ct = o.x.scalar_type();
   const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
   if (!gathered) {
@@ -335,6 +334,7 @@ enum class ForwardPath {
 struct ForwardPlan {
   ForwardPath path = ForwardPath::kProjectThenMix;
   std::vector<Run> runs;  // runs of consecutive rows of one group (ids checked)
+  GroupSlots slots;       // the groups the runs use (row-tile paths only)
   CpuIsa isa = CpuIsa::kNone;
   // The paths whose kernel can write y = bias + update (mhr_linear then lets the GEMM add x W^T).
   bool takes_bias() const { return path == ForwardPath::kFusedRuns || path == ForwardPath::kTileGathered; }
@@ -343,9 +343,9 @@ struct ForwardPlan {
 // The row-tile kernels' choice, in units of one row's LoRA arithmetic 2 (d_in + d_out) r:
 // rows-in-registers pays S per row; the gathered path S per used group (batched GEMMs) + 1 per
 // row + ~30 us of set-up.
-ForwardPath tile_path(const std::vector<Run>& runs, const LoraDims& d) {
+ForwardPath tile_path(const GroupSlots& slots, const LoraDims& d) {
   const double unit = 2.0 * static_cast<double>(d.d_in + d.d_out) * static_cast<double>(d.rank);
-  const double used = static_cast<double>(group_slots(runs).ids.size());
+  const double used = static_cast<double>(slots.ids.size());
   const double rows_cost = static_cast<double>(d.rows * d.skills);
   const double gathered_cost = used * static_cast<double>(d.skills) + static_cast<double>(d.rows) + 3e5 / unit;
   return rows_cost <= gathered_cost ? ForwardPath::kTileRows : ForwardPath::kTileGathered;
@@ -361,8 +361,10 @@ ForwardPlan plan_forward(at::ScalarType x_type, at::ScalarType y_type, const at:
   const bool direct = y_type == (x_type == at::kDouble ? at::kDouble : at::kFloat);
   if (plan.isa != CpuIsa::kNone && use_grouped(plan.runs, d, /*fused=*/true))
     plan.path = ForwardPath::kFusedRuns;
-  else if (direct && !use_blas_runs(plan.runs, d))
-    plan.path = tile_path(plan.runs, d);
+  else if (direct && !use_blas_runs(plan.runs, d)) {
+    plan.slots = group_slots(plan.runs);
+    plan.path = tile_path(plan.slots, d);
+  }
   else
     plan.path = use_grouped(plan.runs, d, /*fused=*/false) ? ForwardPath::kBlasRuns : ForwardPath::kProjectThenMix;
   return plan;
@@ -381,7 +383,8 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   const bool direct = y.scalar_type() == compute_type(x);
   TORCH_INTERNAL_ASSERT(bias == nullptr || (plan.takes_bias() && !accumulate));
   if (plan.path == ForwardPath::kTileRows || plan.path == ForwardPath::kTileGathered) {
-    row_tile_forward(y, z, o, group_ids, runs, d, scale, accumulate, plan.path == ForwardPath::kTileGathered, bias);
+    row_tile_forward(y, z, o, group_ids, plan.slots, d, scale, accumulate, plan.path == ForwardPath::kTileGathered,
+                     bias);
     return z;
   }
   const CpuIsa isa = plan.path == ForwardPath::kFusedRuns ? plan.isa : CpuIsa::kNone;
@@ -611,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   bool dx_written = false;  // whether dx already holds a part the adapter must add to
   if (mask[0]) {
     if (has_base && !fold_base) {
-      dx = at::mm(rows_layout(grad_y), *base_weight).to(ct);
+      dx = at::mm(grad_y.scalar_type() == ct ? gy : rows_layout(grad_y), *base_weight).to(ct);
       dx_written = true;
     } else {
       dx = at::empty({d.rows, d.d_in}, opts);
