@@ -533,6 +533,20 @@ def test_row_tile_cpu_paths(layout, r, dtype):
     assert_close(y, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what="mhr_linear")
 
 
+def test_opcheck_row_tile_gathered_path():
+    """opcheck on the gathered row-tile path (many rows over few groups, unsorted, padded x),
+    which the small opcheck cases above do not reach; mhr_linear there writes bias + update."""
+    spec = ROW_TILE_LAYOUTS["gathered"]
+    h, S, dk_in, dk_out, r = 2, 3, 9, 7, 8
+    x, A, B, w = make(h, S, dk_in, r, dk_out, spec["G"], spec["lead"], device="cpu", seed=3)
+    x = torch.cat([x, torch.randn(*spec["lead"], 3)], dim=-1)[..., : h * dk_in]
+    ids = torch.randint(0, spec["G"], spec["lead"], generator=torch.Generator().manual_seed(4))
+    weight, bias = torch.randn(h * dk_out, h * dk_in), torch.randn(h * dk_out)
+    torch.library.opcheck(torch.ops.mhr_ops.routed_lora, (x, A, B, w, ids, 1, 0.5))
+    req_lin = [t.clone().requires_grad_() for t in (x, weight, bias, A, B, w)]
+    torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, 1, 0.5))
+
+
 @pytest.mark.parametrize("r", [1, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_base", [False, True])
