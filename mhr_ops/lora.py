@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_below_autograd, needs_autograd, register_no_double_backward
+from ._autograd import call_op, register_no_double_backward
 from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_same_device, check_tensor
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -105,10 +105,7 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
     if out is None:
         args = (x2, A, B, weights, ids, rows_per_id, scale)
-        if needs_autograd(x, A, B, weights):
-            y, _ = torch.ops.mhr_ops.routed_lora(*args)
-        else:
-            y, _ = call_below_autograd(torch.ops.mhr_ops.routed_lora.default, *args)
+        y, _ = call_op(torch.ops.mhr_ops.routed_lora, args, (x, A, B, weights))
         return y.view(*lead, d_out)
     check_tensor(out, "out")
     if tuple(out.shape) != (*lead, d_out):
@@ -153,10 +150,7 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
     args = (x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
-    if needs_autograd(x, weight, bias, A, B, weights):
-        y, _ = torch.ops.mhr_ops.mhr_linear(*args)
-    else:
-        y, _ = call_below_autograd(torch.ops.mhr_ops.mhr_linear.default, *args)
+    y, _ = call_op(torch.ops.mhr_ops.mhr_linear, args, (x, weight, bias, A, B, weights))
     return y.view(*lead, d_out)
 
 
@@ -171,10 +165,7 @@ def adapted_linear(x, weight, bias, A, B, weights, group_ids, scale: float):
     if x2.shape[0] == 0 or ids.shape[0] == 0:
         return mhr_linear(x, weight, bias, A, B, weights, group_ids, scale=scale, check_ids=False)
     args = (x2, weight, bias, A, B, weights, ids, x2.shape[0] // ids.shape[0], scale)
-    if needs_autograd(x, weight, bias, A, B, weights):
-        y, _ = torch.ops.mhr_ops.mhr_linear(*args)
-    else:
-        y, _ = call_below_autograd(torch.ops.mhr_ops.mhr_linear.default, *args)
+    y, _ = call_op(torch.ops.mhr_ops.mhr_linear, args, (x, weight, bias, A, B, weights))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

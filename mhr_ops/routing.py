@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_below_autograd, needs_autograd, register_no_double_backward
+from ._autograd import call_op, register_no_double_backward
 from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_int, check_same_device, check_tensor
 
 ROUTE_MODES = ("sigmoid", "relaxed_bernoulli", "softmax", "average")
@@ -99,9 +99,7 @@ def route(
     if check_ids:
         check_id_range(task_ids, "task_ids", logits.shape[0], "task")
     args = (logits, task_ids, noise, n_skills, mode, temperature, top_k or 0, eps)
-    if needs_autograd(logits):
-        return torch.ops.mhr_ops.route(*args)
-    return call_below_autograd(torch.ops.mhr_ops.route.default, *args)
+    return call_op(torch.ops.mhr_ops.route, args, (logits,))
 
 
 def _as_number(value, name: str) -> float:

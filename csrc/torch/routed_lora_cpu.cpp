@@ -237,22 +237,20 @@ bool use_blas_runs(const std::vector<Run>& runs, const LoraDims& d) {
   return !runs.empty() && d.rows >= 64 * static_cast<int64_t>(runs.size());
 }
 
-// Group of every row [N] (ids repeated rows_per_id times), int64.
-std::vector<int64_t> row_groups(const at::Tensor& group_ids, const LoraDims& d) {
-  const at::Tensor ids = group_ids.to(at::kLong).contiguous();
-  const int64_t* id = ids.const_data_ptr<int64_t>();
+// Group of every row [N], from the runs (which cover every row, ids already checked).
+std::vector<int64_t> row_groups(const std::vector<Run>& runs, const LoraDims& d) {
   std::vector<int64_t> out(d.rows);
-  for (int64_t n = 0; n < d.rows; ++n) out[n] = id[n / d.rows_per_id];
+  for (const Run& run : runs) std::fill(out.begin() + run.start, out.begin() + run.start + run.rows, run.group);
   return out;
 }
 
 // The row-tile kernels (routed_lora_rows.h) for y in the compute dtype: project-then-mix in
 // registers (few rows against the groups they use: each tile reads every skill once), or rows
 // sorted by group with each used group's adapter mixed once (`gathered`; it also takes `bias`).
-void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const at::Tensor& group_ids,
+void row_tile_forward(at::Tensor& y, at::Tensor& z, const Operands& o, const std::vector<Run>& runs,
                       const GroupSlots& slots, const LoraDims& d, double scale, bool accumulate, bool gathered,
                       const void* bias) {
-  const std::vector<int64_t> groups_of = row_groups(group_ids, d);
+  const std::vector<int64_t> groups_of = row_groups(runs, d);
   const at::ScalarType ct = o.x.scalar_type();
   const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
   if (!gathered) {
@@ -383,8 +381,7 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
   const bool direct = y.scalar_type() == compute_type(x);
   TORCH_INTERNAL_ASSERT(bias == nullptr || (plan.takes_bias() && !accumulate));
   if (plan.path == ForwardPath::kTileRows || plan.path == ForwardPath::kTileGathered) {
-    row_tile_forward(y, z, o, group_ids, plan.slots, d, scale, accumulate, plan.path == ForwardPath::kTileGathered,
-                     bias);
+    row_tile_forward(y, z, o, runs, plan.slots, d, scale, accumulate, plan.path == ForwardPath::kTileGathered, bias);
     return z;
   }
   const CpuIsa isa = plan.path == ForwardPath::kFusedRuns ? plan.isa : CpuIsa::kNone;
@@ -521,9 +518,9 @@ bool use_rows_backward(const LoraDims& d, at::ScalarType ct, at::ScalarType x_ty
 // range per thread, each with its own accumulators, summed in order afterwards: the result
 // depends on the thread count only, as the contract allows.
 void rows_backward(at::Tensor& dx, at::Tensor& dA, at::Tensor& dB, at::Tensor& dw, const Operands& o,
-                   const at::Tensor& gy, const at::Tensor& z, const at::Tensor& group_ids, const LoraDims& d,
+                   const at::Tensor& gy, const at::Tensor& z, const std::vector<Run>& runs, const LoraDims& d,
                    double scale, bool dx_accumulate) {
-  const std::vector<int64_t> groups_of = row_groups(group_ids, d);
+  const std::vector<int64_t> groups_of = row_groups(runs, d);
   const at::Tensor w = o.w.contiguous(), zc = z.contiguous();
   const at::Tensor gz = at::empty({d.rows, d.rank}, zc.options());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d.rows));
@@ -623,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   if (d.rows > 0) {
     Operands o = operands(x, A, B, weights, d);
     if (!grouped && use_rows_backward(d, ct, x.scalar_type())) {
-      rows_backward(dx, dA, dB, dw, o, gy, z, group_ids, d, scale, dx_written);
+      rows_backward(dx, dA, dB, dw, o, gy, z, runs, d, scale, dx_written);
     } else if (grouped) {
       // Rows split into pieces of one group (runs, long runs cut so that every thread has
       // work even for a single group), the pieces in parallel: they write disjoint dx rows
