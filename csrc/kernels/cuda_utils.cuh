@@ -7,6 +7,21 @@
 
 #include "common.h"
 
+// Launches and shared-memory declarations go through these macros, so that test builds can run
+// the same source on the host (CMake -DMHR_OPS_CUDA_EMULATION=ON, csrc/emulation/simt.h).
+// A kernel whose name holds template commas is parenthesized: MHR_LAUNCH((k<a, b>), ...).
+#if defined(MHR_OPS_CUDA_EMULATION)
+#include "simt.h"
+#define MHR_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::mhr_emu::launch(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
+#define MHR_SHARED(type, name, dims) MHR_EMU_SHARED(type, name, dims)
+#define MHR_DYNAMIC_SHARED(type, name) MHR_EMU_DYNAMIC_SHARED(type, name, alignof(type))
+#else
+#define MHR_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define MHR_SHARED(type, name, dims) __shared__ type name dims
+#define MHR_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace mhr_ops {
 
 // Accumulation type: fp32 for fp16/bf16/fp32, fp64 for fp64.

@@ -16,9 +16,9 @@ constexpr int kPerThread = kRows * kCols / kThreads;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) gated_head_proj_kernel(const GatedHeadProjParams p) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t os[kRows][kChunk + 1];  // gated o chunk
-  __shared__ acc_t ws[kCols][kChunk + 1];  // weight chunk
-  __shared__ acc_t gs[kRows];
+  MHR_SHARED(acc_t, os, [kRows][kChunk + 1]);  // gated o chunk
+  MHR_SHARED(acc_t, ws, [kCols][kChunk + 1]);  // weight chunk
+  MHR_SHARED(acc_t, gs, [kRows]);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const scalar_t* o = static_cast<const scalar_t*>(p.o);
@@ -84,7 +84,7 @@ int launch(const GatedHeadProjParams& p, cudaStream_t stream) {
   if (p.num_rows == 0 || p.out_features == 0) return 0;
   const dim3 grid(static_cast<unsigned>((p.num_rows + kRows - 1) / kRows),
                   static_cast<unsigned>((p.out_features + kCols - 1) / kCols));
-  gated_head_proj_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+  MHR_LAUNCH(gated_head_proj_kernel<scalar_t>, grid, kThreads, 0, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 

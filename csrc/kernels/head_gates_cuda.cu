@@ -28,9 +28,9 @@ int launch(const HeadGatesParams& p, cudaStream_t stream) {
   if (p.num_rows == 0) return 0;
   const unsigned blocks = static_cast<unsigned>((p.num_rows + kThreads - 1) / kThreads);
   if (kForward)
-    head_gates_fwd_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(p);
+    MHR_LAUNCH(head_gates_fwd_kernel<scalar_t>, blocks, kThreads, 0, stream, p);
   else
-    head_gates_bwd_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(p);
+    MHR_LAUNCH(head_gates_bwd_kernel<scalar_t>, blocks, kThreads, 0, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 

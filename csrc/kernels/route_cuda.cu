@@ -77,7 +77,7 @@ __device__ RowContext<scalar_t, acc_t> make_row(const RouteParams& P, int64_t ro
 template <typename scalar_t>
 __global__ void route_fwd_kernel(const RouteParams P) {
   using acc_t = typename AccType<scalar_t>::type;
-  extern __shared__ unsigned char smem_raw[];
+  MHR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (row >= P.num_groups * P.num_heads) return;  // uniform across the warp
@@ -101,7 +101,7 @@ __global__ void route_fwd_kernel(const RouteParams P) {
 template <typename scalar_t>
 __global__ void route_bwd_kernel(const RouteParams P) {
   using acc_t = typename AccType<scalar_t>::type;
-  extern __shared__ unsigned char smem_raw[];
+  MHR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (row >= P.num_groups * P.num_heads) return;
@@ -157,9 +157,9 @@ int launch(const RouteParams& P, cudaStream_t stream) {
   const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const size_t smem = static_cast<size_t>(kWarpsPerBlock) * P.num_skills * sizeof(acc_t);
   if (kForward)
-    route_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(P);
+    MHR_LAUNCH(route_fwd_kernel<scalar_t>, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream, P);
   else
-    route_bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(P);
+    MHR_LAUNCH(route_bwd_kernel<scalar_t>, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream, P);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -86,11 +86,11 @@ constexpr int kShrinkPerThread = kShrinkRows * kMaxRank / kThreads;
 template <typename xt, typename mt>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, int64_t chunks_per_split) {
   using acc_t = typename AccType<xt>::type;
-  __shared__ acc_t xs[kShrinkRows][kShrinkChunk + 1];
-  __shared__ acc_t mix[kShrinkChunk][kMaxRank];
-  __shared__ int64_t gid[kShrinkRows];
-  __shared__ bool done[kShrinkRows];
-  __shared__ int64_t current;
+  MHR_SHARED(acc_t, xs, [kShrinkRows][kShrinkChunk + 1]);
+  MHR_SHARED(acc_t, mix, [kShrinkChunk][kMaxRank]);
+  MHR_SHARED(int64_t, gid, [kShrinkRows]);
+  MHR_SHARED(bool, done, [kShrinkRows]);
+  MHR_SHARED(int64_t, current, );
 
   const RowRouting& R = p.routing;
   const int r = static_cast<int>(p.rank);
@@ -162,11 +162,11 @@ constexpr int kExpandPerThread = kExpandRows * kExpandCols / kThreads;
 template <typename xt, typename mt>
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) {
   using acc_t = typename AccType<xt>::type;
-  __shared__ acc_t zs[kExpandRows][kExpandRankChunk + 1];
-  __shared__ acc_t mix[kExpandRankChunk][kExpandCols];
-  __shared__ int64_t gid[kExpandRows];
-  __shared__ bool done[kExpandRows];
-  __shared__ int64_t current;
+  MHR_SHARED(acc_t, zs, [kExpandRows][kExpandRankChunk + 1]);
+  MHR_SHARED(acc_t, mix, [kExpandRankChunk][kExpandCols]);
+  MHR_SHARED(int64_t, gid, [kExpandRows]);
+  MHR_SHARED(bool, done, [kExpandRows]);
+  MHR_SHARED(int64_t, current, );
 
   const RowRouting& R = p.routing;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kExpandRows;
@@ -262,9 +262,9 @@ __device__ void wgrad_flush(const WgradParams& p, int64_t g, int64_t k, int64_t 
 template <typename xt, typename mt>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p, int64_t rows_per_slice) {
   using acc_t = typename AccType<xt>::type;
-  __shared__ acc_t xs[kWgradRows][kWgradCols + 1];
-  __shared__ acc_t qs[kWgradRows][kMaxRank + 1];
-  __shared__ int64_t gid[kWgradRows];
+  MHR_SHARED(acc_t, xs, [kWgradRows][kWgradCols + 1]);
+  MHR_SHARED(acc_t, qs, [kWgradRows][kMaxRank + 1]);
+  MHR_SHARED(int64_t, gid, [kWgradRows]);
 
   const RowRouting& R = p.routing;
   const int r = static_cast<int>(p.rank);
@@ -341,7 +341,7 @@ int launch_shrink(const ShrinkParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(used_splits));
-  shrink_kernel<xt, mt><<<grid, kThreads, 0, stream>>>(p, chunks_per_split);
+  MHR_LAUNCH((shrink_kernel<xt, mt>), grid, kThreads, 0, stream, p, chunks_per_split);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -349,7 +349,7 @@ template <typename xt, typename mt>
 int launch_expand(const ExpandParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.num_rows, kExpandRows)),
                   static_cast<unsigned>(ceil_div(p.routing.num_heads * p.dk, kExpandCols)));
-  expand_kernel<xt, mt><<<grid, kThreads, 0, stream>>>(p);
+  MHR_LAUNCH((expand_kernel<xt, mt>), grid, kThreads, 0, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -362,7 +362,7 @@ int launch_wgrad(const WgradParams& p, cudaStream_t stream) {
   const int64_t rows_per_slice = ceil_div(p.num_rows, slices);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(p.routing.num_heads),
                   static_cast<unsigned>(ceil_div(p.num_rows, rows_per_slice)));
-  wgrad_kernel<xt, mt><<<grid, kThreads, 0, stream>>>(p, rows_per_slice);
+  MHR_LAUNCH((wgrad_kernel<xt, mt>), grid, kThreads, 0, stream, p, rows_per_slice);
   return static_cast<int>(cudaGetLastError());
 }
 

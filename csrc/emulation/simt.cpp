@@ -1,0 +1,691 @@
+// The runtime of the host CUDA emulation (see simt.h): thread pool, blocks, barriers, warp
+// collectives, shared memory, launch limits and the CUDA runtime calls the launchers use.
+#include "simt.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define MHR_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#else
+#define MHR_EMU_POISON(p, n) ((void)(p), (void)(n))
+#endif
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace mhr_emu {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Launch limits of an H100 / H200 (sm_90), as the driver enforces them.
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxBlockDim[3] = {1024, 1024, 64};
+constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535, 65535};
+constexpr int kDefaultSharedBytes = 48 * 1024;
+constexpr int kMaxOptInSharedBytes = 227 * 1024;
+constexpr int kMultiProcessors = 132;
+
+struct Cancelled {};  // unwinds the threads of a failed block
+
+double deadlock_seconds() {
+  static const double s = [] {
+    const char* env = std::getenv("MHR_EMU_DEADLOCK_SECONDS");
+    return env ? std::atof(env) : 2.0;
+  }();
+  return s;
+}
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::kSync:
+      return "__syncwarp";
+    case WarpOp::kShfl:
+      return "__shfl*_sync";
+    case WarpOp::kBallot:
+      return "__ballot/__any/__all_sync";
+  }
+  return "?";
+}
+
+struct Collective {
+  WarpOp op;
+  uint32_t mask;
+  Site site;
+  uint32_t arrived = 0, departed = 0, ballot = 0;
+  bool complete = false;
+  uint64_t values[32] = {};
+};
+
+struct Warp {
+  std::mutex m;
+  std::condition_variable cv;
+  std::list<Collective> open;
+  uint32_t exited = 0;  // lanes that returned, or do not exist in a partial last warp
+};
+
+struct SharedAlloc {
+  const void* key;
+  void* base;  // to free
+  void* storage;
+};
+
+struct Block {
+  const char* kernel;
+  uint3 idx;
+  int threads;
+  int smem_limit;
+  size_t dynamic_bytes;
+
+  std::mutex m;  // barrier state, shared allocations, the error message
+  std::condition_variable cv;
+  int live;
+  int arrived = 0;
+  uint64_t generation = 0;
+  Site site{nullptr, 0};
+  BarrierKind kind = BarrierKind::kSync;
+  int reduce = 0, result = 0;
+
+  std::atomic<int> waiting{0};         // threads in an incomplete barrier or warp collective
+  std::atomic<uint64_t> progress{0};   // bumped by every arrival, completion and exit
+  std::atomic<bool> cancelled{false};
+  std::string error;
+
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<SharedAlloc> shared;
+  size_t shared_bytes = 0;
+  void* dynamic_base = nullptr;  // allocated when the kernel first declares it
+  void* dynamic = nullptr;
+};
+
+thread_local Block* t_block = nullptr;
+thread_local int t_thread = 0;  // linear thread index in the block
+
+Block& current_block() {
+  if (t_block == nullptr) {
+    std::fprintf(stderr, "mhr_emu: a device intrinsic was called outside a kernel launch\n");
+    std::abort();
+  }
+  return *t_block;
+}
+
+std::string where(const Block& b) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "kernel %s, block (%u,%u,%u)", b.kernel, b.idx.x, b.idx.y, b.idx.z);
+  return buf;
+}
+
+std::string site_str(Site s) { return std::string(s.file ? s.file : "?") + ":" + std::to_string(s.line); }
+
+// Ends the block: records the first message, wakes every waiter (they unwind with Cancelled).
+void cancel(Block& b, const std::string& what) {
+  {
+    std::lock_guard<std::mutex> lk(b.m);
+    if (b.error.empty()) b.error = where(b) + ", thread " + std::to_string(t_thread) + ": " + what;
+  }
+  b.cancelled.store(true);
+  b.cv.notify_all();
+  for (auto& w : b.warps) w->cv.notify_all();
+}
+
+[[noreturn]] void fail(Block& b, const std::string& what) {
+  cancel(b, what);
+  throw Cancelled{};
+}
+
+// One wait step of a blocked thread: throws if the block was cancelled, and declares a deadlock
+// once every live thread has waited, with no progress, for the deadlock timeout.
+template <typename Lock, typename Pred>
+void wait_blocked(Block& b, std::condition_variable& cv, Lock& lk, Pred done, const std::string& at) {
+  uint64_t seen = b.progress.load();
+  auto since = Clock::now();
+  while (!done()) {
+    if (b.cancelled.load()) throw Cancelled{};
+    cv.wait_for(lk, std::chrono::milliseconds(20));
+    if (done()) break;
+    const uint64_t now_progress = b.progress.load();
+    if (now_progress != seen || b.waiting.load() < b.live) {
+      seen = now_progress;
+      since = Clock::now();
+      continue;
+    }
+    if (std::chrono::duration<double>(Clock::now() - since).count() > deadlock_seconds()) {
+      lk.unlock();
+      fail(b, "deadlock: every live thread has waited " + std::to_string(deadlock_seconds()) +
+                  " s without progress (this one at " + at + ")");
+    }
+  }
+}
+
+void complete_barrier(Block& b) {  // b.m held
+  switch (b.kind) {
+    case BarrierKind::kSync:
+      b.result = 0;
+      break;
+    case BarrierKind::kOr:
+    case BarrierKind::kAnd:
+      b.result = b.reduce != 0;
+      break;
+    case BarrierKind::kCount:
+      b.result = b.reduce;
+      break;
+  }
+  b.waiting -= b.arrived - 1;
+  b.arrived = 0;
+  ++b.generation;
+  ++b.progress;
+  b.cv.notify_all();
+}
+
+void thread_exit(Block& b, int thread) {
+  Warp& w = *b.warps[thread / 32];
+  const uint32_t bit = 1u << (thread % 32);
+  std::string problem;
+  {
+    std::lock_guard<std::mutex> lk(w.m);
+    w.exited |= bit;
+    for (const Collective& c : w.open)
+      if (!c.complete && (c.mask & bit) && !(c.arrived & bit))
+        problem = "lane " + std::to_string(thread % 32) + " exited while lanes of mask 0x" +
+                  [&] {
+                    char h[16];
+                    std::snprintf(h, sizeof h, "%08x", c.mask);
+                    return std::string(h);
+                  }() +
+                  " wait for it in " + op_name(c.op) + " at " + site_str(c.site);
+  }
+  if (!problem.empty() && !b.cancelled.load()) cancel(b, problem);
+  std::lock_guard<std::mutex> lk(b.m);
+  --b.live;
+  ++b.progress;
+  if (b.arrived > 0 && b.arrived == b.live) complete_barrier(b);
+  b.cv.notify_all();
+  for (auto& wp : b.warps) wp->cv.notify_all();
+}
+
+std::string hex(uint32_t v) {
+  char h[16];
+  std::snprintf(h, sizeof h, "0x%08x", v);
+  return h;
+}
+
+// A pool of OS threads; run(n, f) calls f(0..n-1) on n of them and waits.
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+    }
+    work_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  void run(int n, const std::function<void(int)>& f) {
+    while (static_cast<int>(threads_.size()) < n) {
+      const int i = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, i] { worker(i); });
+    }
+    std::unique_lock<std::mutex> lk(m_);
+    body_ = &f;
+    jobs_ = n;
+    remaining_ = n;
+    ++epoch_;
+    work_.notify_all();
+    done_.wait(lk, [&] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+
+ private:
+  void worker(int i) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      work_.wait(lk, [&] { return stop_ || epoch_ != seen; });
+      if (stop_) return;
+      seen = epoch_;
+      if (i >= jobs_) continue;
+      const std::function<void(int)>* f = body_;
+      lk.unlock();
+      (*f)(i);
+      lk.lock();
+      if (--remaining_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable work_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* body_ = nullptr;
+  uint64_t epoch_ = 0;
+  int jobs_ = 0, remaining_ = 0;
+  bool stop_ = false;
+};
+
+// Process-wide state: one launch at a time, CUDA's last-error rules, opted-in shared memory.
+struct Runtime {
+  std::mutex launch_m;
+  std::mutex error_m;
+  cudaError_t last_error = cudaSuccess;
+  bool sticky = false;  // a fault inside a kernel, as a device fault, fails every later call
+  std::string message;
+  std::map<const void*, int> max_dynamic_shared;
+  Pool pool;
+};
+
+Runtime& runtime() {
+  static Runtime* r = new Runtime;  // never destroyed: kernels may run from static destructors
+  return *r;
+}
+
+cudaError_t record_error(cudaError_t err, const std::string& msg, bool sticky) {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lk(rt.error_m);
+  std::fprintf(stderr, "mhr_emu: %s\n", msg.c_str());
+  if (rt.sticky) return rt.last_error;
+  rt.last_error = err;
+  rt.message = msg;
+  rt.sticky = sticky;
+  return err;
+}
+
+cudaError_t sticky_error() {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lk(rt.error_m);
+  return rt.sticky ? rt.last_error : cudaSuccess;
+}
+
+// Storage aligned to exactly `align` (and not to 2 * align), ending at the allocation's end:
+// ASan sees overflows, UBSan sees a use at a larger alignment than the declaration promises.
+// Returns the pointer to free(); *storage is the usable start.
+void* exact_storage(size_t bytes, size_t align, void** storage) {
+  const size_t big = std::max<size_t>(2 * align, 16);
+  void* base = nullptr;
+  if (posix_memalign(&base, big, align + bytes) != 0) std::abort();
+  MHR_EMU_POISON(base, align);
+  *storage = static_cast<char*>(base) + align;
+  std::memset(*storage, 0xFF, bytes);  // NaN bytes: reads of uninitialised floats show up as NaN
+  return base;
+}
+
+}  // namespace
+
+int lane_id() { return t_thread % 32; }
+
+const char* last_error_message() {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lk(rt.error_m);
+  return rt.message.c_str();
+}
+
+int block_barrier(BarrierKind kind, int predicate, Site site) {
+  Block& b = current_block();
+  std::unique_lock<std::mutex> lk(b.m);
+  if (b.cancelled.load()) throw Cancelled{};
+  if (b.arrived == 0) {
+    b.site = site;
+    b.kind = kind;
+    b.reduce = kind == BarrierKind::kAnd ? 1 : 0;
+  } else if (b.site.line != site.line || std::strcmp(b.site.file, site.file) != 0 || b.kind != kind) {
+    lk.unlock();
+    fail(b, "divergent barrier: this thread reached the barrier at " + site_str(site) + " while " +
+                std::to_string(b.arrived) + " thread(s) wait at " + site_str(b.site));
+  }
+  switch (kind) {
+    case BarrierKind::kSync:
+      break;
+    case BarrierKind::kOr:
+      b.reduce |= predicate != 0;
+      break;
+    case BarrierKind::kAnd:
+      b.reduce &= predicate != 0;
+      break;
+    case BarrierKind::kCount:
+      b.reduce += predicate != 0;
+      break;
+  }
+  ++b.arrived;
+  ++b.progress;
+  if (b.arrived == b.live) {
+    complete_barrier(b);
+    return b.result;
+  }
+  const uint64_t gen = b.generation;
+  ++b.waiting;
+  wait_blocked(b, b.cv, lk, [&] { return b.generation != gen; }, "the barrier at " + site_str(site));
+  return b.result;
+}
+
+uint32_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int predicate, Site site, uint64_t* values) {
+  Block& b = current_block();
+  const int lane = t_thread % 32;
+  const uint32_t bit = 1u << lane;
+  Warp& w = *b.warps[t_thread / 32];
+  std::unique_lock<std::mutex> lk(w.m);
+  if (b.cancelled.load()) throw Cancelled{};
+  const std::string at = std::string(op_name(op)) + " at " + site_str(site);
+  auto bad = [&](const std::string& what) {
+    lk.unlock();
+    fail(b, what + " (" + at + ", warp " + std::to_string(t_thread / 32) + ", lane " + std::to_string(lane) + ")");
+  };
+  if (!(mask & bit)) bad("the mask " + hex(mask) + " does not name the calling lane");
+  if (mask & w.exited) bad("the mask " + hex(mask) + " names exited or absent lanes " + hex(mask & w.exited));
+  Collective* c = nullptr;
+  for (Collective& o : w.open) {
+    if (o.complete) continue;
+    if (o.mask == mask && !(o.arrived & bit)) {
+      if (o.op != op)
+        bad("lanes of mask " + hex(mask) + " meet in different warp operations (" + op_name(o.op) + " at " +
+            site_str(o.site) + ")");
+      c = &o;
+      break;
+    }
+    if (o.mask != mask && (o.arrived & mask))
+      bad("the mask " + hex(mask) + " names lanes " + hex(o.arrived & mask) + " that wait in another " +
+          op_name(o.op) + " at " + site_str(o.site) + " with mask " + hex(o.mask));
+  }
+  if (c == nullptr) {
+    w.open.push_back(Collective{op, mask, site});
+    c = &w.open.back();
+  }
+  c->values[lane] = value;
+  if (predicate) c->ballot |= bit;
+  c->arrived |= bit;
+  ++b.progress;
+  if (c->arrived == mask) {
+    c->complete = true;
+    b.waiting -= __builtin_popcount(mask) - 1;
+    w.cv.notify_all();
+  } else {
+    ++b.waiting;
+    wait_blocked(b, w.cv, lk, [&] { return c->complete; }, at);
+  }
+  std::memcpy(values, c->values, sizeof(c->values));
+  const uint32_t ballot = c->ballot;
+  c->departed |= bit;
+  if (c->departed == c->mask)
+    for (auto it = w.open.begin(); it != w.open.end(); ++it)
+      if (&*it == c) {
+        w.open.erase(it);
+        break;
+      }
+  return ballot;
+}
+
+int shfl_source(ShflMode mode, int lane, int arg, int width, Site site) {
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    Block& b = current_block();
+    fail(b, "shuffle width " + std::to_string(width) + " is not a power of two up to 32 (" + site_str(site) + ")");
+  }
+  const int base = lane & ~(width - 1), pos = lane & (width - 1);
+  switch (mode) {
+    case ShflMode::kIdx:
+      return base + (arg & (width - 1));
+    case ShflMode::kUp:
+      return pos - arg >= 0 ? lane - arg : -1;
+    case ShflMode::kDown:
+      return pos + arg < width ? lane + arg : -1;
+    case ShflMode::kXor: {
+      const int src = lane ^ arg;
+      return (src >= base && src < base + width) ? src : -1;
+    }
+  }
+  return -1;
+}
+
+void WarpCall::fail_source(uint32_t mask, int src) const {
+  Block& b = current_block();
+  fail(b, "shuffle reads lane " + std::to_string(src) + ", outside the mask " + hex(mask) + " (" + site_str(site) + ")");
+}
+
+void* block_shared(const void* key, size_t bytes, size_t align, const char* name) {
+  Block& b = current_block();
+  std::unique_lock<std::mutex> lk(b.m);
+  if (b.cancelled.load()) throw Cancelled{};
+  for (const SharedAlloc& a : b.shared)
+    if (a.key == key) return a.storage;
+  const size_t total = b.shared_bytes + bytes + b.dynamic_bytes;
+  if (total > static_cast<size_t>(b.smem_limit)) {
+    lk.unlock();
+    fail(b, std::string("shared memory of ") + std::to_string(total) + " bytes (static, with `" + name +
+                "`, plus dynamic) exceeds the limit of " + std::to_string(b.smem_limit) +
+                " bytes (48 KiB unless the kernel opted in with cudaFuncSetAttribute)");
+  }
+  SharedAlloc a{key, nullptr, nullptr};
+  a.base = exact_storage(bytes, align, &a.storage);
+  b.shared.push_back(a);
+  b.shared_bytes += bytes;
+  return a.storage;
+}
+
+void* dynamic_shared(size_t align) {
+  Block& b = current_block();
+  std::lock_guard<std::mutex> lk(b.m);
+  if (b.cancelled.load()) throw Cancelled{};
+  // Every declaration names the same buffer; the first one's alignment is the one it gets.
+  if (b.dynamic_base == nullptr) b.dynamic_base = exact_storage(b.dynamic_bytes, align, &b.dynamic);
+  return b.dynamic;
+}
+
+void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem,
+                   ThreadBody body, const void* ctx) {
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> launch_lock(rt.launch_m);
+  if (sticky_error() != cudaSuccess) return;
+  const unsigned g[3] = {grid.x, grid.y, grid.z}, t[3] = {block.x, block.y, block.z};
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  for (int i = 0; i < 3; ++i)
+    if (g[i] == 0 || g[i] > kMaxGridDim[i] || t[i] == 0 || t[i] > kMaxBlockDim[i] || threads > kMaxThreadsPerBlock) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "kernel %s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)",
+                    kernel_name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+      record_error(cudaErrorInvalidConfiguration, buf, false);
+      return;
+    }
+  int smem_limit = kDefaultSharedBytes;
+  {
+    auto it = rt.max_dynamic_shared.find(kernel);
+    if (it != rt.max_dynamic_shared.end()) smem_limit = std::max(smem_limit, it->second);
+  }
+  if (dynamic_smem > static_cast<size_t>(smem_limit)) {
+    record_error(cudaErrorInvalidValue,
+                 std::string("kernel ") + kernel_name + ": " + std::to_string(dynamic_smem) +
+                     " bytes of dynamic shared memory exceed the limit of " + std::to_string(smem_limit),
+                 false);
+    return;
+  }
+  const int n = static_cast<int>(threads);
+  const int warps = (n + 31) / 32;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block b;
+        b.kernel = kernel_name;
+        b.idx = uint3{bx, by, bz};
+        b.threads = n;
+        b.live = n;
+        b.smem_limit = smem_limit;
+        b.dynamic_bytes = dynamic_smem;
+        for (int w = 0; w < warps; ++w) {
+          b.warps.push_back(std::make_unique<Warp>());
+          const int lanes = std::min(32, n - 32 * w);
+          if (lanes < 32) b.warps.back()->exited = ~((1u << lanes) - 1u);
+        }
+        rt.pool.run(n, [&](int i) {
+          t_block = &b;
+          t_thread = i;
+          threadIdx = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+          blockIdx = b.idx;
+          blockDim = block;
+          gridDim = grid;
+          try {
+            body(ctx);
+          } catch (const Cancelled&) {
+          } catch (const std::exception& e) {
+            cancel(b, std::string("exception: ") + e.what());
+          }
+          thread_exit(b, i);
+          t_block = nullptr;
+        });
+        for (const SharedAlloc& a : b.shared) std::free(a.base);
+        std::free(b.dynamic_base);
+        if (b.cancelled.load()) {
+          record_error(cudaErrorLaunchFailure, b.error, true);
+          return;
+        }
+      }
+}
+
+}  // namespace mhr_emu
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA runtime calls the launchers and the tests use. Memory is host memory (malloc'd at the
+// exact size, so ASan sees every out-of-bounds access); streams run synchronously.
+extern "C" {
+
+cudaError_t cudaMalloc(void** ptr, size_t size) {
+  *ptr = std::malloc(size ? size : 1);
+  return *ptr ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFree(void* ptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, enum cudaMemcpyKind) {
+  if (count) std::memmove(dst, src, count);
+  return mhr_emu::sticky_error();
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, count, kind);
+}
+cudaError_t cudaMemset(void* ptr, int value, size_t count) {
+  if (count) std::memset(ptr, value, count);
+  return mhr_emu::sticky_error();
+}
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) { return cudaMemset(ptr, value, count); }
+cudaError_t cudaGetLastError(void) {
+  mhr_emu::Runtime& rt = mhr_emu::runtime();
+  std::lock_guard<std::mutex> lk(rt.error_m);
+  const cudaError_t err = rt.last_error;
+  if (!rt.sticky) rt.last_error = cudaSuccess;
+  return err;
+}
+cudaError_t cudaPeekAtLastError(void) {
+  mhr_emu::Runtime& rt = mhr_emu::runtime();
+  std::lock_guard<std::mutex> lk(rt.error_m);
+  return rt.last_error;
+}
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
+    default:
+      return "cudaErrorUnknown";
+  }
+}
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure (emulated; see the mhr_emu message)";
+    default:
+      return "unknown error (emulated)";
+  }
+}
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaDeviceSynchronize(void) { return mhr_emu::sticky_error(); }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return mhr_emu::sticky_error(); }
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {  // as an H100 SXM answers
+    case cudaDevAttrMultiProcessorCount:
+      *value = mhr_emu::kMultiProcessors;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = mhr_emu::kDefaultSharedBytes;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = mhr_emu::kMaxOptInSharedBytes;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = 228 * 1024;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor:
+      *value = 2048;
+      return cudaSuccess;
+    case cudaDevAttrMaxRegistersPerBlock:
+      *value = 65536;
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimX:
+      *value = 2147483647;
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimY:
+    case cudaDevAttrMaxGridDimZ:
+      *value = 65535;
+      return cudaSuccess;
+    case cudaDevAttrL2CacheSize:
+      *value = 50 * 1024 * 1024;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || value > mhr_emu::kMaxOptInSharedBytes) return cudaErrorInvalidValue;
+  mhr_emu::Runtime& rt = mhr_emu::runtime();
+  std::lock_guard<std::mutex> lk(rt.launch_m);
+  rt.max_dynamic_shared[func] = value;
+  return cudaSuccess;
+}
+
+}  // extern "C"
