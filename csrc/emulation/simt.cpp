@@ -15,6 +15,10 @@
 #include <thread>
 #include <vector>
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #define MHR_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
@@ -42,6 +46,17 @@ constexpr int kMultiProcessors = 132;
 
 struct Cancelled {};  // unwinds the threads of a failed block
 
+// Blocking on a 32-bit atomic with the futex directly: std::atomic::wait first spins with
+// sched_yield, which on a machine with far more threads than cores costs more than it saves.
+// Memory ordering comes from the atomic loads and stores around these calls.
+void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+  while (word.load(std::memory_order_acquire) == expected)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+void futex_wake_all(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
 double deadlock_seconds() {
   static const double s = [] {
     const char* env = std::getenv("MHR_EMU_DEADLOCK_SECONDS");
@@ -66,14 +81,15 @@ struct Collective {
   WarpOp op;
   uint32_t mask;
   Site site;
-  uint32_t arrived = 0, departed = 0, ballot = 0;
-  bool complete = false;
+  uint32_t arrived = 0, ballot = 0;  // under the warp's mutex
+  bool complete = false;              // under the warp's mutex
+  std::atomic<uint32_t> state{0};     // 0 pending, 1 complete, 2 cancelled; waiters block on it
+  std::atomic<uint32_t> departed{0};  // lanes done reading; the last one frees the record
   uint64_t values[32] = {};
 };
 
 struct Warp {
   std::mutex m;
-  std::condition_variable cv;
   std::list<Collective> open;
   uint32_t exited = 0;  // lanes that returned, or do not exist in a partial last warp
 };
@@ -91,17 +107,21 @@ struct Block {
   int smem_limit;
   size_t dynamic_bytes;
 
-  std::mutex m;  // barrier state, shared allocations, the error message
-  std::condition_variable cv;
-  int live;
-  int arrived = 0;
-  uint64_t generation = 0;
-  Site site{nullptr, 0};
-  BarrierKind kind = BarrierKind::kSync;
-  int reduce = 0, result = 0;
+  std::mutex m;  // shared allocations, the error message
 
-  std::atomic<int> waiting{0};         // threads in an incomplete barrier or warp collective
-  std::atomic<uint64_t> progress{0};   // bumped by every arrival, completion and exit
+  // The block barrier, lock-free: 256 OS threads on a few cores must not queue on a mutex.
+  std::atomic<uint64_t> counts{0};      // live threads << 32 | threads arrived at the barrier
+  std::atomic<uint32_t> generation{0};  // barrier phases; waiters block on it (futex)
+  std::atomic<uint64_t> site_tag{0};    // call site and kind of the current phase, 0 between phases
+  std::atomic<const char*> site_file{nullptr};
+  std::atomic<int> site_line{0};
+  std::atomic<int> votes{0};  // arrivals with a true predicate
+  int result = 0;             // written by the completing thread before the phase ends
+
+  // Watchdog bookkeeping, always updated relaxed: an acquire/release here would order the threads
+  // of the block for TSan and hide the races it exists to find.
+  std::atomic<int> waiting{0};        // threads in an incomplete barrier or warp collective
+  std::atomic<uint64_t> progress{0};  // bumped by every arrival, completion and exit
   std::atomic<bool> cancelled{false};
   std::string error;
 
@@ -132,63 +152,49 @@ std::string where(const Block& b) {
 std::string site_str(Site s) { return std::string(s.file ? s.file : "?") + ":" + std::to_string(s.line); }
 
 // Ends the block: records the first message, wakes every waiter (they unwind with Cancelled).
-void cancel(Block& b, const std::string& what) {
+// `who` names the thread that found the problem. Called with no lock held.
+void cancel(Block& b, const std::string& what, const std::string& who) {
   {
     std::lock_guard<std::mutex> lk(b.m);
-    if (b.error.empty()) b.error = where(b) + ", thread " + std::to_string(t_thread) + ": " + what;
+    if (b.error.empty()) b.error = where(b) + who + ": " + what;
   }
   b.cancelled.store(true);
-  b.cv.notify_all();
-  for (auto& w : b.warps) w->cv.notify_all();
+  b.generation.fetch_add(1);
+  futex_wake_all(b.generation);
+  for (auto& w : b.warps) {
+    std::lock_guard<std::mutex> lk(w->m);
+    for (Collective& c : w->open) {
+      uint32_t pending = 0;
+      if (c.state.compare_exchange_strong(pending, 2)) futex_wake_all(c.state);
+    }
+  }
 }
 
+std::string this_thread() { return ", thread " + std::to_string(t_thread); }
+
 [[noreturn]] void fail(Block& b, const std::string& what) {
-  cancel(b, what);
+  cancel(b, what, this_thread());
   throw Cancelled{};
 }
 
-// One wait step of a blocked thread: throws if the block was cancelled, and declares a deadlock
-// once every live thread has waited, with no progress, for the deadlock timeout.
-template <typename Lock, typename Pred>
-void wait_blocked(Block& b, std::condition_variable& cv, Lock& lk, Pred done, const std::string& at) {
-  uint64_t seen = b.progress.load();
-  auto since = Clock::now();
-  while (!done()) {
-    if (b.cancelled.load()) throw Cancelled{};
-    cv.wait_for(lk, std::chrono::milliseconds(20));
-    if (done()) break;
-    const uint64_t now_progress = b.progress.load();
-    if (now_progress != seen || b.waiting.load() < b.live) {
-      seen = now_progress;
-      since = Clock::now();
-      continue;
-    }
-    if (std::chrono::duration<double>(Clock::now() - since).count() > deadlock_seconds()) {
-      lk.unlock();
-      fail(b, "deadlock: every live thread has waited " + std::to_string(deadlock_seconds()) +
-                  " s without progress (this one at " + at + ")");
-    }
-  }
-}
+int live_of(uint64_t counts) { return static_cast<int>(counts >> 32); }
+int arrived_of(uint64_t counts) { return static_cast<int>(counts & 0xffffffffu); }
 
-void complete_barrier(Block& b) {  // b.m held
-  switch (b.kind) {
-    case BarrierKind::kSync:
-      b.result = 0;
-      break;
-    case BarrierKind::kOr:
-    case BarrierKind::kAnd:
-      b.result = b.reduce != 0;
-      break;
-    case BarrierKind::kCount:
-      b.result = b.reduce;
-      break;
-  }
-  b.waiting -= b.arrived - 1;
-  b.arrived = 0;
-  ++b.generation;
-  ++b.progress;
-  b.cv.notify_all();
+// Ends the current barrier phase; called by exactly one thread, the one whose arrival (or exit)
+// made every live thread arrived.
+void complete_barrier(Block& b, BarrierKind kind, int arrived) {
+  const int votes = b.votes.load();
+  b.result = kind == BarrierKind::kCount ? votes
+             : kind == BarrierKind::kOr  ? votes > 0
+             : kind == BarrierKind::kAnd ? votes == arrived
+                                         : 0;
+  b.votes.store(0);
+  b.site_tag.store(0);
+  b.waiting.fetch_sub(arrived, std::memory_order_relaxed);
+  b.counts.fetch_sub(static_cast<uint64_t>(arrived));
+  b.progress.fetch_add(1, std::memory_order_relaxed);
+  b.generation.fetch_add(1, std::memory_order_release);
+  futex_wake_all(b.generation);
 }
 
 void thread_exit(Block& b, int thread) {
@@ -208,13 +214,11 @@ void thread_exit(Block& b, int thread) {
                   }() +
                   " wait for it in " + op_name(c.op) + " at " + site_str(c.site);
   }
-  if (!problem.empty() && !b.cancelled.load()) cancel(b, problem);
-  std::lock_guard<std::mutex> lk(b.m);
-  --b.live;
-  ++b.progress;
-  if (b.arrived > 0 && b.arrived == b.live) complete_barrier(b);
-  b.cv.notify_all();
-  for (auto& wp : b.warps) wp->cv.notify_all();
+  if (!problem.empty() && !b.cancelled.load()) cancel(b, problem, ", thread " + std::to_string(thread));
+  b.progress.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t c = b.counts.fetch_sub(uint64_t{1} << 32, std::memory_order_acq_rel) - (uint64_t{1} << 32);
+  if (arrived_of(c) > 0 && arrived_of(c) == live_of(c))
+    complete_barrier(b, static_cast<BarrierKind>(b.site_tag.load() & 3), arrived_of(c));
 }
 
 std::string hex(uint32_t v) {
@@ -223,57 +227,95 @@ std::string hex(uint32_t v) {
   return h;
 }
 
-// A pool of OS threads; run(n, f) calls f(0..n-1) on n of them and waits.
+// A pool of OS threads, reused across blocks and launches; run(n, f) calls f(0..n-1) on n of
+// them and waits for all.
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
-    }
-    work_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-
   void run(int n, const std::function<void(int)>& f) {
-    while (static_cast<int>(threads_.size()) < n) {
-      const int i = static_cast<int>(threads_.size());
-      threads_.emplace_back([this, i] { worker(i); });
+    while (static_cast<int>(workers_.size()) < n) {
+      workers_.push_back(std::make_unique<Worker>());
+      Worker* w = workers_.back().get();
+      std::thread([this, w] { loop(*w); }).detach();  // lives as long as the process
     }
-    std::unique_lock<std::mutex> lk(m_);
     body_ = &f;
-    jobs_ = n;
-    remaining_ = n;
-    ++epoch_;
-    work_.notify_all();
-    done_.wait(lk, [&] { return remaining_ == 0; });
-    body_ = nullptr;
+    remaining_.store(n);
+    const uint32_t round = done_.load();
+    for (int i = 0; i < n; ++i) {
+      workers_[i]->index = i;
+      workers_[i]->go.fetch_add(1, std::memory_order_release);
+      futex_wake_all(workers_[i]->go);
+    }
+    futex_wait(done_, round);
   }
 
  private:
-  void worker(int i) {
+  struct Worker {
+    std::atomic<uint32_t> go{0};  // bumped once per job
+    int index = 0;
+  };
+  void loop(Worker& w) {
+    for (uint32_t seen = 0;; ++seen) {
+      futex_wait(w.go, seen);
+      (*body_)(w.index);
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        done_.fetch_add(1, std::memory_order_release);
+        futex_wake_all(done_);
+      }
+    }
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(int)>* body_ = nullptr;
+  std::atomic<int> remaining_{0};
+  std::atomic<uint32_t> done_{0};  // bumped when a run's last job ends
+};
+
+// Declares a deadlock once every live thread of the running block has waited, with no progress,
+// for MHR_EMU_DEADLOCK_SECONDS (default 2).
+class Watchdog {
+ public:
+  void watch(Block* b) {
+    std::lock_guard<std::mutex> lk(m_);
+    block_ = b;
+    if (!started_) {
+      started_ = true;
+      std::thread([this] { loop(); }).detach();
+    }
+  }
+
+ private:
+  void loop() {
+    Block* last = nullptr;
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(m_);
+    auto since = Clock::now();
     for (;;) {
-      work_.wait(lk, [&] { return stop_ || epoch_ != seen; });
-      if (stop_) return;
-      seen = epoch_;
-      if (i >= jobs_) continue;
-      const std::function<void(int)>* f = body_;
-      lk.unlock();
-      (*f)(i);
-      lk.lock();
-      if (--remaining_ == 0) done_.notify_all();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::lock_guard<std::mutex> lk(m_);
+      Block* b = block_;
+      if (b == nullptr || b->cancelled.load()) continue;
+      const uint64_t progress = b->progress.load(std::memory_order_relaxed);
+      if (b != last || progress != seen || b->waiting.load(std::memory_order_relaxed) < live_of(b->counts.load())) {
+        last = b;
+        seen = progress;
+        since = Clock::now();
+        continue;
+      }
+      if (std::chrono::duration<double>(Clock::now() - since).count() < deadlock_seconds()) continue;
+      const uint64_t c = b->counts.load();
+      const std::string at = arrived_of(c) ? std::to_string(arrived_of(c)) + " wait at the barrier at " +
+                                                 site_str(Site{b->site_file.load(), b->site_line.load()})
+                                           : std::string("none waits at a block barrier");
+      cancel(*b,
+             "deadlock: all " + std::to_string(live_of(c)) + " live threads have waited " +
+                 std::to_string(deadlock_seconds()) + " s without progress; " + at +
+                 ", the others in warp collectives",
+             "");
     }
   }
 
   std::mutex m_;
-  std::condition_variable work_, done_;
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* body_ = nullptr;
-  uint64_t epoch_ = 0;
-  int jobs_ = 0, remaining_ = 0;
-  bool stop_ = false;
+  Block* block_ = nullptr;
+  bool started_ = false;
 };
 
 // Process-wide state: one launch at a time, CUDA's last-error rules, opted-in shared memory.
@@ -285,6 +327,7 @@ struct Runtime {
   std::string message;
   std::map<const void*, int> max_dynamic_shared;
   Pool pool;
+  Watchdog watchdog;
 };
 
 Runtime& runtime() {
@@ -334,40 +377,31 @@ const char* last_error_message() {
 
 int block_barrier(BarrierKind kind, int predicate, Site site) {
   Block& b = current_block();
-  std::unique_lock<std::mutex> lk(b.m);
   if (b.cancelled.load()) throw Cancelled{};
-  if (b.arrived == 0) {
-    b.site = site;
-    b.kind = kind;
-    b.reduce = kind == BarrierKind::kAnd ? 1 : 0;
-  } else if (b.site.line != site.line || std::strcmp(b.site.file, site.file) != 0 || b.kind != kind) {
-    lk.unlock();
-    fail(b, "divergent barrier: this thread reached the barrier at " + site_str(site) + " while " +
-                std::to_string(b.arrived) + " thread(s) wait at " + site_str(b.site));
+  // The phase's call site and kind: the first arrival sets them, every other must match.
+  uint64_t tag = 1469598103934665603ull;  // FNV-1a of file and line, no allocation
+  for (const char* f = site.file; *f; ++f) tag = (tag ^ static_cast<unsigned char>(*f)) * 1099511628211ull;
+  tag = ((tag ^ static_cast<uint64_t>(site.line)) * 1099511628211ull) << 2 | static_cast<uint64_t>(kind);
+  uint64_t expected = 0;
+  if (b.site_tag.compare_exchange_strong(expected, tag)) {
+    b.site_file.store(site.file);
+    b.site_line.store(site.line);
+  } else if (expected != tag) {
+    fail(b, "divergent barrier: this thread reached the barrier at " + site_str(site) +
+                " while other threads wait at " + site_str(Site{b.site_file.load(), b.site_line.load()}));
   }
-  switch (kind) {
-    case BarrierKind::kSync:
-      break;
-    case BarrierKind::kOr:
-      b.reduce |= predicate != 0;
-      break;
-    case BarrierKind::kAnd:
-      b.reduce &= predicate != 0;
-      break;
-    case BarrierKind::kCount:
-      b.reduce += predicate != 0;
-      break;
-  }
-  ++b.arrived;
-  ++b.progress;
-  if (b.arrived == b.live) {
-    complete_barrier(b);
+  if (predicate) b.votes.fetch_add(1, std::memory_order_relaxed);
+  const uint32_t gen = b.generation.load(std::memory_order_acquire);
+  b.waiting.fetch_add(1, std::memory_order_relaxed);
+  b.progress.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t c = b.counts.fetch_add(1, std::memory_order_acq_rel) + 1;
+  if (arrived_of(c) == live_of(c)) {
+    complete_barrier(b, kind, arrived_of(c));
     return b.result;
   }
-  const uint64_t gen = b.generation;
-  ++b.waiting;
-  wait_blocked(b, b.cv, lk, [&] { return b.generation != gen; }, "the barrier at " + site_str(site));
-  return b.result;
+  futex_wait(b.generation, gen);
+  if (b.cancelled.load()) throw Cancelled{};
+  return b.result;  // the next phase cannot complete (and overwrite it) before this thread arrives
 }
 
 uint32_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int predicate, Site site, uint64_t* values) {
@@ -377,10 +411,9 @@ uint32_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int predicate
   Warp& w = *b.warps[t_thread / 32];
   std::unique_lock<std::mutex> lk(w.m);
   if (b.cancelled.load()) throw Cancelled{};
-  const std::string at = std::string(op_name(op)) + " at " + site_str(site);
   auto bad = [&](const std::string& what) {
     lk.unlock();
-    fail(b, what + " (" + at + ", warp " + std::to_string(t_thread / 32) + ", lane " + std::to_string(lane) + ")");
+    fail(b, what + " (" + op_name(op) + " at " + site_str(site) + ", warp " + std::to_string(t_thread / 32) + ", lane " + std::to_string(lane) + ")");
   };
   if (!(mask & bit)) bad("the mask " + hex(mask) + " does not name the calling lane");
   if (mask & w.exited) bad("the mask " + hex(mask) + " names exited or absent lanes " + hex(mask & w.exited));
@@ -399,30 +432,37 @@ uint32_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int predicate
           op_name(o.op) + " at " + site_str(o.site) + " with mask " + hex(o.mask));
   }
   if (c == nullptr) {
-    w.open.push_back(Collective{op, mask, site});
-    c = &w.open.back();
+    c = &w.open.emplace_back();
+    c->op = op;
+    c->mask = mask;
+    c->site = site;
   }
   c->values[lane] = value;
   if (predicate) c->ballot |= bit;
   c->arrived |= bit;
-  ++b.progress;
+  b.progress.fetch_add(1, std::memory_order_relaxed);
   if (c->arrived == mask) {
     c->complete = true;
-    b.waiting -= __builtin_popcount(mask) - 1;
-    w.cv.notify_all();
+    b.waiting.fetch_sub(__builtin_popcount(mask) - 1, std::memory_order_relaxed);
+    uint32_t pending = 0;
+    if (c->state.compare_exchange_strong(pending, 1, std::memory_order_release)) futex_wake_all(c->state);
   } else {
-    ++b.waiting;
-    wait_blocked(b, w.cv, lk, [&] { return c->complete; }, at);
+    b.waiting.fetch_add(1, std::memory_order_relaxed);
+    lk.unlock();  // wait outside the mutex: 31 woken lanes must not queue on it
+    futex_wait(c->state, 0);
+    if (c->state.load() != 1) throw Cancelled{};
   }
+  // Complete: values and ballot no longer change.
   std::memcpy(values, c->values, sizeof(c->values));
   const uint32_t ballot = c->ballot;
-  c->departed |= bit;
-  if (c->departed == c->mask)
+  if ((c->departed.fetch_or(bit, std::memory_order_acq_rel) | bit) == mask) {
+    if (!lk.owns_lock()) lk.lock();
     for (auto it = w.open.begin(); it != w.open.end(); ++it)
       if (&*it == c) {
         w.open.erase(it);
         break;
       }
+  }
   return ballot;
 }
 
@@ -517,7 +557,7 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
         b.kernel = kernel_name;
         b.idx = uint3{bx, by, bz};
         b.threads = n;
-        b.live = n;
+        b.counts.store(static_cast<uint64_t>(n) << 32);
         b.smem_limit = smem_limit;
         b.dynamic_bytes = dynamic_smem;
         for (int w = 0; w < warps; ++w) {
@@ -525,6 +565,7 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
           const int lanes = std::min(32, n - 32 * w);
           if (lanes < 32) b.warps.back()->exited = ~((1u << lanes) - 1u);
         }
+        rt.watchdog.watch(&b);
         rt.pool.run(n, [&](int i) {
           t_block = &b;
           t_thread = i;
@@ -536,11 +577,12 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
             body(ctx);
           } catch (const Cancelled&) {
           } catch (const std::exception& e) {
-            cancel(b, std::string("exception: ") + e.what());
+            cancel(b, std::string("exception: ") + e.what(), this_thread());
           }
           thread_exit(b, i);
           t_block = nullptr;
         });
+        rt.watchdog.watch(nullptr);
         for (const SharedAlloc& a : b.shared) std::free(a.base);
         std::free(b.dynamic_base);
         if (b.cancelled.load()) {
