@@ -173,6 +173,12 @@ using AtomicValue = std::enable_if_t<(std::is_integral<T>::value || std::is_floa
 
 }  // namespace mhr_emu
 
+// The typed overload cuda_runtime.h declares only for nvcc.
+template <typename... P>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
 #define MHR_EMU_SITE (::mhr_emu::Site{__FILE__, __LINE__})
 #define __syncthreads() ::mhr_emu::block_barrier(::mhr_emu::BarrierKind::kSync, 0, MHR_EMU_SITE)
 #define __syncthreads_or(p) ::mhr_emu::block_barrier(::mhr_emu::BarrierKind::kOr, (p), MHR_EMU_SITE)

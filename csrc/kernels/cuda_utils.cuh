@@ -15,11 +15,15 @@
 #define MHR_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::mhr_emu::launch(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
 #define MHR_SHARED(type, name, dims) MHR_EMU_SHARED(type, name, dims)
-#define MHR_DYNAMIC_SHARED(type, name) MHR_EMU_DYNAMIC_SHARED(type, name, alignof(type))
+#define MHR_DYNAMIC_SHARED(type, name) MHR_EMU_DYNAMIC_SHARED(type, name, 16)
 #else
 #define MHR_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define MHR_SHARED(type, name, dims) __shared__ type name dims
-#define MHR_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// The dynamic buffer is one byte array for every kernel, 16-byte aligned (enough for double and
+// 16-byte vector loads), viewed as `type`.
+#define MHR_DYNAMIC_SHARED(type, name)                                 \
+  extern __shared__ __align__(16) unsigned char mhr_dynamic_smem_[]; \
+  type* name = reinterpret_cast<type*>(mhr_dynamic_smem_)
 #endif
 
 namespace mhr_ops {

@@ -77,12 +77,12 @@ __device__ RowContext<scalar_t, acc_t> make_row(const RouteParams& P, int64_t ro
 template <typename scalar_t>
 __global__ void route_fwd_kernel(const RouteParams P) {
   using acc_t = typename AccType<scalar_t>::type;
-  MHR_DYNAMIC_SHARED(unsigned char, smem_raw);
+  MHR_DYNAMIC_SHARED(acc_t, probs);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (row >= P.num_groups * P.num_heads) return;  // uniform across the warp
   const int64_t S = P.num_skills;
-  acc_t* p = reinterpret_cast<acc_t*>(smem_raw) + warp * S;
+  acc_t* p = probs + warp * S;
   scalar_t* w = static_cast<scalar_t*>(P.weights) + row * S;
 
   const auto ctx = make_row<scalar_t, acc_t>(P, row);
@@ -101,12 +101,12 @@ __global__ void route_fwd_kernel(const RouteParams P) {
 template <typename scalar_t>
 __global__ void route_bwd_kernel(const RouteParams P) {
   using acc_t = typename AccType<scalar_t>::type;
-  MHR_DYNAMIC_SHARED(unsigned char, smem_raw);
+  MHR_DYNAMIC_SHARED(acc_t, probs);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (row >= P.num_groups * P.num_heads) return;
   const int64_t S = P.num_skills;
-  acc_t* p = reinterpret_cast<acc_t*>(smem_raw) + warp * S;
+  acc_t* p = probs + warp * S;
 
   const auto ctx = make_row<scalar_t, acc_t>(P, row);
   if (!ctx.valid()) return;
