@@ -113,6 +113,10 @@ def head_gates(routed_logits, *, top_k, shared_logits=None, stage_logits=None, n
 
 
 def gated_head_proj(o, gates, weight, bias=None):
-    """docs/API.md ``gated_head_proj``: gate multiply, then the linear projection, in float64."""
-    gated = (o.double() * gates.double().unsqueeze(-1)).flatten(-2)
+    """docs/API.md ``gated_head_proj``: gate multiply, then the linear projection, in float64.
+    A head whose gate is exactly 0 is closed: skipped, not multiplied by 0, so NaN or Inf in its
+    ``o`` neither reaches ``y`` nor any gradient (o is masked before the multiply, so the
+    gate's gradient is 0 times a finite number)."""
+    g = gates.double().unsqueeze(-1)
+    gated = (torch.where(g != 0, o.double(), 0.0) * g).flatten(-2)
     return torch.nn.functional.linear(gated, weight.double(), None if bias is None else bias.double())

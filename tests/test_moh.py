@@ -105,6 +105,44 @@ def test_gated_head_proj_matches_reference(device, dtype, N, H, Dh, D):
         assert_close(a.grad, r.grad, atol=tol * max(1, r.grad.abs().max().item()), rtol=tol, what="grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_closed_heads_are_skipped_not_multiplied(device):
+    """SPEC section 5: a head whose gate is exactly 0 contributes nothing to y and receives and
+    gives no gradient, even where its o holds NaN or Inf; a NaN gate counts as open."""
+    gen = torch.Generator().manual_seed(5)
+    N, H, Dh, D = 7, 4, 3, 5
+    o = torch.randn(N, H, Dh, generator=gen, dtype=torch.float64)
+    gates = torch.rand(N, H, generator=gen, dtype=torch.float64) + 0.1
+    gates[:, 1] = 0.0
+    gates[2, 3] = 0.0
+    o[:, 1] = float("nan")
+    o[2, 3, 0] = float("inf")
+    gates[5, 2] = float("nan")  # open: row 5 of y is NaN
+    W = torch.randn(D, H * Dh, generator=gen, dtype=torch.float64)
+    b = torch.randn(D, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        ins = [t.to(dtype).to(device).clone().requires_grad_() for t in (o, gates, W, b)]
+        y = mhr_ops.gated_head_proj(*ins)
+        refs = [t.clone().requires_grad_() for t in (o, gates, W, b)]
+        ref = reference.gated_head_proj(*refs)
+        assert torch.equal(y.isnan().cpu(), ref.isnan()) and ref[5].isnan().all()
+        assert ref[[0, 1, 2, 3, 4, 6]].isfinite().all()
+        tol = TOL[dtype]
+        assert_close(y[ref.isfinite()], ref[ref.isfinite()], atol=tol, rtol=tol, what="y")
+        gy = torch.randn(N, D, generator=gen, dtype=torch.float64)
+        gy[5] = 0.0  # keep the NaN row out of the gradients
+        y.backward(gy.to(dtype).to(device))
+        ref.backward(gy)
+        d_o, d_g = ins[0].grad.cpu(), ins[1].grad.cpu()
+        assert (d_o[:, 1] == 0).all() and (d_o[2, 3] == 0).all()
+        assert (d_g[:, 1] == 0).all() and d_g[2, 3] == 0
+        assert ins[2].grad[:, Dh : 2 * Dh].isfinite().all()  # head 1 is closed in every row
+        for a, r in zip(ins, refs, strict=True):
+            fin = r.grad.isfinite()
+            assert torch.equal(a.grad.isfinite().cpu(), fin)
+            assert_close(a.grad.cpu()[fin], r.grad[fin], atol=tol * 10, rtol=tol, what="grad")
+
+
 def test_gated_head_proj_gradcheck_and_non_contiguous():
     o = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
     wide = torch.randn(6, 6, dtype=torch.float64)

@@ -67,8 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cpu(
 at::Tensor gated_head_proj_cpu(const at::Tensor& o, const at::Tensor& gates, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias) {
   const GatedHeadProjParams p = check_gated_head_proj(o, gates, weight, bias);
-  // The CPU path writes the gated heads once and runs one GEMM: BLAS beats skipping here.
-  const at::Tensor gated = (o * gates.unsqueeze(-1)).reshape({p.num_rows, p.num_heads * p.head_dim});
+  // The CPU path writes the gated heads once and runs one GEMM: BLAS beats skipping here. Closed
+  // heads (gate exactly 0; NaN counts as open) are zeroed, not multiplied by 0 (SPEC section 5).
+  const at::Tensor g = gates.unsqueeze(-1);
+  const at::Tensor gated = (o * g).masked_fill_(g == 0, 0).reshape({p.num_rows, p.num_heads * p.head_dim});
   return at::linear(gated, weight, bias);
 }
 
