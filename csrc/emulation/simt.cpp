@@ -17,6 +17,7 @@
 
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -49,7 +50,18 @@ struct Cancelled {};  // unwinds the threads of a failed block
 // Blocking on a 32-bit atomic with the futex directly: std::atomic::wait first spins with
 // sched_yield, which on a machine with far more threads than cores costs more than it saves.
 // Memory ordering comes from the atomic loads and stores around these calls.
+int spin_yields() {
+  static const int n = [] {
+    const char* env = std::getenv("MHR_EMU_SPIN");
+    return env ? std::atoi(env) : 4;  // a few yields first: cheaper than a futex sleep and wake
+  }();
+  return n;
+}
 void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+  for (int i = spin_yields(); i > 0; --i) {
+    if (word.load(std::memory_order_acquire) != expected) return;
+    sched_yield();
+  }
   while (word.load(std::memory_order_acquire) == expected)
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
 }

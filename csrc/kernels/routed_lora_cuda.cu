@@ -14,6 +14,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxRank = static_cast<int>(kRoutedLoraMaxRank);
+// Internal group values. User ids never reach them: row_group maps every id outside [0, G)
+// (including -2 and -3, with validation skipped) to kBadGroup, whose rows come out NaN.
+constexpr int64_t kBadGroup = -1;
 constexpr int64_t kNoRow = -2;   // group id of a tile slot past the last row
 constexpr int64_t kNoMore = -3;  // "no unprocessed group left" marker
 
@@ -23,7 +26,8 @@ __device__ __forceinline__ acc_t quiet_nan() {
 }
 
 __device__ __forceinline__ int64_t row_group(const RowRouting& r, int64_t n) {
-  return load_index(r.group_ids, r.index_type, r.ids_stride, n / r.rows_per_group_id);
+  const int64_t g = load_index(r.group_ids, r.index_type, r.ids_stride, n / r.rows_per_group_id);
+  return (g >= 0 && g < r.num_groups) ? g : kBadGroup;
 }
 
 template <typename acc_t>
