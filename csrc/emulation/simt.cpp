@@ -603,6 +603,23 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
       }
 }
 
+// ---------------------------------------------------------------------------------------------
+// For mma.cuh: the block's serial number, kept as a zero-size-accounted entry of its shared
+// allocations (freed with them, not counted against the shared-memory limit).
+uint64_t block_serial() {
+  static std::atomic<uint64_t> next{1};
+  static const char key = 0;
+  Block& b = current_block();
+  std::lock_guard<std::mutex> lk(b.m);
+  for (const SharedAlloc& a : b.shared)
+    if (a.key == &key) return *static_cast<const uint64_t*>(a.storage);
+  SharedAlloc a{&key, nullptr, nullptr};
+  a.base = exact_storage(sizeof(uint64_t), alignof(uint64_t), &a.storage);
+  *static_cast<uint64_t*>(a.storage) = next.fetch_add(1, std::memory_order_relaxed);
+  b.shared.push_back(a);
+  return *static_cast<const uint64_t*>(a.storage);
+}
+
 }  // namespace mhr_emu
 
 // ---------------------------------------------------------------------------------------------

@@ -260,3 +260,10 @@ inline T __ldg(const T* p) {
   name##_shared_t& name = *static_cast<name##_shared_t*>(::mhr_emu::block_shared(                        \
       &name##_shared_key, sizeof(name##_shared_t), alignof(name##_shared_t), #name))
 #define MHR_EMU_DYNAMIC_SHARED(type, name, align) type* name = static_cast<type*>(::mhr_emu::dynamic_shared(align))
+
+// ---------------------------------------------------------------------------------------------
+// For csrc/kernels/mma.cuh (cp.async model): a number unique to the running block, so per-thread
+// state left by an earlier block (pending async copies) can be recognised and dropped.
+namespace mhr_emu {
+uint64_t block_serial();
+}  // namespace mhr_emu
