@@ -164,7 +164,7 @@ void run_proj(const ProjCase& c) {
   const std::vector<double> b = rounded<T>(D, 0.29, 0.6, 1.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) {
-      const bool closed = (n * 3 + h) % 4 == 0 || h == H - 1 && H > 1 || (n >= 32 && n < 64 && h == 0);
+      const bool closed = (n * 3 + h) % 4 == 0 || (h == H - 1 && H > 1) || (n >= 32 && n < 64 && h == 0);
       if (closed) {
         gates[n * H + h] = 0.0;
         o[(n * H + h) * Dh] = (n + h) % 2 ? NAN : INFINITY;  // closed heads ignore what o holds
