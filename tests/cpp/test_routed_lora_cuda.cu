@@ -7,7 +7,9 @@
 // nothing read or written out of bounds, including the ids -2 and -3).
 // Runs on a GPU, or on the host under the SIMT emulation (CMake MHR_OPS_CUDA_EMULATION=ON); exits
 // 77 (ctest: skipped) on a real toolkit without a device.
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -204,7 +206,17 @@ std::vector<double> device_read(const T* d, size_t n_alloc, const std::vector<si
 }
 
 template <typename xt, typename mt>
+void run_case_impl(const Case& c);
+template <typename xt, typename mt>
 void run_case(const Case& c) {
+  const auto t0 = std::chrono::steady_clock::now();
+  run_case_impl<xt, mt>(c);
+  if (std::getenv("MHR_TEST_TIMES"))
+    std::fprintf(stderr, "%s<%d,%d>: %.2f s\n", c.name, (int)dtype_of<xt>(), (int)dtype_of<mt>(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+template <typename xt, typename mt>
+void run_case_impl(const Case& c) {
   using acc_t = typename AccType<xt>::type;
   const Problem p = make_problem<xt, mt>(c);
   const Reference R = reference(p);
@@ -325,8 +337,8 @@ void run_case(const Case& c) {
 int main() {
   if (const int skip = skip_without_device("test_routed_lora_cuda")) return skip;
   // name, N, h, S, dki, r, dko, G, rows_per_id, order, ...
-  const Case mixed{"mixed", 36, 2, 3, 37, 5, 29, 3, 2, 1};  // past a tile edge, unsorted, odd sizes
-  const Case runs{"runs", 64, 2, 3, 40, 48, 70, 4, 16, 0};  // runs of one group, rank > 32
+  const Case mixed{"mixed", 35, 2, 2, 33, 5, 29, 3, 2, 1};  // past a tile edge, unsorted, odd sizes
+  const Case runs{"runs", 40, 1, 3, 40, 48, 70, 4, 10, 0};  // runs of one group, rank > 32
   // Every instantiation, forward and backward.
   run_case<float, float>(mixed);
   run_case<double, double>(mixed);
@@ -343,7 +355,7 @@ int main() {
   run_case<float, float>(Case{"n1", 1, 2, 3, 8, 4, 8, 3, 1, 1});
   run_case<float, float>(Case{"rank1", 5, 1, 2, 8, 1, 130, 5, 1, 1});
   run_case<float, float>(Case{"rank128", 9, 1, 2, 6, 128, 5, 2, 1, 1});
-  run_case<float, float>(Case{"h64", 6, 64, 2, 2, 3, 1, 2, 3, 1});
+  run_case<float, float>(Case{"h64", 2, 64, 2, 2, 3, 1, 2, 1, 1});
   Case strided{"strided", 35, 2, 2, 7, 4, 9, 5, 1, 1};
   strided.x_col = 2, strided.row_pad = 3, strided.int32_ids = true, strided.ids_stride = 2;
   run_case<float, float>(strided);
@@ -357,6 +369,5 @@ int main() {
   Case bad{"bad-ids", 40, 2, 2, 7, 4, 9, 3, 1, 1};
   bad.bad_ids = true;
   run_case<float, float>(bad);
-  run_case<double, double>(bad);
   return finish("test_routed_lora_cuda");
 }
