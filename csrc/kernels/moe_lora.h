@@ -26,6 +26,7 @@
 namespace mhr_ops {
 
 constexpr int64_t kMoeRowBlock = 16;  // rows per expand block (the unit the caller parallelizes over)
+constexpr int64_t kMoeSlotTile = 8;   // slots per shrink tile
 
 // Which expert each slot uses.
 struct MoeRouting {
@@ -51,7 +52,8 @@ struct MoeSlotPlan {
   std::vector<int64_t> piece_expert;   // ... all of expert piece_expert[i]
 };
 
-// O(N*k + E). Pieces hold at most max_piece_slots slots (>= 1).
+// O(N*k + E). Pieces hold max_piece_slots slots rounded up to a multiple of kMoeSlotTile (the
+// last piece of an expert fewer), so results do not depend on max_piece_slots.
 MoeSlotPlan moe_plan_slots(const MoeRouting& r, int64_t max_piece_slots);
 
 // Per-slot shrink over pieces [piece_begin, piece_end) of `plan`:

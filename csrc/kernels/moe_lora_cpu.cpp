@@ -42,7 +42,9 @@ MoeSlotPlan moe_plan_slots(const MoeRouting& r, int64_t max_piece_slots) {
   std::vector<int64_t> next(plan.start.begin(), plan.start.end() - 1);
   for (int64_t s = 0; s < slots; ++s)
     if (expert[s] >= 0) plan.order[next[expert[s]]++] = s;
-  const int64_t step = std::max<int64_t>(1, max_piece_slots);
+  // Pieces start at multiples of kMoeSlotTile slots within their expert: every slot then lands
+  // in the same tile (or the same tail) whatever the piece size, so its bits do not change.
+  const int64_t step = std::max<int64_t>(1, (max_piece_slots + kMoeSlotTile - 1) / kMoeSlotTile) * kMoeSlotTile;
   for (int64_t e = 0; e < r.experts; ++e)
     for (int64_t b = plan.start[e]; b < plan.start[e + 1]; b += step) {
       plan.piece_begin.push_back(b);
@@ -127,7 +129,8 @@ MHR_MOE_INLINE void shrink_tile(const MoeShrinkParams& p, const int64_t* slots, 
 
 template <typename T, int kR>
 MHR_MOE_INLINE void shrink(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t piece_begin, int64_t piece_end) {
-  constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : 8;  // kT * kR accumulators stay in registers
+  // kT * kR accumulators stay in registers; kT divides kMoeSlotTile (tiles never straddle pieces).
+  constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : static_cast<int>(kMoeSlotTile);
   const int64_t R = kR > 0 ? kR : p.rank;
   T* tmp = thread_scratch<T>(static_cast<size_t>(kT * R));
   for (int64_t i = piece_begin; i < piece_end; ++i) {

@@ -150,10 +150,11 @@ void run_case(const Problem& p, double scale, bool avx2, int64_t piece, double t
   for (size_t i = 0; i < rdB.size(); ++i) EXPECT_NEAR(dB[i], rdB[i], tol * (1 + std::fabs(rdB[i])));
 
   // Bitwise the same with another piece size (the thread split) and row ranges cut elsewhere.
-  const MoeSlotPlan plan1 = moe_plan_slots(rt, 1);
+  const MoeSlotPlan plan1 = moe_plan_slots(rt, 3 * kMoeSlotTile);
   std::vector<T> z1(S * R), y1 = cast<T>(p.y0);
   sp.out = z1.data();
-  for (int64_t i = 0; i < static_cast<int64_t>(plan1.piece_begin.size()); ++i) moe_lora_shrink_cpu<T>(sp, plan1, i, i + 1, avx2);
+  for (int64_t i = 0; i < static_cast<int64_t>(plan1.piece_begin.size()); ++i)
+    moe_lora_shrink_cpu<T>(sp, plan1, i, i + 1, avx2);
   ep.v = z1.data(), ep.y = y1.data();
   for (int64_t n = 0; n < p.N; n += 3 * kMoeRowBlock) moe_lora_expand_cpu<T>(ep, n, std::min(p.N, n + 3 * kMoeRowBlock), avx2);
   for (int64_t i = 0; i < S * R; ++i) EXPECT_TRUE(z1[i] == z[i] || (std::isnan(z1[i]) && std::isnan(z[i])));
@@ -172,10 +173,13 @@ void test_sort() {
   EXPECT_TRUE(plan.start == start);
   EXPECT_TRUE(plan.invalid == invalid);
   EXPECT_TRUE(plan.piece_begin.size() == 3 && plan.piece_expert[2] == 2);
-  const MoeSlotPlan one = moe_plan_slots(r, 1);
-  EXPECT_TRUE(one.piece_begin.size() == 6);
   EXPECT_TRUE(moe_expert_of(r, 4) == -1 && moe_expert_of(r, 3) == 1);
   EXPECT_TRUE(moe_lora_wgrad_tasks(3, 17, 32) == 3 * (2 + 2));
+  // 20 slots of one expert: pieces of 8 (a requested 5 rounds up to the tile), aligned to the tile
+  std::vector<int64_t> same(20, 1);
+  r.ids = same.data(), r.rows = 10;
+  const MoeSlotPlan tiled = moe_plan_slots(r, 5);
+  EXPECT_TRUE(tiled.piece_begin == (std::vector<int64_t>{0, 8, 16}) && tiled.piece_end[2] == 20);
 }
 
 }  // namespace
