@@ -9,10 +9,10 @@
 //   dA_e = sum_{s of e} x_n^T gz_s;  dB_e = sum_{s of e} scale * w_s * z_s^T grad_y_n
 // Work is over slots, never over (row, expert) pairs: cost grows with N*k, not N*E.
 //
-// Determinism: every sum has one fixed order that depends on the ids alone, not on how the
-// caller splits the work across threads: z_s and g_s are sums over columns in column order; a
-// row of y / dx sums its slots by (expert, j) ascending; dA_e / dB_e sum their slots in the
-// counting sort's order (slot index ascending).
+// Determinism: every sum has one fixed order and code path that depend on the ids alone, not on
+// how the caller splits the work across threads: z_s and g_s are sums over columns in column
+// order (a short tile of slots is padded, never run by other code); a row of y / dx sums its
+// slots by (expert, j) ascending; dA_e / dB_e sum their slots in slot order.
 //
 // Ids outside [0, E) are never dereferenced: such a slot's z / gz / dw are NaN, its row of y and
 // dx is NaN, and it adds nothing to dA / dB.
@@ -25,8 +25,7 @@
 
 namespace mhr_ops {
 
-constexpr int64_t kMoeRowBlock = 16;  // rows per expand block (the unit the caller parallelizes over)
-constexpr int64_t kMoeSlotTile = 8;   // slots per shrink tile
+constexpr int64_t kMoeRowBlock = 64;  // rows per expand block (the unit the caller parallelizes over)
 
 // Which expert each slot uses.
 struct MoeRouting {
@@ -42,69 +41,52 @@ struct MoeRouting {
 // Expert of slot s, or -1 when its id is outside [0, E).
 int64_t moe_expert_of(const MoeRouting& r, int64_t slot);
 
-// Valid slots grouped by expert (a stable counting sort) and cut into pieces of one expert each.
+// Valid slots grouped by expert (a stable counting sort), for the weight gradients.
 struct MoeSlotPlan {
-  std::vector<int64_t> order;          // valid slots, expert 0's first, each expert's ascending
-  std::vector<int64_t> start;          // [E + 1]: expert e's slots are order[start[e] .. start[e+1])
-  std::vector<int64_t> invalid;        // slots whose id is outside [0, E), ascending
-  std::vector<int64_t> piece_begin;    // pieces: order[piece_begin[i] .. piece_end[i]) ...
-  std::vector<int64_t> piece_end;
-  std::vector<int64_t> piece_expert;   // ... all of expert piece_expert[i]
+  std::vector<int64_t> order;    // valid slots, expert 0's first, each expert's ascending
+  std::vector<int64_t> start;    // [E + 1]: expert e's slots are order[start[e] .. start[e+1])
+  std::vector<int64_t> invalid;  // slots whose id is outside [0, E), ascending
 };
 
-// O(N*k + E). Pieces hold max_piece_slots slots rounded up to a multiple of kMoeSlotTile (the
-// last piece of an expert fewer), so results do not depend on max_piece_slots.
-MoeSlotPlan moe_plan_slots(const MoeRouting& r, int64_t max_piece_slots);
+// O(N*k + E).
+MoeSlotPlan moe_plan_slots(const MoeRouting& r);
 
-// Per-slot shrink over pieces [piece_begin, piece_end) of `plan`:
-//   out[s] = scale * src[n(s)] @ M_e
-// or, in the backward (weights set): g = scale * src[n(s)] @ M_e, out[s] = w_s * g, dw[s] = z_s . g.
-struct MoeShrinkParams {
-  const void* src = nullptr;  // [N, d] of T, unit column stride: x, or grad_y
-  int64_t src_stride_n = 0;
-  const void* mats = nullptr;  // [E, d, r] of T, contiguous: A, or B^T
-  int64_t d = 0;
-  int64_t rank = 0;
-  int64_t top_k = 0;
-  double scale = 1.0;
-  void* out = nullptr;  // [N*k, r] of T, contiguous
-  // Backward only (null in the forward):
+// One pass over blocks of kMoeRowBlock rows; each block's slots sorted by (expert, slot):
+//  1. shrink (src set): g_s = shrink_scale * src[n(s)] @ S_e, in tiles of slots of one expert;
+//     forward (z null): v[s] = g_s; backward (z set): v[s] = w_s g_s, dw[s] = z_s . g_s.
+//  2. expand (y set): y[n] (+)= sum over n's slots, by (expert, j), of (expand_scale * c_s * v[s])
+//     @ X_e, with c_s = w_s when expand_weighted, else 1.
+// forward: src x, S = A, y with X = B (weighted); backward: src grad_y, S = B^T, y = dx with
+// X = A^T (unweighted). An invalid slot's v and dw are NaN and its row of y is NaN.
+struct MoeRowsParams {
+  MoeRouting routing;
+  int64_t rank = 0;               // r
   const void* weights = nullptr;  // [N, k] of T, element strides below
   int64_t w_stride_n = 0;
   int64_t w_stride_j = 0;
-  const void* z = nullptr;  // the forward's z [N*k, r] of T, contiguous
-  void* dw = nullptr;       // [N*k] of T, contiguous
-};
-
-// T = float or double; use_avx2: the AVX2 + FMA build where the CPU has it.
-template <typename T>
-void moe_lora_shrink_cpu(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t piece_begin, int64_t piece_end,
-                         bool use_avx2);
-
-// NaN into out[s] (r values) and, if given, dw[s], for every invalid slot of the plan.
-template <typename T>
-void moe_lora_fill_invalid_cpu(const MoeSlotPlan& plan, T* out, int64_t rank, T* dw);
-
-// Per-row expand over rows [row_begin, row_end), in blocks of kMoeRowBlock rows:
-//   y[n] (+)= sum over n's slots s, by (expert, j) ascending, of (scale * w_s * v[s]) @ M_e
-// (w_s = 1 without weights). A row with an invalid slot is NaN.
-struct MoeExpandParams {
-  const void* v = nullptr;  // [N*k, r] of T, contiguous: z, or gz
-  const void* weights = nullptr;  // [N, k] of T, element strides below; null: all 1
-  int64_t w_stride_n = 0;
-  int64_t w_stride_j = 0;
-  double scale = 1.0;
-  const void* mats = nullptr;  // [E, r, d] of T, contiguous: B, or A^T
-  MoeRouting routing;
-  void* y = nullptr;  // [N, d] of T, unit column stride
+  void* v = nullptr;  // [N*k, r] of T, contiguous: written by the shrink, else read
+  // shrink (src null: skipped)
+  const void* src = nullptr;  // [N, d_src] of T, unit column stride
+  int64_t src_stride_n = 0;
+  const void* shrink_mats = nullptr;  // [E, d_src, r] of T, contiguous
+  int64_t d_src = 0;
+  double shrink_scale = 1.0;
+  const void* z = nullptr;  // backward: the forward's z [N*k, r] of T, contiguous
+  void* dw = nullptr;       // backward: [N*k] of T, contiguous
+  // expand (y null: skipped)
+  const void* expand_mats = nullptr;  // [E, r, d_dst] of T, contiguous
+  int64_t d_dst = 0;
+  double expand_scale = 1.0;
+  bool expand_weighted = false;
+  void* y = nullptr;  // [N, d_dst] of T, unit column stride
   int64_t y_stride_n = 0;
   bool accumulate = false;  // y += update (else y = update)
-  int64_t d = 0;
-  int64_t rank = 0;
 };
 
+// Rows [row_begin, row_end); T = float or double; use_avx2: the AVX2 + FMA build where the CPU
+// has it. Results do not depend on how the caller splits the rows.
 template <typename T>
-void moe_lora_expand_cpu(const MoeExpandParams& p, int64_t row_begin, int64_t row_end, bool use_avx2);
+void moe_lora_rows_cpu(const MoeRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2);
 
 // Expert weight gradients, as tasks: task t < E * ceil(d_in / kMoeColBlock) writes a column block
 // of dA_e, the others a column block of dB_e. Every expert's gradient is written whole (zero for an

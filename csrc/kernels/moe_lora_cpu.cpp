@@ -3,6 +3,11 @@
 // order, whatever the tile a slot lands in (one accumulator per output element, no partial sums).
 #include "moe_lora.h"
 
+// No FMA contraction in this file: at -O3 GCC versions some loops on run-time alias checks, and
+// the versions contracted differently, so a row's bits depended on where its scratch row sat.
+// Without contraction every version rounds alike (the sums' order is fixed by the code).
+#pragma GCC optimize("fp-contract=off")
+
 #include <algorithm>
 #include <limits>
 #include <utility>
@@ -25,7 +30,7 @@ int64_t moe_expert_of(const MoeRouting& r, int64_t slot) {
   return e >= 0 && e < r.experts ? e : -1;
 }
 
-MoeSlotPlan moe_plan_slots(const MoeRouting& r, int64_t max_piece_slots) {
+MoeSlotPlan moe_plan_slots(const MoeRouting& r) {
   MoeSlotPlan plan;
   const int64_t slots = r.rows * r.top_k;
   std::vector<int64_t> expert(slots);
@@ -42,25 +47,7 @@ MoeSlotPlan moe_plan_slots(const MoeRouting& r, int64_t max_piece_slots) {
   std::vector<int64_t> next(plan.start.begin(), plan.start.end() - 1);
   for (int64_t s = 0; s < slots; ++s)
     if (expert[s] >= 0) plan.order[next[expert[s]]++] = s;
-  // Pieces start at multiples of kMoeSlotTile slots within their expert: every slot then lands
-  // in the same tile (or the same tail) whatever the piece size, so its bits do not change.
-  const int64_t step = std::max<int64_t>(1, (max_piece_slots + kMoeSlotTile - 1) / kMoeSlotTile) * kMoeSlotTile;
-  for (int64_t e = 0; e < r.experts; ++e)
-    for (int64_t b = plan.start[e]; b < plan.start[e + 1]; b += step) {
-      plan.piece_begin.push_back(b);
-      plan.piece_end.push_back(std::min(b + step, plan.start[e + 1]));
-      plan.piece_expert.push_back(e);
-    }
   return plan;
-}
-
-template <typename T>
-void moe_lora_fill_invalid_cpu(const MoeSlotPlan& plan, T* out, int64_t rank, T* dw) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (const int64_t s : plan.invalid) {
-    std::fill(out + s * rank, out + (s + 1) * rank, nan);
-    if (dw != nullptr) dw[s] = nan;
-  }
 }
 
 int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
@@ -99,97 +86,126 @@ MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t 
   }
 }
 
-template <typename T, int kR, int kT>
-MHR_MOE_INLINE void shrink_tile(const MoeShrinkParams& p, const int64_t* slots, const T* m, T* tmp) {
-  const int64_t R = kR > 0 ? kR : p.rank;
-  const T* src[kT];
-  for (int t = 0; t < kT; ++t) src[t] = static_cast<const T*>(p.src) + (slots[t] / p.top_k) * p.src_stride_n;
-  project<T, kR, kT>(src, m, p.d, R, tmp);
-  const T scale = static_cast<T>(p.scale);
-  T* out = static_cast<T*>(p.out);
-  for (int t = 0; t < kT; ++t) {
-    const int64_t s = slots[t];
-    T* o = out + s * R;
-    const T* g = tmp + t * R;
-    if (p.weights == nullptr) {
-      for (int64_t j = 0; j < R; ++j) o[j] = scale * g[j];
-      continue;
+// L lanes of T as one value (GCC vector extension): an AVX2 register or a part of one, or two
+// SSE registers in the portable build. Alignment of T: loads and stores need no aligned address.
+template <typename T, int L>
+struct Lanes {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T))));
+};
+
+// Shrink of one block's slots, runs of one expert cut into tiles of kT slots; a short tile is
+// padded with its last slot, so every slot goes through the same code (the same bits whatever
+// its neighbours). g = shrink_scale * src[n(s)] @ S_e; forward: v[s] = g; backward: v[s] = w_s g,
+// dw[s] = z_s . g.
+template <typename T, int kR>
+MHR_MOE_INLINE void rows_shrink(const MoeRowsParams& p, const std::pair<int64_t, int64_t>* entries, int64_t count,
+                                T* tmp) {
+  constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : kR > 0 ? 8 : 4;
+  const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k;
+  const T scale = static_cast<T>(p.shrink_scale);
+  for (int64_t i = 0; i < count;) {
+    const int64_t e = entries[i].first;
+    int64_t run = i;
+    while (run < count && entries[run].first == e) ++run;
+    const T* m = static_cast<const T*>(p.shrink_mats) + e * p.d_src * R;
+    for (int64_t t0 = i; t0 < run; t0 += kT) {
+      const T* src[kT];
+      for (int t = 0; t < kT; ++t)
+        src[t] = static_cast<const T*>(p.src) + (entries[std::min(t0 + t, run - 1)].second / K) * p.src_stride_n;
+      project<T, kR, kT>(src, m, p.d_src, R, tmp);
+      for (int64_t t = 0; t < std::min<int64_t>(kT, run - t0); ++t) {
+        const int64_t s = entries[t0 + t].second;
+        T* v = static_cast<T*>(p.v) + s * R;
+        const T* g = tmp + t * R;
+        if (p.z == nullptr) {
+          for (int64_t j = 0; j < R; ++j) v[j] = scale * g[j];
+          continue;
+        }
+        const T w = weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
+        const T* z = static_cast<const T*>(p.z) + s * R;
+        T dot = 0;
+        for (int64_t j = 0; j < R; ++j) {
+          const T gj = scale * g[j];
+          v[j] = w * gj;
+          dot += z[j] * gj;
+        }
+        static_cast<T*>(p.dw)[s] = dot;
+      }
     }
-    const T w = weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
-    const T* z = static_cast<const T*>(p.z) + s * R;
-    T dot = 0;
-    for (int64_t j = 0; j < R; ++j) {
-      const T gj = scale * g[j];
-      o[j] = w * gj;
-      dot += z[j] * gj;
-    }
-    static_cast<T*>(p.dw)[s] = dot;
+    i = run;
   }
 }
 
-template <typename T, int kR>
-MHR_MOE_INLINE void shrink(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t piece_begin, int64_t piece_end) {
-  // kT * kR accumulators stay in registers; kT divides kMoeSlotTile (tiles never straddle pieces).
-  constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : static_cast<int>(kMoeSlotTile);
-  const int64_t R = kR > 0 ? kR : p.rank;
-  T* tmp = thread_scratch<T>(static_cast<size_t>(kT * R));
-  for (int64_t i = piece_begin; i < piece_end; ++i) {
-    const T* m = static_cast<const T*>(p.mats) + plan.piece_expert[i] * p.d * R;
-    const int64_t* slots = plan.order.data();
-    int64_t b = plan.piece_begin[i];
-    for (; b + kT <= plan.piece_end[i]; b += kT) shrink_tile<T, kR, kT>(p, slots + b, m, tmp);
-    for (; b < plan.piece_end[i]; ++b) shrink_tile<T, kR, 1>(p, slots + b, m, tmp);
+// a[0 .. width) += sum_j u[j] * m[j*d + c]: kChunk columns as 8 vectors in registers (8
+// independent FMA chains), a shorter chunk element by element in the same order.
+template <typename T, int kR, int kChunk>
+MHR_MOE_INLINE void expand_chunk(const T* __restrict u, const T* __restrict m, int64_t d, int64_t R, int64_t width,
+                                 T* __restrict a) {
+  if constexpr (kR > 0) {
+    if (width == kChunk) {
+      using V = typename Lanes<T, kChunk / 8>::type;
+      V acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = reinterpret_cast<const V*>(a)[v];
+      for (int j = 0; j < kR; ++j) {
+        const T uj = u[j];
+        const V* mj = reinterpret_cast<const V*>(m + j * d);
+        for (int v = 0; v < 8; ++v) acc[v] += uj * mj[v];
+      }
+      for (int v = 0; v < 8; ++v) reinterpret_cast<V*>(a)[v] = acc[v];
+      return;
+    }
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    T v = a[c];
+    for (int64_t j = 0; j < R; ++j) v += u[j] * m[j * d + c];
+    a[c] = v;
   }
 }
 
-// One block of rows: its slots sorted by (expert, slot), scaled vectors u, then column chunks of
-// y accumulated slot by slot (a chunk of M_e stays in L1 across the slots of one expert).
+// Blocks of kMoeRowBlock rows: the block's slots sorted by (expert, slot), the optional shrink,
+// the scaled vectors u, then column chunks of y accumulated slot by slot (a chunk of X_e stays in
+// L1 across the slots of one expert); a row with an invalid slot is NaN.
 template <typename T, int kR>
-MHR_MOE_INLINE void expand(const MoeExpandParams& p, int64_t row_begin, int64_t row_end) {
+MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t row_end) {
   constexpr int64_t kChunk = 64;
-  const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k, d = p.d;
+  const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k, d = p.d_dst;
   const size_t max_slots = static_cast<size_t>(kMoeRowBlock * K);
   auto* entries = thread_scratch<std::pair<int64_t, int64_t>>(max_slots);  // (expert, slot)
-  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * kChunk);
+  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * kChunk + 8 * R);
   T* acc = u + max_slots * R;
+  T* tmp = acc + kMoeRowBlock * kChunk;
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  const T* M = static_cast<const T*>(p.mats);
+  const T* X = static_cast<const T*>(p.expand_mats);
   for (int64_t b0 = row_begin; b0 < row_end; b0 += kMoeRowBlock) {
     const int64_t b1 = std::min(row_end, b0 + kMoeRowBlock);
     bool bad[kMoeRowBlock] = {};
     int64_t count = 0;
     for (int64_t s = b0 * K; s < b1 * K; ++s) {
       const int64_t e = moe_expert_of(p.routing, s);
-      if (e < 0)
-        bad[s / K - b0] = true;
-      else
+      if (e >= 0) {
         entries[count++] = {e, s};
+        continue;
+      }
+      bad[s / K - b0] = true;
+      if (p.src != nullptr) std::fill(static_cast<T*>(p.v) + s * R, static_cast<T*>(p.v) + (s + 1) * R, nan);
+      if (p.dw != nullptr) static_cast<T*>(p.dw)[s] = nan;
     }
     std::sort(entries, entries + count);
+    if (p.src != nullptr) rows_shrink<T, kR>(p, entries, count, tmp);
+    if (p.y == nullptr) continue;
     for (int64_t i = 0; i < count; ++i) {
       const int64_t s = entries[i].second;
-      T coef = static_cast<T>(p.scale);
-      if (p.weights != nullptr) coef *= weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
+      T coef = static_cast<T>(p.expand_scale);
+      if (p.expand_weighted) coef *= weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
       const T* v = static_cast<const T*>(p.v) + s * R;
       for (int64_t j = 0; j < R; ++j) u[i * R + j] = coef * v[j];
     }
     for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
       const int64_t width = std::min(kChunk, d - c0);
       std::fill(acc, acc + (b1 - b0) * kChunk, T(0));
-      for (int64_t i = 0; i < count; ++i) {
-        const T* m = M + entries[i].first * R * d + c0;
-        const T* ui = u + i * R;
-        T* __restrict a = acc + (entries[i].second / K - b0) * kChunk;
-        for (int64_t c = 0; c < width; ++c) {
-          T v = a[c];
-          if constexpr (kR > 0) {
-            for (int j = 0; j < kR; ++j) v += ui[j] * m[j * d + c];
-          } else {
-            for (int64_t j = 0; j < R; ++j) v += ui[j] * m[j * d + c];
-          }
-          a[c] = v;
-        }
-      }
+      for (int64_t i = 0; i < count; ++i)
+        expand_chunk<T, kR, kChunk>(u + i * R, X + entries[i].first * R * d + c0, d, R, width,
+                                    acc + (entries[i].second / K - b0) * kChunk);
       for (int64_t n = b0; n < b1; ++n) {
         T* y = static_cast<T*>(p.y) + n * p.y_stride_n + c0;
         const T* a = acc + (n - b0) * kChunk;
@@ -249,6 +265,63 @@ MHR_MOE_INLINE void wgrad_b(const MoeWgradParams& p, const MoeSlotPlan& plan, in
   for (int64_t j = 0; j < R; ++j) std::copy(acc + j * kMoeColBlock, acc + j * kMoeColBlock + W, dB + j * p.d_out);
 }
 
+// wgrad_a for a full block of kMoeColBlock columns and kR >= 4, accumulators in registers: the
+// block's columns cut into sub-blocks of kC columns x kR/L vectors (16 vectors), each summed
+// over the expert's slots in the plan's order.
+template <typename T, int kR>
+MHR_MOE_INLINE void wgrad_a_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
+  constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 16 / kV < 1 ? 1 : 16 / kV;
+  using V = typename Lanes<T, L>::type;
+  for (int64_t cb = c0; cb < c0 + kMoeColBlock; cb += kC) {
+    V acc[kC][kV];
+    for (int c = 0; c < kC; ++c)
+      for (int v = 0; v < kV; ++v) acc[c][v] = V{};
+    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+      const int64_t s = plan.order[i];
+      const T* x = static_cast<const T*>(p.x) + (s / p.top_k) * p.x_stride_n + cb;
+      const V* g = reinterpret_cast<const V*>(static_cast<const T*>(p.gz) + s * kR);
+      V gv[kV];
+      for (int v = 0; v < kV; ++v) gv[v] = g[v];
+      for (int c = 0; c < kC; ++c) {
+        const T xv = x[c];
+        for (int v = 0; v < kV; ++v) acc[c][v] += xv * gv[v];
+      }
+    }
+    V* dA = reinterpret_cast<V*>(static_cast<T*>(p.dA) + (e * p.d_in + cb) * kR);
+    for (int c = 0; c < kC; ++c)
+      for (int v = 0; v < kV; ++v) dA[c * kV + v] = acc[c][v];
+  }
+}
+
+// wgrad_b for a full block of kMoeColBlock columns, accumulators in registers: rank rows in
+// sub-blocks of kJ, each kJ x 2 vectors of 8 columns, summed over the slots in the plan's order.
+template <typename T, int kR>
+MHR_MOE_INLINE void wgrad_b_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
+  constexpr int kJ = kR < 8 ? kR : 8, kV = kMoeColBlock / 8;
+  using V = typename Lanes<T, 8>::type;
+  for (int jb = 0; jb < kR; jb += kJ) {
+    V acc[kJ][kV];
+    for (int j = 0; j < kJ; ++j)
+      for (int v = 0; v < kV; ++v) acc[j][v] = V{};
+    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+      const int64_t s = plan.order[i];
+      const V* gy = reinterpret_cast<const V*>(static_cast<const T*>(p.grad_y) + (s / p.top_k) * p.gy_stride_n + c0);
+      const T* z = static_cast<const T*>(p.z) + s * kR + jb;
+      const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
+      V gv[kV];
+      for (int v = 0; v < kV; ++v) gv[v] = gy[v];
+      for (int j = 0; j < kJ; ++j) {
+        const T vj = coef * z[j];
+        for (int v = 0; v < kV; ++v) acc[j][v] += vj * gv[v];
+      }
+    }
+    for (int j = 0; j < kJ; ++j) {
+      V* dB = reinterpret_cast<V*>(static_cast<T*>(p.dB) + (e * kR + jb + j) * p.d_out + c0);
+      for (int v = 0; v < kV; ++v) dB[v] = acc[j][v];
+    }
+  }
+}
+
 template <typename T, int kR>
 MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end) {
   const int64_t R = kR > 0 ? kR : p.rank;
@@ -261,9 +334,21 @@ MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int6
     const int64_t blocks = is_a ? blocks_a : blocks_b;
     const int64_t e = local / blocks, c0 = (local % blocks) * kMoeColBlock;
     const int64_t W = std::min(kMoeColBlock, (is_a ? p.d_in : p.d_out) - c0);
+    // Full blocks of a compile-time rank keep their sums in registers; the others in scratch.
+    // Each block always takes the same path, so its bits depend on the ids alone.
     if (is_a && p.dA != nullptr) {
+      if constexpr (kR >= 4)
+        if (W == kMoeColBlock) {
+          wgrad_a_regs<T, kR>(p, plan, e, c0);
+          continue;
+        }
       W == kMoeColBlock ? wgrad_a<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_a<T, kR, 0>(p, plan, e, c0, W, acc);
     } else if (!is_a && p.dB != nullptr) {
+      if constexpr (kR > 0)
+        if (W == kMoeColBlock) {
+          wgrad_b_regs<T, kR>(p, plan, e, c0);
+          continue;
+        }
       W == kMoeColBlock ? wgrad_b<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_b<T, kR, 0>(p, plan, e, c0, W, acc);
     }
   }
@@ -282,12 +367,8 @@ MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int6
   }
 
 template <typename T>
-void shrink_portable(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(shrink, T, p.rank, p, plan, b, e)
-}
-template <typename T>
-void expand_portable(const MoeExpandParams& p, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(expand, T, p.rank, p, b, e)
+void rows_portable(const MoeRowsParams& p, int64_t b, int64_t e) {
+  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
 }
 template <typename T>
 void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b, int64_t e) {
@@ -295,13 +376,8 @@ void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
 }
 #if defined(MHR_MOE_X86)
 template <typename T>
-__attribute__((target("avx2,fma"))) void shrink_avx2(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t b,
-                                                      int64_t e) {
-  MHR_MOE_DISPATCH(shrink, T, p.rank, p, plan, b, e)
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void expand_avx2(const MoeExpandParams& p, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(expand, T, p.rank, p, b, e)
+__attribute__((target("avx2,fma"))) void rows_avx2(const MoeRowsParams& p, int64_t b, int64_t e) {
+  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void wgrad_avx2(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
@@ -317,22 +393,12 @@ bool cpu_has_avx2() {
 }  // namespace
 
 template <typename T>
-void moe_lora_shrink_cpu(const MoeShrinkParams& p, const MoeSlotPlan& plan, int64_t piece_begin, int64_t piece_end,
-                         bool use_avx2) {
+void moe_lora_rows_cpu(const MoeRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2) {
 #if defined(MHR_MOE_X86)
-  if (use_avx2 && cpu_has_avx2()) return shrink_avx2<T>(p, plan, piece_begin, piece_end);
+  if (use_avx2 && cpu_has_avx2()) return rows_avx2<T>(p, row_begin, row_end);
 #endif
   (void)use_avx2;
-  shrink_portable<T>(p, plan, piece_begin, piece_end);
-}
-
-template <typename T>
-void moe_lora_expand_cpu(const MoeExpandParams& p, int64_t row_begin, int64_t row_end, bool use_avx2) {
-#if defined(MHR_MOE_X86)
-  if (use_avx2 && cpu_has_avx2()) return expand_avx2<T>(p, row_begin, row_end);
-#endif
-  (void)use_avx2;
-  expand_portable<T>(p, row_begin, row_end);
+  rows_portable<T>(p, row_begin, row_end);
 }
 
 template <typename T>
@@ -345,12 +411,8 @@ void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_
   wgrad_portable<T>(p, plan, task_begin, task_end);
 }
 
-template void moe_lora_fill_invalid_cpu<float>(const MoeSlotPlan&, float*, int64_t, float*);
-template void moe_lora_fill_invalid_cpu<double>(const MoeSlotPlan&, double*, int64_t, double*);
-template void moe_lora_shrink_cpu<float>(const MoeShrinkParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
-template void moe_lora_shrink_cpu<double>(const MoeShrinkParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
-template void moe_lora_expand_cpu<float>(const MoeExpandParams&, int64_t, int64_t, bool);
-template void moe_lora_expand_cpu<double>(const MoeExpandParams&, int64_t, int64_t, bool);
+template void moe_lora_rows_cpu<float>(const MoeRowsParams&, int64_t, int64_t, bool);
+template void moe_lora_rows_cpu<double>(const MoeRowsParams&, int64_t, int64_t, bool);
 template void moe_lora_wgrad_cpu<float>(const MoeWgradParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
 template void moe_lora_wgrad_cpu<double>(const MoeWgradParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
 

@@ -1,8 +1,8 @@
 // CPU registration of moe_lora, moe_lora_add_ and moe_lora_backward. The arithmetic is the
-// torch-free kernels of csrc/kernels/moe_lora.h in fp32 (fp64 for fp64 x): slots grouped by expert
-// (counting sort on the host: the ids are host-visible on the CPU), shrink in parallel over
-// pieces of one expert, expand in parallel over row blocks, weight gradients over (expert, column
-// block). No per-expert ATen calls: the per-expert row counts (N*k/E) are small, and BLAS on
+// torch-free kernels of csrc/kernels/moe_lora.h in fp32 (fp64 for fp64 x): forward and the x
+// side of the backward in one pass over row blocks (each block's slots grouped by expert), in
+// parallel over blocks; the weight gradients over (expert, column block), their slots grouped by
+// expert with a counting sort on the host (the ids are host-visible on the CPU). No per-expert ATen calls: the per-expert row counts (N*k/E) are small, and BLAS on
 // gathered rows would cost a gather and a scatter pass on top.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <string>
 
 #include "../kernels/moe_lora.h"
@@ -47,14 +46,21 @@ MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
   return r;
 }
 
-// Slots per piece: about four pieces per thread (pieces of one expert), at least 64.
-MoeSlotPlan plan_slots(const MoeRouting& r) {
-  const int64_t share = (r.rows * r.top_k + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  return moe_plan_slots(r, std::max<int64_t>(64, share));
+// The row-block pass over all rows, blocks in parallel (each writes its own rows and slots).
+template <typename T>
+void rows_parallel(const MoeRowsParams& p, const MoeDims& d) {
+  const bool avx2 = allowed_avx2();
+  const int64_t blocks = (d.rows + kMoeRowBlock - 1) / kMoeRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    moe_lora_rows_cpu<T>(p, b * kMoeRowBlock, std::min(d.rows, e * kMoeRowBlock), avx2);
+  });
 }
 
-void parallel_pieces(const MoeSlotPlan& plan, const std::function<void(int64_t, int64_t)>& fn) {
-  at::parallel_for(0, static_cast<int64_t>(plan.piece_begin.size()), 1, fn);
+MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w) {
+  MoeRowsParams p;
+  p.routing = routing, p.rank = d.rank, p.weights = w.const_data_ptr();
+  p.w_stride_n = w.stride(0), p.w_stride_j = w.stride(1);
+  return p;
 }
 
 // y [N, d_out] (compute dtype, unit column stride) = or += the update; returns z [N, k, r].
@@ -66,24 +72,11 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor&
   if (d.rows == 0) return z;
   const at::Tensor x = rows_layout(x_in.to(ct)), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
   const at::Tensor w = w_in.to(ct);
-  const MoeRouting routing = routing_of(ids, d);
-  const MoeSlotPlan plan = plan_slots(routing);
-  const bool avx2 = allowed_avx2();
-  AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_forward", [&] {
-    MoeShrinkParams sp;
-    sp.src = x.const_data_ptr(), sp.src_stride_n = x.stride(0), sp.mats = A.const_data_ptr();
-    sp.d = d.d_in, sp.rank = d.rank, sp.top_k = d.top_k, sp.out = z.data_ptr();
-    parallel_pieces(plan, [&](int64_t b, int64_t e) { moe_lora_shrink_cpu<scalar_t>(sp, plan, b, e, avx2); });
-    moe_lora_fill_invalid_cpu<scalar_t>(plan, z.data_ptr<scalar_t>(), d.rank, nullptr);
-    MoeExpandParams ep;
-    ep.v = z.const_data_ptr(), ep.weights = w.const_data_ptr(), ep.w_stride_n = w.stride(0);
-    ep.w_stride_j = w.stride(1), ep.scale = scale, ep.mats = B.const_data_ptr(), ep.routing = routing;
-    ep.y = y.data_ptr(), ep.y_stride_n = y.stride(0), ep.accumulate = accumulate, ep.d = d.d_out, ep.rank = d.rank;
-    const int64_t blocks = (d.rows + kMoeRowBlock - 1) / kMoeRowBlock;
-    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      moe_lora_expand_cpu<scalar_t>(ep, b * kMoeRowBlock, std::min(d.rows, e * kMoeRowBlock), avx2);
-    });
-  });
+  MoeRowsParams p = rows_params(routing_of(ids, d), d, w);
+  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
+  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
+  p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
+  AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_forward", [&] { rows_parallel<scalar_t>(p, d); });
   return z;
 }
 
@@ -131,31 +124,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     const at::Tensor x = rows_layout(x_in.to(ct)), gy = rows_layout(grad_y.to(ct)), z = z_in.contiguous();
     const at::Tensor w = topk_weights.to(ct);
     const MoeRouting routing = routing_of(topk_ids, d);
-    const MoeSlotPlan plan = plan_slots(routing);
     const bool avx2 = allowed_avx2();
     const bool need_gz = mask[0] || mask[1] || mask[3];
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_backward", [&] {
-      if (need_gz) {  // g_s = scale * grad_y_n @ B_e^T; gz_s = w_s g_s; dw_s = z_s . g_s
+      if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
         const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();  // [E, d_out, r]
-        MoeShrinkParams sp;
-        sp.src = gy.const_data_ptr(), sp.src_stride_n = gy.stride(0), sp.mats = Bt.const_data_ptr();
-        sp.d = d.d_out, sp.rank = d.rank, sp.top_k = d.top_k, sp.scale = scale, sp.out = gz.data_ptr();
-        sp.weights = w.const_data_ptr(), sp.w_stride_n = w.stride(0), sp.w_stride_j = w.stride(1);
-        sp.z = z.const_data_ptr(), sp.dw = dw_all.data_ptr();
-        parallel_pieces(plan, [&](int64_t b, int64_t e) { moe_lora_shrink_cpu<scalar_t>(sp, plan, b, e, avx2); });
-        moe_lora_fill_invalid_cpu<scalar_t>(plan, gz.data_ptr<scalar_t>(), d.rank, dw_all.data_ptr<scalar_t>());
-      }
-      if (mask[0]) {  // dx_n = sum_j gz_s @ A_e^T: the expand kernel with A^T and no weights
-        const at::Tensor At = A_in.to(ct).transpose(1, 2).contiguous();  // [E, r, d_in]
-        MoeExpandParams ep;
-        ep.v = gz.const_data_ptr(), ep.mats = At.const_data_ptr(), ep.routing = routing, ep.y = dx.data_ptr();
-        ep.y_stride_n = dx.stride(0), ep.d = d.d_in, ep.rank = d.rank;
-        const int64_t blocks = (d.rows + kMoeRowBlock - 1) / kMoeRowBlock;
-        at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-          moe_lora_expand_cpu<scalar_t>(ep, b * kMoeRowBlock, std::min(d.rows, e * kMoeRowBlock), avx2);
-        });
+        const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
+        MoeRowsParams p = rows_params(routing, d, w);
+        p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
+        p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
+        p.dw = dw_all.data_ptr();
+        if (mask[0]) {
+          p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
+        }
+        rows_parallel<scalar_t>(p, d);
       }
       if (mask[1] || mask[2]) {
         MoeWgradParams wp;
@@ -164,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
         wp.weights = w.const_data_ptr(), wp.w_stride_n = w.stride(0), wp.w_stride_j = w.stride(1);
         wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
         wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
+        const MoeSlotPlan plan = moe_plan_slots(routing);
         at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1, [&](int64_t b, int64_t e) {
           moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2);
         });
