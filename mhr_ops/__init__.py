@@ -8,8 +8,18 @@ import torch
 from . import _C, nn, peft, reference
 from ._tasks import use_tasks
 from .lora import mhr_linear, routed_lora
+from .moe import moe_lora
 from .moh import gated_head_proj, head_gates, load_balance_loss
-from .patching import average_skills, merge_task, patch, patch_moh, routing_only, unmerge
+from .patching import (
+    average_skills,
+    merge_task,
+    moe_aux_loss,
+    patch,
+    patch_moe_lora,
+    patch_moh,
+    routing_only,
+    unmerge,
+)
 from .routing import route
 
 __all__ = [
@@ -20,8 +30,11 @@ __all__ = [
     "load_balance_loss",
     "merge_task",
     "mhr_linear",
+    "moe_aux_loss",
+    "moe_lora",
     "nn",
     "patch",
+    "patch_moe_lora",
     "patch_moh",
     "peft",
     "reference",

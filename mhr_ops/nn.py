@@ -305,3 +305,102 @@ class GatedOutputProjection(nn.Module):
             self.router_input = None
         o = attn_output.view(*attn_output.shape[:-1], self.gate.n_heads, self.head_dim)
         return gated_head_proj(o, gates.to(o.dtype), self.o_proj.weight, self.o_proj.bias)
+
+
+class MoELoRALinear(nn.Module):
+    """``nn.Linear`` plus a mixture of LoRA experts routed per token (docs/API.md, MoELoRALinear):
+    ``y = base(x) + moe_lora(x, A, B, w, ids, scale=alpha / r)``.
+
+    The router is a bias-free linear layer ``router`` (``[E, d_in]``, computed in its own dtype,
+    fp32 by default): ``p = softmax(x @ W_r.T)``, the ``top_k`` largest kept (``torch.topk``) and
+    renormalized over the kept experts. Each forward records ``last_aux_loss``, the
+    Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: fraction of token
+    slots routed to expert ``e``, ``P_e``: mean router probability of ``e``), and
+    ``last_expert_load`` (``f``, detached); :func:`mhr_ops.moe_aux_loss` sums the former over a
+    model.
+
+    Args:
+        base: the ``nn.Linear`` to adapt (kept as ``self.base``; frozen when ``freeze_base``).
+        n_experts, r, top_k: ``E``, the rank, experts per token (``1 <= top_k <= E``).
+        alpha: ``scale = alpha / r``; ``None`` means ``alpha = r`` (scale 1).
+        router: ``"softmax"`` (the only router so far).
+    Parameters (state-dict keys): ``A [E, d_in, r]`` (Kaiming-uniform per expert, as a LoRA A),
+    ``B [E, r, d_out]`` (zero: the adapter starts as a no-op), ``router.weight [E, d_in]``
+    (``nn.Linear``'s init), plus ``base.weight`` / ``base.bias``; on the base layer's device, in
+    ``adapter_dtype``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        n_experts: int,
+        r: int,
+        top_k: int,
+        alpha: float | None = None,
+        router: str = "softmax",
+        freeze_base: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        for name, value in (("n_experts", n_experts), ("r", r), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if top_k > n_experts:
+            raise ValueError(f"top_k: expected in [1, {n_experts}] (n_experts), got {top_k}")
+        if router != "softmax":
+            raise ValueError(f"router: expected 'softmax', got {router!r}")
+        if freeze_base:
+            base.requires_grad_(False)
+        self.base = base
+        self.n_experts, self.r, self.top_k, self.router_kind = n_experts, r, top_k, router
+        self.scale = (alpha if alpha is not None else r) / r
+        kw = dict(device=base.weight.device, dtype=adapter_dtype)
+        d_in, d_out = base.in_features, base.out_features
+        self.A = nn.Parameter(torch.empty(n_experts, d_in, r, **kw))
+        self.B = nn.Parameter(torch.zeros(n_experts, r, d_out, **kw))
+        self.router = nn.Linear(d_in, n_experts, bias=False, **kw)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
+        with torch.no_grad():
+            for e in range(n_experts):
+                a = torch.empty(r, d_in, device=self.A.device)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.A[e].copy_(a.T)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(topk_weights [..., k], topk_ids [..., k], router probabilities [..., E])`` for ``x``."""
+        probs = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        return top_w / top_w.sum(dim=-1, keepdim=True), top_i, probs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .moe import moe_lora, switch_balance_loss
+
+        weights, ids, probs = self.route(x)
+        self.last_aux_loss, self.last_expert_load = switch_balance_loss(probs, ids, self.n_experts)
+        return moe_lora(x, self.A, self.B, weights, ids, scale=self.scale, out=self.base(x), check_ids=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n_experts={self.n_experts}, "
+            f"r={self.r}, top_k={self.top_k}, scale={self.scale:g}, router={self.router_kind!r}"
+        )

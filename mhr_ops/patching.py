@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .nn import GatedOutputProjection, MHRLinear, MoHGate
+from .nn import GatedOutputProjection, MHRLinear, MoELoRALinear, MoHGate
 from .peft import peft_task_delta
 
 
@@ -51,8 +51,16 @@ def patch(
     ``ModulesToSaveWrapper``, the module is not copied: it is trained in place, so the model's
     structure and state-dict keys do not change (and a weight tied to another module, e.g.
     ``lm_head`` tied to the embeddings, is trained in both). A name matching no module raises."""
-    if isinstance(target_modules, str) and not target_modules:
-        raise ValueError("target_modules: expected a regex or a list of module names, got ''")
+    saved = _modules_to_save(model, modules_to_save)
+    targets = _target_linears(model, target_modules)
+    for name, module in targets:
+        adapted = MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs)
+        _swap(model, name, adapted)
+    _freeze_like_peft(model, targets, saved, kwargs.get("freeze_base", True))
+    return model
+
+
+def _modules_to_save(model: nn.Module, modules_to_save) -> list[nn.Module]:
     if isinstance(modules_to_save, str) and not modules_to_save:
         raise ValueError("modules_to_save: expected a regex or a list of module names, got ''")
     saved = []
@@ -60,6 +68,12 @@ def patch(
         saved = [m for n, m in model.named_modules() if n and _matches(n, modules_to_save)]
         if not saved:
             raise ValueError(f"modules_to_save: {modules_to_save!r} matches no module of the model")
+    return saved
+
+
+def _target_linears(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
+    if isinstance(target_modules, str) and not target_modules:
+        raise ValueError("target_modules: expected a regex or a list of module names, got ''")
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -71,19 +85,67 @@ def patch(
             f"target_modules: {target_modules!r} matches no nn.Linear of the model; its linear layers are "
             f"{linear[:12]}{' ...' if len(linear) > 12 else ''}"
         )
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapted = MHRLinear(module, r=r, n_skills=n_skills, n_splits=n_splits, n_tasks=n_tasks, **kwargs)
-        adapted._mhr_name = name  # errors name the layer
-        setattr(parent, child, adapted)
+    return targets
+
+
+def _swap(model: nn.Module, name: str, adapted: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    adapted._mhr_name = name  # errors name the layer
+    setattr(parent, child, adapted)
+
+
+def _freeze_like_peft(model: nn.Module, targets, saved: list[nn.Module], freeze_base) -> None:
+    """PEFT's freezing: only adapter parameters (MHRLinear / PEFT Poly: A, B, logits;
+    MoELoRALinear: A, B, router), the swapped layers' base weights when ``freeze_base`` is False,
+    and the modules to save keep requires_grad."""
     keep = {id(p) for view in adapted_layers(model) for p in (view.get("A"), view.get("B"), view.get("logits"))}
-    if kwargs.get("freeze_base", True) is False:
+    for module in model.modules():
+        if isinstance(module, MoELoRALinear):
+            keep.update(id(p) for p in (module.A, module.B, *module.router.parameters()))
+    if freeze_base is False:
         keep.update(id(p) for _, module in targets for p in module.parameters())
     _freeze_all_but(model, keep)
     for module in saved:
         module.requires_grad_(True)
+
+
+def patch_moe_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    n_experts: int,
+    r: int,
+    top_k: int,
+    modules_to_save: str | Sequence[str] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Swaps every ``nn.Linear`` of ``model`` whose name matches ``target_modules`` (as in
+    :func:`patch`) for an :class:`~mhr_ops.nn.MoELoRALinear` around it, in place, and returns the
+    model. Other keyword arguments (``alpha``, ``router``, ``freeze_base``, ``adapter_dtype``) go
+    to MoELoRALinear. Freezing as :func:`patch` (PEFT's ``get_peft_model``): afterwards only the
+    adapter parameters (``A``, ``B`` and ``router.weight`` of every MoELoRALinear, and the
+    adapters of MHR / PEFT Poly layers if any) and the modules named in ``modules_to_save``
+    require grad, in the whole model."""
+    saved = _modules_to_save(model, modules_to_save)
+    targets = _target_linears(model, target_modules)
+    for name, module in targets:
+        _swap(model, name, MoELoRALinear(module, n_experts=n_experts, r=r, top_k=top_k, **kwargs))
+    _freeze_like_peft(model, targets, saved, kwargs.get("freeze_base", True))
     return model
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum over ``model``'s MoELoRALinear layers of the load-balancing loss of their last
+    forward (``last_aux_loss``); layers that have not run yet are skipped. Raises ValueError for a
+    model without MoELoRALinear layers."""
+    layers = [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+    if not layers:
+        raise ValueError("model: no MoELoRALinear layers found (use mhr_ops.patch_moe_lora)")
+    losses = [m.last_aux_loss for m in layers if m.last_aux_loss is not None]
+    if not losses:
+        return torch.zeros((), device=layers[0].A.device)
+    return torch.stack([loss.float() for loss in losses]).sum()
 
 
 def _freeze_all_but(model: nn.Module, keep: set[int]) -> None:

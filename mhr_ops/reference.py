@@ -120,3 +120,19 @@ def gated_head_proj(o, gates, weight, bias=None):
     g = gates.double().unsqueeze(-1)
     gated = (torch.where(g != 0, o.double(), 0.0) * g).flatten(-2)
     return torch.nn.functional.linear(gated, weight.double(), None if bias is None else bias.double())
+
+
+def moe_lora(x, A, B, topk_weights, topk_ids, *, scale, out=None):
+    """docs/API.md ``moe_lora`` in float64: ``y_n = scale * sum_j w_nj * (x_n @ A[e_nj]) @ B[e_nj]``
+    (plus ``out`` if given). ``topk_ids`` / ``topk_weights`` are ``[..., k]`` (x's leading shape)
+    or ``[N, k]``."""
+    rows = x.double().reshape(-1, x.shape[-1])
+    k = topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1, k).long()
+    w = topk_weights.double().reshape(-1, k)
+    y = rows.new_zeros(rows.shape[0], B.shape[-1])
+    for j in range(k):
+        z = torch.einsum("nd,ndr->nr", rows, A.double()[ids[:, j]])
+        y = y + scale * w[:, j : j + 1] * torch.einsum("nr,nro->no", z, B.double()[ids[:, j]])
+    y = y.reshape(*x.shape[:-1], B.shape[-1])
+    return y if out is None else out.double() + y

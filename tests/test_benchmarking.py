@@ -98,3 +98,19 @@ def test_plot_writes_a_png(tmp_path):
     plot(rec, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "GB/s" in benchmarking.format_shape_set(ShapeSet("gpu", "linear", "fake"), [roofline])
+
+
+def test_moe_case_runs_at_a_tiny_size():
+    """The moe case family end to end at a tiny size: four implementations side by side (they are
+    checked to compute the same layer before timing), forward and forward + backward, ratios
+    against the bare layer and our speedups over the two plain-PyTorch ways."""
+    shape_set = ShapeSet("tiny-moe", "moe", "tiny", dict(N=24, d_in=16, d_out=12, E=4, k=2, r=2, dtype="float32"))
+    results = benchmarking.CASES["moe"](torch.device("cpu"), shape_set)
+    assert [r.case for r in results] == ["fwd", "fwd+bwd"]
+    for r in results:
+        assert set(r.samples_us) == {"bare", "mhr_ops", "gather_bmm", "dense_mask"}
+        names = [m.name for m in r.metrics]
+        assert "mhr_ops / bare" in names and "gather_bmm / mhr_ops" in names and "dense_mask / mhr_ops" in names
+        assert all(s > 0 for s in r.samples_us["mhr_ops"])
+    assert {"moe", "moe-small"} <= set(benchmarking.SHAPE_SETS)
+    assert "mhr_ops / bare" in benchmarking.format_shape_set(shape_set, results)

@@ -35,6 +35,23 @@ TORCH_LIBRARY(mhr_ops, m) {
       "mhr_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
       "int rows_per_group_id, float scale) -> (Tensor, Tensor)");
 
+  // SPEC section 4, on rows: x [N, d_in], A [E, d_in, r], B [E, r, d_out], topk_weights / topk_ids
+  // [N, k]. Returns y [N, d_out] in x's dtype and the per-slot bottleneck z = x_n @ A_e [N, k, r]
+  // in fp32 (fp64 for fp64 x), which the backward reuses. Ids outside [0, E) give NaN rows.
+  // Fake kernels and autograd of the three moe_lora ops: mhr_ops/moe.py.
+  m.def(
+      "moe_lora(Tensor x, Tensor A, Tensor B, Tensor topk_weights, Tensor topk_ids, float scale) -> "
+      "(Tensor, Tensor)");
+  // out += moe_lora(...) in place; returns z. No autograd (the functional op carries gradients).
+  m.def(
+      "moe_lora_add_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor topk_weights, Tensor topk_ids, "
+      "float scale) -> Tensor");
+  // Gradients (x, A, B, topk_weights) of moe_lora, given the forward's z; output_mask skips the
+  // gradients not needed (returned empty).
+  m.def(
+      "moe_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor topk_weights, Tensor topk_ids, "
+      "float scale, Tensor z, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // SPEC section 5. Hs = shared_logits' width, else n_shared. Returns gates [N, Hs + Hr].
   m.def(
       "head_gates(Tensor routed_logits, Tensor? shared_logits, Tensor? stage_logits, int top_k, int n_shared, "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ShapeSet:
     name: str
-    kind: str  # "linear", "route", "moh" or "serve"
+    kind: str  # "linear", "route", "moh", "moe" or "serve"
     description: str
     params: dict = field(default_factory=dict)
 
@@ -64,6 +64,19 @@ _SETS = [
         "moh",
         "Mixture-of-Head output projection, N 1024, 16 heads of 64 (8 shared + top-4 of 8), fp32",
         dict(N=1024, H=16, Dh=64, D=1024, n_shared=8, top_k=4, dtype="float32"),
+    ),
+    ShapeSet(
+        "moe",
+        "moe",
+        "mixture of LoRA experts, N 2048, d 1024 -> 1024, E 8, top-2, r 8, fp32: base + moe_lora vs gather + bmm "
+        "vs dense einsum + mask, fwd and fwd+bwd",
+        dict(N=2048, d_in=1024, d_out=1024, E=8, k=2, r=8, dtype="float32"),
+    ),
+    ShapeSet(
+        "moe-small",
+        "moe",
+        "mixture of LoRA experts, N 256, d 512 -> 512, E 8, top-2, r 8, fp32 (decode-sized batches)",
+        dict(N=256, d_in=512, d_out=512, E=8, k=2, r=8, dtype="float32"),
     ),
 ]
 SHAPE_SETS: dict[str, ShapeSet] = {s.name: s for s in _SETS}

@@ -1,0 +1,419 @@
+// moe_lora CPU kernels (see moe_lora.h). Loops are ordered so that the innermost runs over a
+// contiguous rank vector or output row, which the compiler vectorizes; every sum has one fixed
+// order, whatever the tile a slot lands in (one accumulator per output element, no partial sums).
+#include "moe_lora.h"
+
+// No FMA contraction in this file: at -O3 GCC versions some loops on run-time alias checks, and
+// the versions contracted differently, so a row's bits depended on where its scratch row sat.
+// Without contraction every version rounds alike (the sums' order is fixed by the code).
+#pragma GCC optimize("fp-contract=off")
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "cpu_scratch.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MHR_MOE_X86 1
+#endif
+// Bodies are inlined into one wrapper per instruction set (portable, AVX2 + FMA).
+#define MHR_MOE_INLINE inline __attribute__((always_inline))
+
+namespace mhr_ops {
+
+int64_t moe_expert_of(const MoeRouting& r, int64_t slot) {
+  const int64_t n = slot / r.top_k, j = slot % r.top_k;
+  const int64_t e = r.index_type == IndexType::kInt32
+                        ? static_cast<int64_t>(static_cast<const int32_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j])
+                        : static_cast<const int64_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j];
+  return e >= 0 && e < r.experts ? e : -1;
+}
+
+MoeSlotPlan moe_plan_slots(const MoeRouting& r) {
+  MoeSlotPlan plan;
+  const int64_t slots = r.rows * r.top_k;
+  std::vector<int64_t> expert(slots);
+  plan.start.assign(r.experts + 1, 0);
+  for (int64_t s = 0; s < slots; ++s) {
+    expert[s] = moe_expert_of(r, s);
+    if (expert[s] < 0)
+      plan.invalid.push_back(s);
+    else
+      ++plan.start[expert[s] + 1];
+  }
+  for (int64_t e = 0; e < r.experts; ++e) plan.start[e + 1] += plan.start[e];
+  plan.order.resize(plan.start[r.experts]);
+  std::vector<int64_t> next(plan.start.begin(), plan.start.end() - 1);
+  for (int64_t s = 0; s < slots; ++s)
+    if (expert[s] >= 0) plan.order[next[expert[s]]++] = s;
+  return plan;
+}
+
+int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
+  return experts * ((d_in + kMoeColBlock - 1) / kMoeColBlock + (d_out + kMoeColBlock - 1) / kMoeColBlock);
+}
+
+namespace {
+
+template <typename T>
+MHR_MOE_INLINE T weight_of(const void* w, int64_t stride_n, int64_t stride_j, int64_t top_k, int64_t s) {
+  return static_cast<const T*>(w)[(s / top_k) * stride_n + (s % top_k) * stride_j];
+}
+
+// acc[t][0 .. R) = src[t][0 .. d) @ m  (m: [d, R] row-major), one accumulator per (t, j) summed
+// over c in order: the same bits for any kT.
+template <typename T, int kR, int kT>
+MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t d, int64_t R, T* __restrict out) {
+  if constexpr (kR > 0) {
+    T acc[kT][kR] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      const T* mr = m + c * kR;
+      for (int t = 0; t < kT; ++t) {
+        const T xv = src[t][c];
+        for (int j = 0; j < kR; ++j) acc[t][j] += xv * mr[j];
+      }
+    }
+    for (int t = 0; t < kT; ++t)
+      for (int j = 0; j < kR; ++j) out[t * kR + j] = acc[t][j];
+  } else {
+    std::fill(out, out + kT * R, T(0));
+    for (int64_t c = 0; c < d; ++c)
+      for (int t = 0; t < kT; ++t) {
+        const T xv = src[t][c];
+        for (int64_t j = 0; j < R; ++j) out[t * R + j] += xv * m[c * R + j];
+      }
+  }
+}
+
+// L lanes of T as one value (GCC vector extension): an AVX2 register or a part of one, or two
+// SSE registers in the portable build. Alignment of T: loads and stores need no aligned address.
+template <typename T, int L>
+struct Lanes {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T))));
+};
+
+// Shrink of one block's slots, runs of one expert cut into tiles of kT slots; a short tile is
+// padded with its last slot, so every slot goes through the same code (the same bits whatever
+// its neighbours). g = shrink_scale * src[n(s)] @ S_e; forward: v[s] = g; backward: v[s] = w_s g,
+// dw[s] = z_s . g.
+template <typename T, int kR>
+MHR_MOE_INLINE void rows_shrink(const MoeRowsParams& p, const std::pair<int64_t, int64_t>* entries, int64_t count,
+                                T* tmp) {
+  constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : kR > 0 ? 8 : 4;
+  const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k;
+  const T scale = static_cast<T>(p.shrink_scale);
+  for (int64_t i = 0; i < count;) {
+    const int64_t e = entries[i].first;
+    int64_t run = i;
+    while (run < count && entries[run].first == e) ++run;
+    const T* m = static_cast<const T*>(p.shrink_mats) + e * p.d_src * R;
+    for (int64_t t0 = i; t0 < run; t0 += kT) {
+      const T* src[kT];
+      for (int t = 0; t < kT; ++t)
+        src[t] = static_cast<const T*>(p.src) + (entries[std::min(t0 + t, run - 1)].second / K) * p.src_stride_n;
+      project<T, kR, kT>(src, m, p.d_src, R, tmp);
+      for (int64_t t = 0; t < std::min<int64_t>(kT, run - t0); ++t) {
+        const int64_t s = entries[t0 + t].second;
+        T* v = static_cast<T*>(p.v) + s * R;
+        const T* g = tmp + t * R;
+        if (p.z == nullptr) {
+          for (int64_t j = 0; j < R; ++j) v[j] = scale * g[j];
+          continue;
+        }
+        const T w = weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
+        const T* z = static_cast<const T*>(p.z) + s * R;
+        T dot = 0;
+        for (int64_t j = 0; j < R; ++j) {
+          const T gj = scale * g[j];
+          v[j] = w * gj;
+          dot += z[j] * gj;
+        }
+        static_cast<T*>(p.dw)[s] = dot;
+      }
+    }
+    i = run;
+  }
+}
+
+// a[0 .. width) += sum_j u[j] * m[j*d + c]: kChunk columns as 8 vectors in registers (8
+// independent FMA chains), a shorter chunk element by element in the same order.
+template <typename T, int kR, int kChunk>
+MHR_MOE_INLINE void expand_chunk(const T* __restrict u, const T* __restrict m, int64_t d, int64_t R, int64_t width,
+                                 T* __restrict a) {
+  if constexpr (kR > 0) {
+    if (width == kChunk) {
+      using V = typename Lanes<T, kChunk / 8>::type;
+      V acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = reinterpret_cast<const V*>(a)[v];
+      for (int j = 0; j < kR; ++j) {
+        const T uj = u[j];
+        const V* mj = reinterpret_cast<const V*>(m + j * d);
+        for (int v = 0; v < 8; ++v) acc[v] += uj * mj[v];
+      }
+      for (int v = 0; v < 8; ++v) reinterpret_cast<V*>(a)[v] = acc[v];
+      return;
+    }
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    T v = a[c];
+    for (int64_t j = 0; j < R; ++j) v += u[j] * m[j * d + c];
+    a[c] = v;
+  }
+}
+
+// Blocks of kMoeRowBlock rows: the block's slots sorted by (expert, slot), the optional shrink,
+// the scaled vectors u, then column chunks of y accumulated slot by slot (a chunk of X_e stays in
+// L1 across the slots of one expert); a row with an invalid slot is NaN.
+template <typename T, int kR>
+MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t row_end) {
+  constexpr int64_t kChunk = 64;
+  const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k, d = p.d_dst;
+  const size_t max_slots = static_cast<size_t>(kMoeRowBlock * K);
+  auto* entries = thread_scratch<std::pair<int64_t, int64_t>>(max_slots);  // (expert, slot)
+  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * kChunk + 8 * R);
+  T* acc = u + max_slots * R;
+  T* tmp = acc + kMoeRowBlock * kChunk;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T* X = static_cast<const T*>(p.expand_mats);
+  for (int64_t b0 = row_begin; b0 < row_end; b0 += kMoeRowBlock) {
+    const int64_t b1 = std::min(row_end, b0 + kMoeRowBlock);
+    bool bad[kMoeRowBlock] = {};
+    int64_t count = 0;
+    for (int64_t s = b0 * K; s < b1 * K; ++s) {
+      const int64_t e = moe_expert_of(p.routing, s);
+      if (e >= 0) {
+        entries[count++] = {e, s};
+        continue;
+      }
+      bad[s / K - b0] = true;
+      if (p.src != nullptr) std::fill(static_cast<T*>(p.v) + s * R, static_cast<T*>(p.v) + (s + 1) * R, nan);
+      if (p.dw != nullptr) static_cast<T*>(p.dw)[s] = nan;
+    }
+    std::sort(entries, entries + count);
+    if (p.src != nullptr) rows_shrink<T, kR>(p, entries, count, tmp);
+    if (p.y == nullptr) continue;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t s = entries[i].second;
+      T coef = static_cast<T>(p.expand_scale);
+      if (p.expand_weighted) coef *= weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
+      const T* v = static_cast<const T*>(p.v) + s * R;
+      for (int64_t j = 0; j < R; ++j) u[i * R + j] = coef * v[j];
+    }
+    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+      const int64_t width = std::min(kChunk, d - c0);
+      std::fill(acc, acc + (b1 - b0) * kChunk, T(0));
+      for (int64_t i = 0; i < count; ++i)
+        expand_chunk<T, kR, kChunk>(u + i * R, X + entries[i].first * R * d + c0, d, R, width,
+                                    acc + (entries[i].second / K - b0) * kChunk);
+      for (int64_t n = b0; n < b1; ++n) {
+        T* y = static_cast<T*>(p.y) + n * p.y_stride_n + c0;
+        const T* a = acc + (n - b0) * kChunk;
+        if (bad[n - b0])
+          std::fill(y, y + width, nan);
+        else if (p.accumulate)
+          for (int64_t c = 0; c < width; ++c) y[c] += a[c];
+        else
+          std::copy(a, a + width, y);
+      }
+    }
+  }
+}
+
+// dA_e[c0 .. c0+W, :] = sum over e's slots of x_n[c0 ..]^T gz_s.
+template <typename T, int kR, int kW>
+MHR_MOE_INLINE void wgrad_a(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0, int64_t W,
+                            T* __restrict acc) {
+  const int64_t R = kR > 0 ? kR : p.rank;
+  std::fill(acc, acc + kMoeColBlock * R, T(0));
+  for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+    const int64_t s = plan.order[i];
+    const T* x = static_cast<const T*>(p.x) + (s / p.top_k) * p.x_stride_n + c0;
+    const T* g = static_cast<const T*>(p.gz) + s * R;
+    const int64_t width = kW > 0 ? kW : W;
+    for (int64_t c = 0; c < width; ++c) {
+      const T xv = x[c];
+      if constexpr (kR > 0) {
+        for (int j = 0; j < kR; ++j) acc[c * kR + j] += xv * g[j];
+      } else {
+        for (int64_t j = 0; j < R; ++j) acc[c * R + j] += xv * g[j];
+      }
+    }
+  }
+  std::copy(acc, acc + W * R, static_cast<T*>(p.dA) + (e * p.d_in + c0) * R);
+}
+
+// dB_e[:, c0 .. c0+W] = sum over e's slots of (scale w_s z_s)^T grad_y_n[c0 ..].
+template <typename T, int kR, int kW>
+MHR_MOE_INLINE void wgrad_b(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0, int64_t W,
+                            T* __restrict acc) {
+  const int64_t R = kR > 0 ? kR : p.rank;
+  const int64_t width = kW > 0 ? kW : W;
+  std::fill(acc, acc + kMoeColBlock * R, T(0));
+  for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+    const int64_t s = plan.order[i];
+    const T* gy = static_cast<const T*>(p.grad_y) + (s / p.top_k) * p.gy_stride_n + c0;
+    const T* z = static_cast<const T*>(p.z) + s * R;
+    const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
+    for (int64_t j = 0; j < R; ++j) {
+      const T v = coef * z[j];
+      T* __restrict a = acc + j * kMoeColBlock;
+      for (int64_t c = 0; c < width; ++c) a[c] += v * gy[c];
+    }
+  }
+  T* dB = static_cast<T*>(p.dB) + e * R * p.d_out + c0;
+  for (int64_t j = 0; j < R; ++j) std::copy(acc + j * kMoeColBlock, acc + j * kMoeColBlock + W, dB + j * p.d_out);
+}
+
+// wgrad_a for a full block of kMoeColBlock columns and kR >= 4, accumulators in registers: the
+// block's columns cut into sub-blocks of kC columns x kR/L vectors (16 vectors), each summed
+// over the expert's slots in the plan's order.
+template <typename T, int kR>
+MHR_MOE_INLINE void wgrad_a_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
+  constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 16 / kV < 1 ? 1 : 16 / kV;
+  using V = typename Lanes<T, L>::type;
+  for (int64_t cb = c0; cb < c0 + kMoeColBlock; cb += kC) {
+    V acc[kC][kV];
+    for (int c = 0; c < kC; ++c)
+      for (int v = 0; v < kV; ++v) acc[c][v] = V{};
+    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+      const int64_t s = plan.order[i];
+      const T* x = static_cast<const T*>(p.x) + (s / p.top_k) * p.x_stride_n + cb;
+      const V* g = reinterpret_cast<const V*>(static_cast<const T*>(p.gz) + s * kR);
+      V gv[kV];
+      for (int v = 0; v < kV; ++v) gv[v] = g[v];
+      for (int c = 0; c < kC; ++c) {
+        const T xv = x[c];
+        for (int v = 0; v < kV; ++v) acc[c][v] += xv * gv[v];
+      }
+    }
+    V* dA = reinterpret_cast<V*>(static_cast<T*>(p.dA) + (e * p.d_in + cb) * kR);
+    for (int c = 0; c < kC; ++c)
+      for (int v = 0; v < kV; ++v) dA[c * kV + v] = acc[c][v];
+  }
+}
+
+// wgrad_b for a full block of kMoeColBlock columns, accumulators in registers: rank rows in
+// sub-blocks of kJ, each kJ x 2 vectors of 8 columns, summed over the slots in the plan's order.
+template <typename T, int kR>
+MHR_MOE_INLINE void wgrad_b_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
+  constexpr int kJ = kR < 8 ? kR : 8, kV = kMoeColBlock / 8;
+  using V = typename Lanes<T, 8>::type;
+  for (int jb = 0; jb < kR; jb += kJ) {
+    V acc[kJ][kV];
+    for (int j = 0; j < kJ; ++j)
+      for (int v = 0; v < kV; ++v) acc[j][v] = V{};
+    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
+      const int64_t s = plan.order[i];
+      const V* gy = reinterpret_cast<const V*>(static_cast<const T*>(p.grad_y) + (s / p.top_k) * p.gy_stride_n + c0);
+      const T* z = static_cast<const T*>(p.z) + s * kR + jb;
+      const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
+      V gv[kV];
+      for (int v = 0; v < kV; ++v) gv[v] = gy[v];
+      for (int j = 0; j < kJ; ++j) {
+        const T vj = coef * z[j];
+        for (int v = 0; v < kV; ++v) acc[j][v] += vj * gv[v];
+      }
+    }
+    for (int j = 0; j < kJ; ++j) {
+      V* dB = reinterpret_cast<V*>(static_cast<T*>(p.dB) + (e * kR + jb + j) * p.d_out + c0);
+      for (int v = 0; v < kV; ++v) dB[v] = acc[j][v];
+    }
+  }
+}
+
+template <typename T, int kR>
+MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end) {
+  const int64_t R = kR > 0 ? kR : p.rank;
+  const int64_t blocks_a = (p.d_in + kMoeColBlock - 1) / kMoeColBlock;
+  const int64_t blocks_b = (p.d_out + kMoeColBlock - 1) / kMoeColBlock;
+  T* acc = thread_scratch<T>(static_cast<size_t>(kMoeColBlock * R));
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const bool is_a = t < p.experts * blocks_a;
+    const int64_t local = is_a ? t : t - p.experts * blocks_a;
+    const int64_t blocks = is_a ? blocks_a : blocks_b;
+    const int64_t e = local / blocks, c0 = (local % blocks) * kMoeColBlock;
+    const int64_t W = std::min(kMoeColBlock, (is_a ? p.d_in : p.d_out) - c0);
+    // Full blocks of a compile-time rank keep their sums in registers; the others in scratch.
+    // Each block always takes the same path, so its bits depend on the ids alone.
+    if (is_a && p.dA != nullptr) {
+      if constexpr (kR >= 4)
+        if (W == kMoeColBlock) {
+          wgrad_a_regs<T, kR>(p, plan, e, c0);
+          continue;
+        }
+      W == kMoeColBlock ? wgrad_a<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_a<T, kR, 0>(p, plan, e, c0, W, acc);
+    } else if (!is_a && p.dB != nullptr) {
+      if constexpr (kR > 0)
+        if (W == kMoeColBlock) {
+          wgrad_b_regs<T, kR>(p, plan, e, c0);
+          continue;
+        }
+      W == kMoeColBlock ? wgrad_b<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_b<T, kR, 0>(p, plan, e, c0, W, acc);
+    }
+  }
+}
+
+// The instantiations for one instruction set: the common ranks at compile time, others at run time.
+#define MHR_MOE_DISPATCH(BODY, T, RANK, ...)  \
+  switch (RANK) {                             \
+    case 1: return BODY<T, 1>(__VA_ARGS__);   \
+    case 2: return BODY<T, 2>(__VA_ARGS__);   \
+    case 4: return BODY<T, 4>(__VA_ARGS__);   \
+    case 8: return BODY<T, 8>(__VA_ARGS__);   \
+    case 16: return BODY<T, 16>(__VA_ARGS__); \
+    case 32: return BODY<T, 32>(__VA_ARGS__); \
+    default: return BODY<T, 0>(__VA_ARGS__);  \
+  }
+
+template <typename T>
+void rows_portable(const MoeRowsParams& p, int64_t b, int64_t e) {
+  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
+}
+template <typename T>
+void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b, int64_t e) {
+  MHR_MOE_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
+}
+#if defined(MHR_MOE_X86)
+template <typename T>
+__attribute__((target("avx2,fma"))) void rows_avx2(const MoeRowsParams& p, int64_t b, int64_t e) {
+  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void wgrad_avx2(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
+                                                     int64_t e) {
+  MHR_MOE_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
+}
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void moe_lora_rows_cpu(const MoeRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2) {
+#if defined(MHR_MOE_X86)
+  if (use_avx2 && cpu_has_avx2()) return rows_avx2<T>(p, row_begin, row_end);
+#endif
+  (void)use_avx2;
+  rows_portable<T>(p, row_begin, row_end);
+}
+
+template <typename T>
+void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end,
+                        bool use_avx2) {
+#if defined(MHR_MOE_X86)
+  if (use_avx2 && cpu_has_avx2()) return wgrad_avx2<T>(p, plan, task_begin, task_end);
+#endif
+  (void)use_avx2;
+  wgrad_portable<T>(p, plan, task_begin, task_end);
+}
+
+template void moe_lora_rows_cpu<float>(const MoeRowsParams&, int64_t, int64_t, bool);
+template void moe_lora_rows_cpu<double>(const MoeRowsParams&, int64_t, int64_t, bool);
+template void moe_lora_wgrad_cpu<float>(const MoeWgradParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
+template void moe_lora_wgrad_cpu<double>(const MoeWgradParams&, const MoeSlotPlan&, int64_t, int64_t, bool);
+
+}  // namespace mhr_ops

@@ -1,0 +1,171 @@
+// CPU registration of moe_lora, moe_lora_add_ and moe_lora_backward. The arithmetic is the
+// torch-free kernels of csrc/kernels/moe_lora.h in fp32 (fp64 for fp64 x): forward and the x
+// side of the backward in one pass over row blocks (each block's slots grouped by expert), in
+// parallel over blocks; the weight gradients over (expert, column block), their slots grouped by
+// expert with a counting sort on the host (the ids are host-visible on the CPU). No per-expert ATen calls: the per-expert row counts (N*k/E) are small, and BLAS on
+// gathered rows would cost a gather and a scatter pass on top.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+#include "../kernels/moe_lora.h"
+#include "moe_lora_args.h"
+#include "tensor_utils.h"
+
+namespace mhr_ops {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The kernels' AVX2 + FMA build where ATen itself may use AVX2 (ATEN_CPU_CAPABILITY caps both).
+bool allowed_avx2() {
+  static const bool yes = at::get_cpu_capability() != "DEFAULT";
+  return yes;
+}
+
+// [rows, cols] with unit column stride and rows that do not overlap (else a contiguous copy), so
+// that the kernels' choices and bits do not depend on the caller's layout.
+at::Tensor rows_layout(const at::Tensor& t) {
+  const bool ok = (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+  return ok ? t : t.contiguous();
+}
+
+MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
+  MoeRouting r;
+  r.ids = ids.const_data_ptr();
+  r.index_type = kernel_index_type(ids, "topk_ids");
+  r.ids_stride_n = ids.stride(0);
+  r.ids_stride_j = ids.stride(1);
+  r.rows = d.rows;
+  r.top_k = d.top_k;
+  r.experts = d.experts;
+  return r;
+}
+
+// The row-block pass over all rows, blocks in parallel (each writes its own rows and slots).
+template <typename T>
+void rows_parallel(const MoeRowsParams& p, const MoeDims& d) {
+  const bool avx2 = allowed_avx2();
+  const int64_t blocks = (d.rows + kMoeRowBlock - 1) / kMoeRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    moe_lora_rows_cpu<T>(p, b * kMoeRowBlock, std::min(d.rows, e * kMoeRowBlock), avx2);
+  });
+}
+
+MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w) {
+  MoeRowsParams p;
+  p.routing = routing, p.rank = d.rank, p.weights = w.const_data_ptr();
+  p.w_stride_n = w.stride(0), p.w_stride_j = w.stride(1);
+  return p;
+}
+
+// y [N, d_out] (compute dtype, unit column stride) = or += the update; returns z [N, k, r].
+at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+                        const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
+                        bool accumulate) {
+  const auto ct = compute_type(x_in);
+  at::Tensor z = at::empty({d.rows, d.top_k, d.rank}, x_in.options().dtype(ct));
+  if (d.rows == 0) return z;
+  const at::Tensor x = rows_layout(x_in.to(ct)), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
+  const at::Tensor w = w_in.to(ct);
+  MoeRowsParams p = rows_params(routing_of(ids, d), d, w);
+  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
+  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
+  p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
+  AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_forward", [&] { rows_parallel<scalar_t>(p, d); });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                                const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                                double scale) {
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  const auto ct = compute_type(x);
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options().dtype(ct));
+  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
+  return {y.to(x.scalar_type()), z};
+}
+
+at::Tensor moe_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale) {
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  check_moe_rows(out, "out", x, d, /*dtype_of_x=*/true);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                    "out: expected a tensor without internal overlap (each element written once), got strides ",
+                    out.strides());
+  const auto ct = compute_type(x);
+  if (out.scalar_type() == ct && rows_layout(out).is_same(out))
+    return forward_into(out, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/true);
+  // half-precision or column-strided out: the update in the compute dtype, added once
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options().dtype(ct));
+  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
+  out.add_(y);
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale, const at::Tensor& z_in,
+    std::array<bool, 4> mask) {
+  const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
+  check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
+  const auto ct = compute_type(x_in);
+  check_moe_bottleneck(z_in, d, ct);
+  const auto opts = x_in.options().dtype(ct);
+  at::Tensor dx = mask[0] ? at::empty({d.rows, d.d_in}, opts) : at::Tensor();
+  at::Tensor dA = mask[1] ? at::zeros({d.experts, d.d_in, d.rank}, opts) : at::Tensor();
+  at::Tensor dB = mask[2] ? at::zeros({d.experts, d.rank, d.d_out}, opts) : at::Tensor();
+  at::Tensor dw = mask[3] ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
+  if (d.rows > 0 && (mask[0] || mask[1] || mask[2] || mask[3])) {
+    const at::Tensor x = rows_layout(x_in.to(ct)), gy = rows_layout(grad_y.to(ct)), z = z_in.contiguous();
+    const at::Tensor w = topk_weights.to(ct);
+    const MoeRouting routing = routing_of(topk_ids, d);
+    const bool avx2 = allowed_avx2();
+    const bool need_gz = mask[0] || mask[1] || mask[3];
+    at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
+    at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_backward", [&] {
+      if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
+        const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();  // [E, d_out, r]
+        const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
+        MoeRowsParams p = rows_params(routing, d, w);
+        p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
+        p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
+        p.dw = dw_all.data_ptr();
+        if (mask[0]) {
+          p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
+        }
+        rows_parallel<scalar_t>(p, d);
+      }
+      if (mask[1] || mask[2]) {
+        MoeWgradParams wp;
+        wp.x = x.const_data_ptr(), wp.x_stride_n = x.stride(0), wp.grad_y = gy.const_data_ptr();
+        wp.gy_stride_n = gy.stride(0), wp.z = z.const_data_ptr(), wp.gz = need_gz ? gz.const_data_ptr() : nullptr;
+        wp.weights = w.const_data_ptr(), wp.w_stride_n = w.stride(0), wp.w_stride_j = w.stride(1);
+        wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
+        wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
+        const MoeSlotPlan plan = moe_plan_slots(routing);
+        at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1, [&](int64_t b, int64_t e) {
+          moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2);
+        });
+      }
+    });
+  }
+  const auto cast = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  return {cast(dx, x_in), cast(dA, A_in), cast(dB, B_in), cast(dw, topk_weights)};
+}
+
+}  // namespace
+}  // namespace mhr_ops
+
+TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
+  m.impl("moe_lora", &mhr_ops::moe_lora_cpu);
+  m.impl("moe_lora_add_", &mhr_ops::moe_lora_add_cpu);
+  m.impl("moe_lora_backward", &mhr_ops::moe_lora_backward_cpu);
+}

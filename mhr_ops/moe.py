@@ -1,0 +1,187 @@
+"""Mixture-of-LoRA experts (docs/API.md, moe_lora): the op ``moe_lora``, its fake kernels and
+autograd registration for torch.ops.mhr_ops.moe_lora / moe_lora_add_ / moe_lora_backward, and the
+Switch-Transformer load-balancing loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+from ._autograd import call_op, register_no_double_backward
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_same_device, check_tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_experts(x, A, B) -> tuple[int, int, int, int]:
+    """Validates x / A / B; returns (E, d_in, r, d_out)."""
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor [..., d_in], got shape {tuple(x.shape)}")
+    check_tensor(A, "A", ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(B, "B", ndim=3, dtypes=FLOAT_DTYPES)
+    E, d_in, r = A.shape
+    if min(E, d_in, r) < 1:
+        raise ValueError(f"A: expected a non-empty [E, d_in, r], got shape {tuple(A.shape)}")
+    if B.shape[0] != E:
+        raise ValueError(f"B: expected E = {E} experts (A's) in dim 0, got shape {tuple(B.shape)}")
+    if B.shape[1] != r:
+        raise ValueError(f"B: expected rank r = {r} (A's) in dim 1, got shape {tuple(B.shape)}")
+    if B.shape[2] < 1:
+        raise ValueError(f"B: expected d_out >= 1, got shape {tuple(B.shape)}")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x: expected last dim d_in = A.shape[1] = {d_in}, got {x.shape[-1]}")
+    if A.dtype != x.dtype and not (x.dtype in _HALF and A.dtype == torch.float32):
+        allowed = f"{x.dtype} or torch.float32" if x.dtype in _HALF else f"{x.dtype}"
+        raise ValueError(f"A: expected dtype {allowed} for x of dtype {x.dtype}, got {A.dtype}")
+    if B.dtype != A.dtype:
+        raise ValueError(f"B: expected dtype {A.dtype} (A's dtype), got {B.dtype}")
+    for t, name in ((A, "A"), (B, "B")):
+        check_same_device(t, name, x, "x")
+    return E, d_in, r, B.shape[2]
+
+
+def _routing_rows(x, topk_weights, topk_ids, n_experts: int, check_ids: bool):
+    """The routing as the op takes it: ``(weights [N, k], ids [N, k])``."""
+    if not isinstance(topk_ids, torch.Tensor):
+        raise TypeError(f"topk_ids: expected an int tensor, got {type(topk_ids).__name__}")
+    if topk_ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"topk_ids: expected an int32 or int64 tensor, got {str(topk_ids.dtype).replace('torch.', '')}")
+    check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES)
+    lead = tuple(x.shape[:-1])
+    n_rows = math.prod(lead)
+    per_row = topk_ids.dim() == len(lead) + 1 and tuple(topk_ids.shape[:-1]) == lead
+    flat = topk_ids.dim() == 2 and topk_ids.shape[0] == n_rows
+    if not (per_row or flat) or topk_ids.shape[-1] < 1:
+        raise ValueError(
+            f"topk_ids: expected shape {(*lead, 'k')} or {(n_rows, 'k')} with k >= 1, got {tuple(topk_ids.shape)}"
+        )
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights: expected shape {tuple(topk_ids.shape)} (topk_ids' shape: same k), "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    for t, name in ((topk_weights, "topk_weights"), (topk_ids, "topk_ids")):
+        check_same_device(t, name, x, "x")
+    k = topk_ids.shape[-1]
+    ids, weights = topk_ids.reshape(n_rows, k), topk_weights.reshape(n_rows, k)
+    if check_ids:
+        check_id_range(ids, "topk_ids", n_experts, "expert")
+    return weights, ids
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def moe_lora(x, A, B, topk_weights, topk_ids, *, scale: float, out=None, check_ids: bool = True):
+    """Mixture of LoRA experts: ``y_n = scale * sum_j w_nj * (x_n @ A[e_nj]) @ B[e_nj]`` with
+    ``e_nj = topk_ids[n, j]`` and ``w_nj = topk_weights[n, j]``, computing only the selected experts
+    (cost grows with ``N * k``, not ``N * E``). An expert repeated within a row counts twice.
+
+    Args:
+        x: ``[..., d_in]``, fp32 / fp16 / bf16 (fp64 for gradcheck); need not be contiguous.
+        A: ``[E, d_in, r]`` expert down-projections. ``x``'s dtype, or fp32 with fp16/bf16 ``x``.
+        B: ``[E, r, d_out]`` expert up-projections, ``A``'s dtype.
+        topk_weights: ``[..., k]`` (``x``'s leading shape) or ``[N, k]``, any float dtype.
+        topk_ids: int32/int64, the shape of ``topk_weights``, values in ``[0, E)``.
+        scale: a Python number (``alpha / r``).
+        out: if given (``[..., d_out]``, ``x``'s dtype), ``out += y`` in place and ``out`` is
+            returned (one pass over ``out`` without autograd; one extra add with autograd).
+        check_ids: raise ``ValueError`` for an id outside ``[0, E)`` (reads two numbers back from
+            the device). With ``check_ids=False`` such a row comes out NaN and nothing outside the
+            tensors is read or written.
+
+    Returns ``y [..., d_out]`` in ``x``'s dtype (or ``out``), accumulated in fp32. Gradients reach
+    ``x``, ``A``, ``B`` and ``topk_weights``.
+    """
+    E, _, _, d_out = _check_experts(x, A, B)
+    weights, ids = _routing_rows(x, topk_weights, topk_ids, E, check_ids)
+    scale = _check_scale(scale)
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(ids.shape[0], x.shape[-1])
+    if out is None:
+        y, _ = call_op(torch.ops.mhr_ops.moe_lora, (x2, A, B, weights, ids, scale), (x, A, B, topk_weights))
+        return y.view(*lead, d_out)
+    check_tensor(out, "out")
+    if tuple(out.shape) != (*lead, d_out):
+        raise ValueError(f"out: expected shape {(*lead, d_out)}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out: expected dtype {x.dtype} (x's dtype), got {out.dtype}")
+    check_same_device(out, "out", x, "x")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, topk_weights, out))
+    try:
+        out2 = out.view(x2.shape[0], d_out)
+    except RuntimeError:
+        out2 = None  # leading dims of out cannot be flattened without a copy
+    if needs_grad or out2 is None or torch.compiler.is_compiling():
+        y, _ = torch.ops.mhr_ops.moe_lora(x2, A, B, weights, ids, scale)
+        return out.add_(y.view(out.shape))
+    torch.ops.mhr_ops.moe_lora_add_(out2, x2, A, B, weights, ids, scale)
+    return out
+
+
+def switch_balance_loss(router_probs: torch.Tensor, topk_ids: torch.Tensor, n_experts: int) -> tuple:
+    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: fraction of token
+    slots routed to expert ``e``, ``P_e``: mean router probability of ``e``) and the load ``f``.
+    1 for a uniform load; 0 for no tokens."""
+    probs = router_probs.reshape(-1, n_experts)
+    ids = topk_ids.reshape(-1)
+    if ids.numel() == 0:
+        return probs.sum() * 0, probs.new_zeros(n_experts).detach()
+    counts = torch.zeros(n_experts, dtype=probs.dtype, device=probs.device)
+    counts = counts.scatter_add(0, ids, torch.ones_like(ids, dtype=probs.dtype))
+    load = counts / ids.numel()
+    return n_experts * (load * probs.mean(0)).sum(), load.detach()
+
+
+# ---- fake kernels ----
+
+
+def _bottleneck_like(x, A, k):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], k, A.shape[2]), dtype=dtype)
+
+
+@torch.library.register_fake("mhr_ops::moe_lora")
+def _moe_lora_fake(x, A, B, topk_weights, topk_ids, scale):
+    return x.new_empty((x.shape[0], B.shape[2])), _bottleneck_like(x, A, topk_ids.shape[1])
+
+
+@torch.library.register_fake("mhr_ops::moe_lora_add_")
+def _moe_lora_add_fake(out, x, A, B, topk_weights, topk_ids, scale):
+    return _bottleneck_like(x, A, topk_ids.shape[1])
+
+
+@torch.library.register_fake("mhr_ops::moe_lora_backward")
+def _moe_lora_backward_fake(grad_y, x, A, B, topk_weights, topk_ids, scale, z, output_mask):
+    return tuple(
+        t.new_empty(t.shape) if needed else t.new_empty((0,))
+        for t, needed in zip((x, A, B, topk_weights), output_mask, strict=True)
+    )
+
+
+# ---- autograd: the forward's per-slot z is saved, so the backward does not re-project x ----
+
+
+def _moe_lora_setup(ctx, inputs, output):
+    x, A, B, topk_weights, topk_ids, ctx.scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, A, B, topk_weights, topk_ids, output[1])
+
+
+def _moe_lora_backward(ctx, grad_y, grad_z):
+    mask = ctx.needs_input_grad[:4]
+    if not any(mask):
+        return (None,) * 6
+    x, A, B, topk_weights, topk_ids, z = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.moe_lora_backward(grad_y, x, A, B, topk_weights, topk_ids, ctx.scale, z, list(mask))
+    return *(g if needed else None for g, needed in zip(grads, mask, strict=True)), None, None
+
+
+torch.library.register_autograd("mhr_ops::moe_lora", _moe_lora_backward, setup_context=_moe_lora_setup)
+register_no_double_backward("mhr_ops::moe_lora_backward", "moe_lora")
