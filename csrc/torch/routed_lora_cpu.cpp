@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -465,10 +464,7 @@ at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::T
                                const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id,
                                double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
-  check_rows_output(out, "out", x, d);
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              "out: expected a tensor without internal overlap (each element written once), got strides ",
-              out.strides());
+  check_add_output(out, x, d);
   const at::Tensor y = rows_layout(out);
   const ForwardPlan plan = plan_forward(x.scalar_type(), out.scalar_type(), group_ids, d);
   if (y.is_same(out)) return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true, plan);
