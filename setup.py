@@ -8,7 +8,7 @@ Environment:
                          and kernels compiled with the host compiler through the SIMT emulation
                          (csrc/emulation), registered for CPU tensors when imported (README,
                          "Testing the CUDA kernels without a GPU"); needs the CUDA toolkit headers
-  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0+PTX;9.0a;12.0+PTX")
   CUDA_HOME              CUDA toolkit root (default: found from `nvcc --dryrun`)
   CUTLASS_PATH           CUTLASS checkout root (default: the nvidia-cutlass package's headers)
   MAX_JOBS               parallel compile jobs for ninja
@@ -25,7 +25,11 @@ from setuptools import find_packages, setup
 
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0a"
+# Machine code for A100 (8.0, also runs on 8.6 / 8.9) and H100 (9.0a), machine code and PTX for
+# the newest architecture nvcc 13 targets (12.0, also runs on 12.1; its PTX JIT-compiles on
+# anything newer), and PTX for 8.0: PTX only JIT-compiles on GPUs at or above its target, so
+# without it Blackwell data-center GPUs (10.x) and Thor (11.0) would have no loadable code.
+DEFAULT_ARCHS = "8.0+PTX;9.0a;12.0+PTX"
 
 
 def env_flag(name):
@@ -112,6 +116,16 @@ def find_cutlass():
     return None, None
 
 
+def cutlass_used():
+    """Whether any kernel source includes CUTLASS or CuTe headers (none does yet: the tensor-core
+    kernels of issue 14 will). build_info() says "found" apart from "used"."""
+    pattern = re.compile(r'#\s*include\s*[<"](cutlass|cute)/')
+    for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True):
+        if path.endswith((".cu", ".cuh", ".h", ".cpp")) and pattern.search(open(path).read()):
+            return True
+    return False
+
+
 def write_build_config(with_cuda, archs, cutlass_version):
     """A generated header for build_info(): strings that would not survive a -D flag in ninja."""
     out_dir = os.path.join(ROOT, "build", "generated")
@@ -123,6 +137,7 @@ def write_build_config(with_cuda, archs, cutlass_version):
         f'#define MHR_OPS_TORCH_VERSION "{torch.__version__}"',
         f'#define MHR_OPS_CUDA_ARCHS "{archs if with_cuda else ""}"',
         f'#define MHR_OPS_CUTLASS_VERSION "{cutlass_version or ""}"',
+        f"#define MHR_OPS_CUTLASS_USED {int(bool(cutlass_version) and cutlass_used())}",
     ]
     path = os.path.join(out_dir, "mhr_ops_build_config.h")
     text = "\n".join(lines) + "\n"
