@@ -4,6 +4,7 @@ unless the library holds machine code for every entry of build_info()["cuda_arch
 its "+PTX" entries."""
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +39,9 @@ def cuobjdump():
         os.path.join(os.environ[v], "bin", "cuobjdump") for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ
     ]
     candidates += sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"), reverse=True)
+    triton = importlib.util.find_spec("triton")  # CUDA torch wheels bring triton, which ships one
+    for root in (triton.submodule_search_locations or []) if triton else []:
+        candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
@@ -49,10 +53,10 @@ else:
     listed = {}
     for kind in ("elf", "ptx"):
         out = subprocess.run([tool, f"--list-{kind}", lib], capture_output=True, text=True, check=True).stdout
-        listed[kind] = set(re.findall(r"\.sm_(\d+a?)\.", out))
+        listed[kind] = set(re.findall(r"\.sm_(\d+)a?\.", out))  # cuobjdump names 9.0a code sm_90
     want_elf, want_ptx = set(), set()
     for entry in info["cuda_archs"].split(";"):
-        arch = entry.removesuffix("+PTX").replace(".", "")
+        arch = entry.removesuffix("+PTX").removesuffix("a").replace(".", "")
         want_elf.add(arch)
         if entry.endswith("+PTX"):
             want_ptx.add(arch)
