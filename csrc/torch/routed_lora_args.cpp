@@ -71,6 +71,14 @@ void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims
               out.strides());
 }
 
+void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == acc,
+              "z: expected the forward's bottleneck [", d.rows, ", ", d.rank, "] of dtype ", acc, ", got ", z.sizes(),
+              " ", z.scalar_type());
+  check_same_device(z, "z", x, "x");
+}
+
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor [d_out, d_in], got shape ", weight.sizes());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape [N, ", weight.size(1),

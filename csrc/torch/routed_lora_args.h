@@ -33,6 +33,10 @@ void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x
 // several times).
 void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims& d);
 
+// The backward's z: the forward's bottleneck [N, r] in the accumulation dtype (fp32, fp64 for fp64
+// x), on x's device. Any strides.
+void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d);
+
 // mhr_linear's base layer: weight [d_out, d_in] in x's dtype, x [N, d_in].
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight);
 

@@ -154,10 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);
   const auto acc = x.options().dtype(acc_type(x));
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == o.d.rows && z.size(1) == o.d.rank && z.is_contiguous() &&
-                  z.scalar_type() == acc_type(x) && z.device() == x.device(),
-              "z: expected the forward's contiguous bottleneck [", o.d.rows, ", ", o.d.rank, "] of dtype ",
-              acc_type(x), " on ", x.device(), ", got ", z.sizes(), " ", z.scalar_type(), " on ", z.device());
+  check_bottleneck(z, x, o.d);
+  const at::Tensor zc = z.contiguous();  // the wgrad kernel reads it as [N, r] contiguous
   // dx starts as the base layer's gradient grad_y @ base_weight (mhr_linear); the adapter adds into it.
   const bool has_base = base_weight.has_value() && base_weight->defined();
   if (has_base)
@@ -176,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
     if (mask[1] || mask[2] || mask[3]) alert_not_deterministic(op);  // wgrad sums with atomics
     if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/has_base);
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
-    if (mask[2] || mask[3]) wgrad(o, grad_y, z, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
+    if (mask[2] || mask[3]) wgrad(o, grad_y, zc, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
   }
   auto finish = [](const at::Tensor& t, const at::Tensor& like) {
     return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
