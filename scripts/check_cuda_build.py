@@ -1,7 +1,15 @@
 """Run with the CUDA-built mhr_ops installed (no GPU needed): fails unless the CUDA kernels are
-compiled in and registered for the CUDA dispatch key of every op."""
+compiled in and registered for the CUDA dispatch key of every op, and (where cuobjdump is found)
+unless the library holds machine code for every entry of build_info()["cuda_archs"] and PTX for
+its "+PTX" entries."""
 
+import glob
+import importlib.util
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -23,3 +31,35 @@ print(
     f"all {len(ops)} mhr_ops ops are served on CUDA (archs {info['cuda_archs']}); "
     f"torch {torch.__version__}, CUDA {torch.version.cuda}, device visible: {torch.cuda.is_available()}"
 )
+
+
+def cuobjdump():
+    candidates = [shutil.which("cuobjdump")]
+    candidates += [
+        os.path.join(os.environ[v], "bin", "cuobjdump") for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ
+    ]
+    candidates += sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"), reverse=True)
+    triton = importlib.util.find_spec("triton")  # CUDA torch wheels bring triton, which ships one
+    for root in (triton.submodule_search_locations or []) if triton else []:
+        candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+tool = cuobjdump()
+if tool is None:
+    print("cuobjdump not found: the architectures in the library are not checked")
+else:
+    lib = mhr_ops._C.__file__
+    listed = {}
+    for kind in ("elf", "ptx"):
+        out = subprocess.run([tool, f"--list-{kind}", lib], capture_output=True, text=True, check=True).stdout
+        listed[kind] = set(re.findall(r"\.sm_(\d+)a?\.", out))  # cuobjdump names 9.0a code sm_90
+    want_elf, want_ptx = set(), set()
+    for entry in info["cuda_archs"].split(";"):
+        arch = entry.removesuffix("+PTX").removesuffix("a").replace(".", "")
+        want_elf.add(arch)
+        if entry.endswith("+PTX"):
+            want_ptx.add(arch)
+    print(f"machine code in {os.path.basename(lib)}: {sorted(listed['elf'])}; PTX: {sorted(listed['ptx'])}")
+    if not want_elf <= listed["elf"] or not want_ptx <= listed["ptx"]:
+        sys.exit(f"CUDA build check failed: expected machine code {sorted(want_elf)} and PTX {sorted(want_ptx)}")

@@ -1,7 +1,70 @@
+import os
+
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# MHR_OPS_EMULATED_CUDA=1: the CUDA binding layer and kernels, built for the host through the SIMT
+# emulation (setup.py with MHR_OPS_EMULATED_CUDA=1), stand in for the CPU kernels of every op in
+# this process, so the "cpu" cases run the CUDA code (README, "Testing the CUDA kernels without a
+# GPU"). Tests of the CPU kernels themselves carry @pytest.mark.cpu_kernels("why") and are
+# deselected then.
+EMULATED_CUDA = os.environ.get("MHR_OPS_EMULATED_CUDA", "").strip().lower() not in ("", "0", "false", "no", "off")
+if EMULATED_CUDA:
+    import mhr_ops  # the CPU registrations first: the emulated ones override them
+
+    try:
+        import mhr_ops._emulated_cuda  # noqa: F401
+    except ImportError as e:
+        raise pytest.UsageError(
+            "MHR_OPS_EMULATED_CUDA=1, but mhr_ops._emulated_cuda is not built: run "
+            "MHR_OPS_EMULATED_CUDA=1 python setup.py build_ext --inplace"
+        ) from e
+    # Every op with a CUDA registration must now run it for CPU tensors (mhr_linear: the composite
+    # CUDA tensors take), or the run would test the CPU kernels under another name.
+    for op in (
+        "route",
+        "route_backward",
+        "routed_lora",
+        "routed_lora_add_",
+        "routed_lora_backward",
+        "mhr_linear",
+        "head_gates",
+        "head_gates_backward",
+        "gated_head_proj",
+    ):
+        cpu = [line for line in torch._C._dispatch_dump_table(f"mhr_ops::{op}").splitlines() if line.startswith("CPU:")]
+        if not cpu or not any(f in cpu[0] for f in ("_cuda.cpp", "mhr_linear.cpp")):
+            raise pytest.UsageError(
+                f"MHR_OPS_EMULATED_CUDA=1: mhr_ops::{op} on CPU is not the emulated CUDA kernel: {cpu}"
+            )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not EMULATED_CUDA:
+        return
+    deselected = [item for item in items if item.get_closest_marker("cpu_kernels")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cpu_kernels")]
+        reasons = sorted({item.get_closest_marker("cpu_kernels").args[0] for item in deselected})
+        config._mhr_ops_deselected = (len(deselected), reasons)
+
+
+def pytest_report_header(config):
+    if EMULATED_CUDA:
+        return "mhr_ops: CPU tensors run the emulated CUDA kernels (MHR_OPS_EMULATED_CUDA=1)"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    found = getattr(config, "_mhr_ops_deselected", None)
+    if found:
+        terminalreporter.write_line(f"mhr_ops: {found[0]} tests of the CPU kernels deselected under the emulation:")
+        for reason in found[1]:
+            terminalreporter.write_line(f"  - {reason}")
+
 
 # CPU always; CUDA cases are CUDA-only and run wherever a GPU is visible (the GPU check script).
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="CUDA-only")])]

@@ -4,7 +4,7 @@ patch_moh on a tiny Llama built from a config."""
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close, tiny_llama
+from conftest import DEVICES, EMULATED_CUDA, assert_close, tiny_llama
 
 import mhr_ops
 from mhr_ops import reference
@@ -198,7 +198,10 @@ def test_patched_llama_dense_equivalence_is_exact():
         if isinstance(m, MoHGate):
             torch.nn.init.zeros_(m.routed.weight)  # every gate exactly 1
     ids = torch.randint(1, 64, (3, 11))
-    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=0, rtol=0)
+    # Bitwise on the CPU (gates, then the dense GEMM itself); the CUDA SIMT kernel sums in its own
+    # order (under MHR_OPS_EMULATED_CUDA: differences of an fp32 rounding).
+    tol = dict(atol=1e-6, rtol=1e-5) if EMULATED_CUDA else dict(atol=0, rtol=0)
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, **tol)
     gates = [m.last_gates for m in model.modules() if isinstance(m, MoHGate)]
     assert len(gates) == 2 and all(torch.equal(g, torch.ones_like(g)) for g in gates)
 

@@ -1,9 +1,11 @@
 """route (SPEC section 2) against the float64 reference, PEFT's PolyRouter, gradcheck, opcheck,
 torch.compile, odd and empty shapes, non-contiguous inputs, and every bad input of SPEC section 7."""
 
+import contextlib
+
 import pytest
 import torch
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, EMULATED_CUDA, assert_close
 
 import mhr_ops
 from mhr_ops import reference
@@ -66,6 +68,32 @@ def test_average_has_no_gradient_and_is_uniform(device):
     torch.testing.assert_close(w, torch.full_like(w, 1 / 6), atol=1e-7, rtol=0)
     w.sum().backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("G", [1, 5])
+def test_deterministic_algorithms_alert_where_cuda_uses_atomics(mode, G):
+    """SPEC section 8. The CUDA backward sums each task's gradient over its groups with atomics:
+    with more than one group (two may share a task) it raises torch's non-determinism alert under
+    torch.use_deterministic_algorithms(True); one group, the average mode (no gradient, nothing
+    launched) and the CPU kernels (each task summed in group order) do not."""
+    logits, task_ids, noise = make_inputs(3, 2, 4, G, device="cpu", mode=mode, seed=5)
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        kw = dict(n_skills=4, mode=mode, temperature=1.0, top_k=None, noise=noise)
+        w = mhr_ops.route(logits.clone().requires_grad_(), task_ids, **kw)  # the forward never alerts
+        expect = EMULATED_CUDA and G > 1 and mode != "average"
+        alert = pytest.raises(
+            RuntimeError, match=r"route_backward \(CUDA\) does not have a deterministic implementation"
+        )
+        with alert if expect else contextlib.nullcontext():
+            w.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 @pytest.mark.parametrize("mode", ["sigmoid", "relaxed_bernoulli", "softmax", "average"])

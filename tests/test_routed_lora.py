@@ -2,6 +2,7 @@
 Linear: dtypes, shapes, group layouts, out=, gradients, gradcheck, opcheck, torch.compile, bad
 input."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close, max_diff
+from conftest import DEVICES, EMULATED_CUDA, assert_close, max_diff
 
 import mhr_ops
 from mhr_ops import reference
@@ -25,6 +26,10 @@ DTYPES = [
     (torch.float16, torch.float16),
     (torch.float16, torch.float32),
 ]
+# Tests of the CPU kernels themselves: deselected when the emulated CUDA kernels stand in (conftest).
+CPU_PATH = pytest.mark.cpu_kernels(
+    "a CPU-only strategy of routed_lora (grouped runs, row tiles, row backward), chosen by its size"
+)
 # (h, S, d_in/h, r, d_out/h)
 SHAPES = [(1, 1, 7, 1, 5), (2, 3, 5, 4, 6), (8, 8, 4, 16, 4), (16, 8, 2, 1, 3), (1, 2, 9, 128, 3)]
 
@@ -76,10 +81,19 @@ def check_low_precision(out, ref, plain, what):
     assert err <= 2 * err_plain + 1e-2 * (ref.abs().max().item() * 2**-7 + 1e-6)
 
 
+KINDS = ["per_batch", "per_row", "one_group", "own_group"]
+FORWARD_GRID = [(kind, shape, *dts) for kind in KINDS for shape in SHAPES for dts in DTYPES]
+if EMULATED_CUDA:
+    # The emulation runs one OS thread per CUDA thread (256 a block here), so the whole grid would
+    # take most of a CI run. A covering subset: every shape with every group layout, the dtype
+    # pairs taken in turn (each one 3 or 4 times).
+    FORWARD_GRID = [
+        (kind, shape, *DTYPES[(i + j) % len(DTYPES)]) for i, shape in enumerate(SHAPES) for j, kind in enumerate(KINDS)
+    ]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ["per_batch", "per_row", "one_group", "own_group"])
+@pytest.mark.parametrize("kind,shape,dtype,adapter_dtype", FORWARD_GRID)
 def test_forward_matches_reference(device, dtype, adapter_dtype, shape, kind):
     h, S, dk_in, r, dk_out = shape
     lead = (3, 17)  # odd sizes; per_batch gives runs of 17 rows (grouped path on CPU)
@@ -102,7 +116,7 @@ def test_forward_matches_reference(device, dtype, adapter_dtype, shape, kind):
 @pytest.mark.parametrize("kind", ["per_batch", "per_row"])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (8, 8, 4, 16, 4), (1, 2, 9, 128, 3)])
 def test_gradients_match_reference(device, kind, shape):
-    lead = (4, 19)
+    lead = (2, 19) if EMULATED_CUDA else (4, 19)  # 38 rows still cross a 32-row tile edge
     G = 6
     gen = torch.Generator().manual_seed(2)
     x, A, B, w = make(*shape, G, lead, device=device, dtype=torch.float64, seed=3)
@@ -140,12 +154,16 @@ def test_gradcheck_float64(kind):
     x, A, B, w = make(*shape, G, lead, device="cpu", dtype=torch.float64, seed=6)
     ids = group_layout(kind, lead, G, "cpu", gen)
     inputs = tuple(t.requires_grad_() for t in (x, A, B, w))
-    assert torch.autograd.gradcheck(lambda *t: mhr_ops.routed_lora(*t, ids, scale=0.7), inputs)
+    # Under the emulation a kernel launch costs ~0.1 s (256 OS threads a block): fast mode checks
+    # the Jacobian along random directions, a few launches per input instead of two per element.
+    fast = EMULATED_CUDA
+    assert torch.autograd.gradcheck(lambda *t: mhr_ops.routed_lora(*t, ids, scale=0.7), inputs, fast_mode=fast)
     weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda xx, W, b, a, bb, ww: mhr_ops.mhr_linear(xx, W, b, a, bb, ww, ids, scale=0.7),
         (x, weight, bias, *inputs[1:]),
+        fast_mode=fast,
     )
 
 
@@ -189,6 +207,65 @@ def test_out_accumulates_in_place(device):
     with torch.no_grad():
         mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=strided)
     assert_close(strided, expected, atol=2e-5, rtol=2e-5, what="strided out=")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_with_internal_overlap_is_refused(device):
+    """routed_lora_add_ writes through out's strides, each element once: an out whose elements
+    share memory (a broadcast row) would be written several times, so every backend refuses it
+    in the shared argument checks."""
+    x, A, B, w = make(2, 3, 4, 3, 5, 4, (6,), device=device)
+    ids = torch.tensor([1, 3, 0, 2, 1, 1], device=device)
+    out = torch.zeros(1, 10, device=device).expand(6, 10)
+    with pytest.raises(RuntimeError, match=r"out: expected a tensor without internal overlap .*strides \[0, 1\]"):
+        torch.ops.mhr_ops.routed_lora_add_(out, x, A, B, w, ids, 1, 0.5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="out: expected a tensor without internal overlap"):
+        mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=out)
+    assert torch.equal(out, torch.zeros(6, 10, device=device))  # refused before anything was written
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def test_deterministic_algorithms_alert_where_cuda_uses_atomics(deterministic_algorithms):
+    """SPEC section 8. The CUDA binding raises torch's non-determinism alert exactly where a kernel
+    sums with floating-point atomics: the shrink when it splits its reduction across blocks (few
+    rows over more than one 32-column chunk of heads) and the wgrad kernel (dA, dB, dweights).
+    The CPU kernels are deterministic and never raise. On CPU tensors this runs the CPU kernels,
+    under MHR_OPS_EMULATED_CUDA=1 the CUDA binding and kernels."""
+
+    def alert(op):
+        if not EMULATED_CUDA:
+            return contextlib.nullcontext()
+        return pytest.raises(RuntimeError, match=rf"{op} \(CUDA\) does not have a deterministic implementation")
+
+    ops = torch.ops.mhr_ops
+    split = make(2, 3, 4, 3, 5, 4, (6,), device="cpu")  # 2 heads x 1 chunk, 1 row tile: split
+    whole = make(1, 3, 32, 3, 5, 4, (6,), device="cpu")  # 1 head, 1 chunk: one block per row tile
+    ids = torch.tensor([1, 3, 0, 2, 1, 1])
+    with alert("routed_lora"):
+        ops.routed_lora(*split, ids, 1, 0.5)
+    with alert("routed_lora_add_"):
+        ops.routed_lora_add_(torch.zeros(6, 10), *split, ids, 1, 0.5)
+    x, A, B, w = whole
+    y, z = ops.routed_lora(x, A, B, w, ids, 1, 0.5)  # no split: deterministic on every backend
+    gy = torch.randn(6, 5)
+    dx = ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [True, False, False, False])[0]
+    assert dx.shape == x.shape  # dx alone: unsplit shrink and expand, no atomics
+    with alert("routed_lora_backward"):
+        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [False, True, False, False])
+    with alert("routed_lora_backward"):
+        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [False, False, False, True])
+    with alert("routed_lora_add_"):  # mhr_linear: on CUDA the composite over routed_lora_add_
+        ops.mhr_linear(split[0], torch.randn(10, 8), None, *split[1:], ids, 1, 0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -275,20 +352,39 @@ def test_nan_propagates_to_its_row_only(device):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all() and torch.isfinite(y[1, 6:]).all()
 
 
+def test_unchecked_out_of_range_group_ids_give_nan_rows():
+    """SPEC section 7: with validation skipped, a row whose group id is out of range (here -3, -2,
+    7 and -1) gets a NaN row and every other row its own value. The CPU kernels check each id
+    anyway (free on the host) and raise."""
+    x, A, B, w = make(2, 3, 4, 3, 5, 4, (8,), device="cpu")
+    ids = torch.tensor([1, -3, 0, 7, -2, 2, -1, 1])
+    if not EMULATED_CUDA:
+        with pytest.raises(RuntimeError, match=r"group_ids: expected ids in \[0, 4\), got -3"):
+            mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
+        return
+    y = mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
+    bad = (ids < 0) | (ids >= 4)
+    ref = reference.routed_lora(x[~bad], A, B, w, ids[~bad], scale=0.5)
+    assert_close(y[~bad], ref, atol=2e-5, rtol=2e-5, what="rows with valid ids")
+    assert y[bad].isnan().all(), f"rows with ids {ids[bad].tolist()}: {y[bad]}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["per_batch", "per_row"])
 def test_opcheck(device, kind):
     gen = torch.Generator().manual_seed(9)
-    x, A, B, w = make(2, 3, 4, 2, 3, 4, (2, 16), device=device, seed=9)
-    ids = group_layout(kind, (2, 16), 4, device, gen)
-    rows_per_id = 16 if kind == "per_batch" else 1
-    x2 = x.reshape(32, 8)
+    lead = (2, 5) if EMULATED_CUDA else (2, 16)  # opcheck calls each op many times: small under the emulation
+    n = lead[0] * lead[1]
+    x, A, B, w = make(2, 3, 4, 2, 3, 4, lead, device=device, seed=9)
+    ids = group_layout(kind, lead, 4, device, gen)
+    rows_per_id = lead[1] if kind == "per_batch" else 1
+    x2 = x.reshape(n, 8)
     ids = ids.reshape(-1)
     req = [t.clone().requires_grad_() for t in (x2, A, B, w)]
     torch.library.opcheck(torch.ops.mhr_ops.routed_lora, (*req, ids, rows_per_id, 0.5))
-    out = torch.randn(32, 6, device=device)
+    out = torch.randn(n, 6, device=device)
     torch.library.opcheck(torch.ops.mhr_ops.routed_lora_add_, (out, x2, A, B, w, ids, rows_per_id, 0.5))
-    gy = torch.randn(32, 6, device=device)
+    gy = torch.randn(n, 6, device=device)
     weight, bias = torch.randn(6, 8, device=device), torch.randn(6, device=device)
     _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, rows_per_id, 0.5)
     for mask, base in (([True] * 4, None), ([False, True, False, True], None), ([True] * 4, weight)):
@@ -419,8 +515,12 @@ def test_bad_input_mhr_linear_and_devices():
 def test_op_level_checks_name_the_argument():
     kw = _good()
     x2 = kw["x"].reshape(10, 8)
-    with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
-        torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    if EMULATED_CUDA:  # ids stay on the device: an out-of-range one gives NaN rows (SPEC section 7)
+        y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+        assert y[5:].isnan().all() and not y[:5].isnan().any()
+    else:  # the CPU kernels check every id on the host anyway
+        with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
+            torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
     with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
         torch.ops.mhr_ops.routed_lora_backward(
             torch.randn(10, 6),
@@ -463,6 +563,7 @@ def test_matches_plain_linear_when_all_skills_equal():
     assert_close(y, 0.5 * F.linear(F.linear(x, lora_a.t()), lora_b.t()), atol=1e-5, rtol=1e-5, what="plain LoRA")
 
 
+@CPU_PATH
 @pytest.mark.parametrize("r", [4, 8, 16, 32, 5])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_grouped_cpu_paths(r, with_base):
@@ -505,6 +606,7 @@ ROW_TILE_LAYOUTS = {
 }
 
 
+@CPU_PATH
 @pytest.mark.parametrize("layout", sorted(ROW_TILE_LAYOUTS))
 @pytest.mark.parametrize("r", [1, 2, 4, 8, 16, 32, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -533,6 +635,7 @@ def test_row_tile_cpu_paths(layout, r, dtype):
     assert_close(y, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what="mhr_linear")
 
 
+@CPU_PATH
 def test_opcheck_row_tile_gathered_path():
     """opcheck on the gathered row-tile path (many rows over few groups, unsorted, padded x),
     which the small opcheck cases above do not reach; mhr_linear there writes bias + update."""
@@ -547,6 +650,7 @@ def test_opcheck_row_tile_gathered_path():
     torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, 1, 0.5))
 
 
+@CPU_PATH
 @pytest.mark.parametrize("r", [1, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_base", [False, True])
@@ -576,6 +680,7 @@ def test_row_backward_cpu_path(r, dtype, with_base):
         assert_close(a.grad, b.grad, atol=tol * scale, rtol=tol, what=f"d{name} r={r}")
 
 
+@CPU_PATH
 def test_opcheck_grouped_cpu_path():
     """opcheck (schema, fake kernel, autograd registration, AOT dispatch) on the CPU grouped
     path: ranks 8, long runs (fused kernels where the CPU has them), x with padded rows."""
@@ -602,6 +707,7 @@ def test_opcheck_grouped_cpu_path():
 CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
 
 
+@pytest.mark.cpu_kernels("the CPU kernels' instruction-set variants under ATEN_CPU_CAPABILITY, in a subprocess")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_grouped_cpu_paths_under_capability_cap(capability):
     """ATEN_CPU_CAPABILITY caps the fused CPU kernels as it caps ATen's own: with "avx2" an
@@ -636,6 +742,7 @@ def test_grouped_cpu_paths_under_capability_cap(capability):
     assert f"checked {want}" in done.stdout
 
 
+@pytest.mark.cpu_kernels("how mhr_ops._C was built (OpenMP for the CPU kernels' parallel loops)")
 @pytest.mark.skipif(
     not (sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()),
     reason="this torch does not run its parallel loops on OpenMP",

@@ -176,6 +176,11 @@ bool routed_lora_group_forward_cpu(const LoraGroupForwardParams& p, CpuIsa isa);
 int routed_lora_shrink_cuda(const ShrinkParams& p, DType data, DType matrix, void* stream);
 int routed_lora_expand_cuda(const ExpandParams& p, DType data, DType matrix, void* stream);
 int routed_lora_wgrad_cuda(const WgradParams& p, DType data, DType matrix, void* stream);
+// Whether routed_lora_shrink_cuda splits the reduction of this problem (dk columns per head)
+// across blocks. Then it sums partial rows into Z with floating-point atomics, in an order that
+// varies from run to run; unsplit, it writes Z once per element. The wgrad kernel always sums
+// with atomics (across warps and row slices).
+bool routed_lora_shrink_splits_cuda(int64_t num_rows, int64_t num_heads, int64_t dk);
 constexpr int64_t kRoutedLoraMaxRank = 128;
 #endif
 

@@ -330,15 +330,22 @@ int sm_count() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Reduction chunks per block of the shrink: all of them, unless the row tiles alone would leave
+// SMs idle (small N, e.g. decode); then the reduction is split across blocks.
+int64_t shrink_chunks_per_split(int64_t num_rows, int64_t num_heads, int64_t dk) {
+  const int64_t row_tiles = ceil_div(num_rows, kShrinkRows);
+  const int64_t total_chunks = num_heads * ceil_div(dk, kShrinkChunk);
+  const int64_t want_blocks = 2LL * sm_count();
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(total_chunks, want_blocks / std::max<int64_t>(1, row_tiles)));
+  return ceil_div(total_chunks, splits);
+}
+
 template <typename xt, typename mt>
 int launch_shrink(const ShrinkParams& p, cudaStream_t stream) {
   using acc_t = typename AccType<xt>::type;
   const int64_t row_tiles = ceil_div(p.num_rows, kShrinkRows);
   const int64_t total_chunks = p.routing.num_heads * ceil_div(p.dk, kShrinkChunk);
-  // Split the reduction when the row tiles alone would leave SMs idle (small N, e.g. decode).
-  const int64_t want_blocks = 2LL * sm_count();
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(total_chunks, want_blocks / std::max<int64_t>(1, row_tiles)));
-  const int64_t chunks_per_split = ceil_div(total_chunks, splits);
+  const int64_t chunks_per_split = shrink_chunks_per_split(p.num_rows, p.routing.num_heads, p.dk);
   const int64_t used_splits = ceil_div(total_chunks, chunks_per_split);
   if (used_splits > 1) {
     cudaError_t err = cudaMemsetAsync(p.z, 0, sizeof(acc_t) * p.num_rows * p.rank, stream);
@@ -417,6 +424,11 @@ int routed_lora_shrink_cuda(const ShrinkParams& p, DType data, DType matrix, voi
   if (!shapes_ok(p.num_rows, p.rank, p.dk, p.routing)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.num_rows == 0) return 0;
   MHR_DISPATCH_DATA_MATRIX(data, matrix, launch_shrink<xt, mt>(p, static_cast<cudaStream_t>(stream)));
+}
+
+bool routed_lora_shrink_splits_cuda(int64_t num_rows, int64_t num_heads, int64_t dk) {
+  if (num_rows <= 0 || num_heads <= 0 || dk <= 0) return false;
+  return shrink_chunks_per_split(num_rows, num_heads, dk) < num_heads * ceil_div(dk, kShrinkChunk);
 }
 
 int routed_lora_expand_cuda(const ExpandParams& p, DType data, DType matrix, void* stream) {

@@ -18,6 +18,9 @@
 #ifndef MHR_OPS_CUTLASS_VERSION
 #define MHR_OPS_CUTLASS_VERSION ""
 #endif
+#ifndef MHR_OPS_CUTLASS_USED
+#define MHR_OPS_CUTLASS_USED 0
+#endif
 
 namespace py = pybind11;
 
@@ -39,8 +42,11 @@ PYBIND11_MODULE(_C, m) {
 #else
     info["openmp"] = false;
 #endif
+    // CUTLASS is looked for (CUDA builds) and put on the include path, but no kernel includes it
+    // yet (the tensor-core kernels will): "found" and "used" are reported apart.
     const char* cutlass = MHR_OPS_CUTLASS_VERSION;
-    info["cutlass_version"] = cutlass[0] ? py::object(py::str(cutlass)) : py::object(py::none());
+    info["cutlass_found"] = cutlass[0] ? py::object(py::str(cutlass)) : py::object(py::none());
+    info["cutlass_used"] = static_cast<bool>(MHR_OPS_CUTLASS_USED);
     return info;
   });
 }

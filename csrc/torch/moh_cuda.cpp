@@ -2,41 +2,32 @@
 // (the head-skipping SIMT kernel). Host code only.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
 
+#include "cuda_context.h"
 #include "moh_args.h"
 #include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
 
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, ": CUDA kernel failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 at::Tensor head_gates_cuda(const at::Tensor& routed, const std::optional<at::Tensor>& shared,
                            const std::optional<at::Tensor>& stage, int64_t top_k, int64_t n_shared, bool binary) {
-  const c10::cuda::CUDAGuard guard(routed.device());
+  const CudaDeviceGuard guard(routed.device());
   HeadGatesParams p = check_head_gates(routed, shared, stage, top_k, n_shared);
   p.binary = binary;
   set_head_gates_inputs(p, routed, opt(shared), opt(stage));
   at::Tensor gates = at::empty({p.num_rows, p.num_shared + p.num_routed}, routed.options());
   p.gates = gates.data_ptr();
-  check_launch(head_gates_fwd_cuda(p, kernel_dtype(routed, "routed_logits"), stream()), "head_gates");
+  check_launch(head_gates_fwd_cuda(p, kernel_dtype(routed, "routed_logits"), current_stream()), "head_gates");
   return gates;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cuda(
     const at::Tensor& grad_gates, const at::Tensor& routed, const std::optional<at::Tensor>& shared,
     const std::optional<at::Tensor>& stage, int64_t top_k, int64_t n_shared, bool binary) {
-  const c10::cuda::CUDAGuard guard(routed.device());
+  const CudaDeviceGuard guard(routed.device());
   HeadGatesParams p = check_head_gates(routed, shared, stage, top_k, n_shared);
   p.binary = binary;
   TORCH_CHECK(grad_gates.dim() == 2 && grad_gates.size(0) == p.num_rows &&
@@ -57,13 +48,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cuda(
   p.grad_routed = gr.data_ptr();
   p.grad_shared = s.defined() ? gs.data_ptr() : nullptr;
   p.grad_stage = st.defined() ? gst.data_ptr() : nullptr;
-  check_launch(head_gates_bwd_cuda(p, kernel_dtype(routed, "routed_logits"), stream()), "head_gates_backward");
+  check_launch(head_gates_bwd_cuda(p, kernel_dtype(routed, "routed_logits"), current_stream()), "head_gates_backward");
   return {gr, gs, gst};
 }
 
 at::Tensor gated_head_proj_cuda(const at::Tensor& o, const at::Tensor& gates, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(o.device());
+  const CudaDeviceGuard guard(o.device());
   GatedHeadProjParams p = check_gated_head_proj(o, gates, weight, bias);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({p.num_rows, p.out_features}, o.options());
@@ -79,14 +70,14 @@ at::Tensor gated_head_proj_cuda(const at::Tensor& o, const at::Tensor& gates, co
   p.w_stride_k = weight.stride(1);
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   p.y = y.data_ptr();
-  check_launch(gated_head_proj_fwd_cuda(p, kernel_dtype(o, "o"), stream()), "gated_head_proj");
+  check_launch(gated_head_proj_fwd_cuda(p, kernel_dtype(o, "o"), current_stream()), "gated_head_proj");
   return y;
 }
 
 }  // namespace
 }  // namespace mhr_ops
 
-TORCH_LIBRARY_IMPL(mhr_ops, CUDA, m) {
+MHR_OPS_CUDA_KERNELS(m) {
   m.impl("head_gates", &mhr_ops::head_gates_cuda);
   m.impl("head_gates_backward", &mhr_ops::head_gates_backward_cuda);
   m.impl("gated_head_proj", &mhr_ops::gated_head_proj_cuda);

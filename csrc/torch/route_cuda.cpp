@@ -1,20 +1,13 @@
 // CUDA registration of route / route_backward: checks, then one kernel launch on the current
 // stream. Host code only; the kernels are in csrc/kernels/route_cuda.cu.
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
 
+#include "cuda_context.h"
 #include "route_args.h"
 #include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " CUDA kernel failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 void check_skills(const RouteParams& P) {
   TORCH_CHECK(P.num_skills <= route_cuda_max_skills(), "n_skills: the CUDA route kernel takes at most ",
@@ -25,11 +18,11 @@ at::Tensor route_cuda(const at::Tensor& logits, const at::Tensor& task_ids, cons
                       int64_t n_skills, c10::string_view mode, double temperature, int64_t top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   check_skills(P);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const CudaDeviceGuard guard(logits.device());
   set_route_tensors(P, logits, task_ids, noise.has_value() ? *noise : at::Tensor());
   at::Tensor weights = at::empty({P.num_groups, P.num_heads, P.num_skills}, logits.options());
   P.weights = weights.data_ptr();
-  const int err = route_fwd_cuda(P, kernel_dtype(logits, "logits"), c10::cuda::getCurrentCUDAStream().stream());
+  const int err = route_fwd_cuda(P, kernel_dtype(logits, "logits"), current_stream());
   check_launch(err, "route");
   return weights;
 }
@@ -39,14 +32,19 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
                                double temperature, int64_t top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   check_skills(P);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const CudaDeviceGuard guard(logits.device());
   set_route_tensors(P, logits, task_ids, noise.has_value() ? *noise : at::Tensor());
   set_route_grad(P, grad_weights, logits);
+  // The kernel sums each task's gradient over its groups with atomics: in an order that varies
+  // from run to run once two groups can share a task (any G > 1; the average mode has no
+  // gradient and launches nothing).
+  if (P.num_groups > 1 && P.num_heads > 0 && P.num_skills > 0 && P.mode != RouteMode::kAverage)
+    alert_not_deterministic("route_backward (CUDA)");
   // Accumulate across groups that share a task in fp32 (fp64 for fp64 logits), then cast.
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_logits = at::empty({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(acc));
   P.grad_logits = grad_logits.data_ptr();
-  const int err = route_bwd_cuda(P, kernel_dtype(logits, "logits"), c10::cuda::getCurrentCUDAStream().stream());
+  const int err = route_bwd_cuda(P, kernel_dtype(logits, "logits"), current_stream());
   check_launch(err, "route_backward");
   return grad_logits.to(logits.scalar_type());
 }
@@ -54,7 +52,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
 }  // namespace
 }  // namespace mhr_ops
 
-TORCH_LIBRARY_IMPL(mhr_ops, CUDA, m) {
+MHR_OPS_CUDA_KERNELS(m) {
   m.impl("route", &mhr_ops::route_cuda);
   m.impl("route_backward", &mhr_ops::route_backward_cuda);
 }

@@ -1,5 +1,6 @@
 #include "routed_lora_args.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include "tensor_utils.h"
@@ -61,6 +62,21 @@ void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), arg, ": expected dtype ", x.scalar_type(), " (x's dtype), got ",
               t.scalar_type());
   check_same_device(t, arg, x, "x");
+}
+
+void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims& d) {
+  check_rows_output(out, "out", x, d);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "out: expected a tensor without internal overlap (each element written once), got strides ",
+              out.strides());
+}
+
+void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == acc,
+              "z: expected the forward's bottleneck [", d.rows, ", ", d.rank, "] of dtype ", acc, ", got ", z.sizes(),
+              " ", z.scalar_type());
+  check_same_device(z, "z", x, "x");
 }
 
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight) {

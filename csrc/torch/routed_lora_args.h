@@ -28,6 +28,15 @@ LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::T
 // out / grad_y: [N, d_out] in x's dtype, on x's device.
 void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x, const LoraDims& d);
 
+// routed_lora_add_'s out: as check_rows_output, and without internal overlap (the kernels write
+// through out's strides, each element once: a broadcast or self-overlapping out would be written
+// several times).
+void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims& d);
+
+// The backward's z: the forward's bottleneck [N, r] in the accumulation dtype (fp32, fp64 for fp64
+// x), on x's device. Any strides.
+void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d);
+
 // mhr_linear's base layer: weight [d_out, d_in] in x's dtype, x [N, d_in].
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight);
 

@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -465,10 +464,7 @@ at::Tensor routed_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::T
                                const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id,
                                double scale) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
-  check_rows_output(out, "out", x, d);
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              "out: expected a tensor without internal overlap (each element written once), got strides ",
-              out.strides());
+  check_add_output(out, x, d);
   const at::Tensor y = rows_layout(out);
   const ForwardPlan plan = plan_forward(x.scalar_type(), out.scalar_type(), group_ids, d);
   if (y.is_same(out)) return forward_into(out, x, A, B, weights, group_ids, d, scale, /*accumulate=*/true, plan);
@@ -568,12 +564,6 @@ void rows_backward(at::Tensor& dx, at::Tensor& dA, at::Tensor& dB, at::Tensor& d
   reduce(dw, dw_parts);
 }
 
-void check_bottleneck(const at::Tensor& z, const LoraDims& d, at::ScalarType ct) {
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == ct,
-              "z: expected the forward's bottleneck [", d.rows, ", ", d.rank, "] of dtype ", ct, ", got ", z.sizes(),
-              " ", z.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
@@ -581,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, d);
   const auto ct = compute_type(x);
-  check_bottleneck(z, d, ct);
+  check_bottleneck(z, x, d);
   const auto opts = x.options().dtype(ct);
   // dx: in the grouped strategy the adapter writes its part first and the base layer's
   // grad_y @ base_weight accumulates into it inside the GEMM (beta = 1), which saves a

@@ -4,22 +4,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
 
 #include "../kernels/routed_lora.h"
+#include "cuda_context.h"
 #include "routed_lora_args.h"
 #include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, "routed_lora: CUDA ", what, " kernel failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -70,10 +62,11 @@ SkillMatrices skill_matrices(const at::Tensor& M, bool transposed) {
   return m;
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// Z [N, r] = z_scale * X @ Mmix (per row's group).
-at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrices& m, int64_t dk, double z_scale) {
+// Z [N, r] = z_scale * X @ Mmix (per row's group). `op` names the op in the non-determinism
+// alert, raised when the kernel splits the reduction (atomics).
+at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrices& m, int64_t dk, double z_scale,
+                  const char* op) {
+  if (routed_lora_shrink_splits_cuda(o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
   at::Tensor z = at::empty({o.d.rows, o.d.rank}, X.options().dtype(acc_type(X)));
   ShrinkParams p;
   p.x = X.data_ptr();
@@ -86,7 +79,7 @@ at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrice
   p.dk = dk;
   p.rank = o.d.rank;
   p.z_scale = z_scale;
-  check_launch(routed_lora_shrink_cuda(p, o.data, o.matrix, stream()), "shrink");
+  check_launch(routed_lora_shrink_cuda(p, o.data, o.matrix, current_stream()), "routed_lora shrink");
   return z;
 }
 
@@ -105,7 +98,7 @@ void expand(const CudaOperands& o, const at::Tensor& z, const SkillMatrices& m, 
   p.dk = dk;
   p.rank = o.d.rank;
   p.y_scale = y_scale;
-  check_launch(routed_lora_expand_cuda(p, o.data, o.matrix, stream()), "expand");
+  check_launch(routed_lora_expand_cuda(p, o.data, o.matrix, current_stream()), "routed_lora expand");
 }
 
 void wgrad(const CudaOperands& o, const at::Tensor& X, const at::Tensor& q, double q_scale, const SkillMatrices& m,
@@ -123,12 +116,13 @@ void wgrad(const CudaOperands& o, const at::Tensor& X, const at::Tensor& q, doub
   p.num_rows = o.d.rows;
   p.dk = dk;
   p.rank = o.d.rank;
-  check_launch(routed_lora_wgrad_cuda(p, o.data, o.matrix, stream()), "wgrad");
+  check_launch(routed_lora_wgrad_cuda(p, o.data, o.matrix, current_stream()), "routed_lora wgrad");
 }
 
 // Returns z = x @ A_g [N, r] (fp32, fp64 for fp64 x).
-at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const CudaOperands& o, double scale, bool accumulate) {
-  const at::Tensor z = shrink(o, x, skill_matrices(o.A, false), o.d.dk_in, 1.0);
+at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const CudaOperands& o, double scale, bool accumulate,
+                        const char* op) {
+  const at::Tensor z = shrink(o, x, skill_matrices(o.A, false), o.d.dk_in, 1.0, op);
   expand(o, z, skill_matrices(o.B, false), y, o.d.dk_out, scale, accumulate);
   return z;
 }
@@ -136,34 +130,32 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const CudaOperands& 
 std::tuple<at::Tensor, at::Tensor> routed_lora_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                                     const at::Tensor& weights, const at::Tensor& group_ids,
                                                     int64_t rows_per_id, double scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   at::Tensor y = at::empty({o.d.rows, o.d.d_out}, x.options());
-  at::Tensor z = forward_into(y, x, o, scale, /*accumulate=*/false);
+  at::Tensor z = forward_into(y, x, o, scale, /*accumulate=*/false, "routed_lora (CUDA)");
   return {y, z};
 }
 
 at::Tensor routed_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                 const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id,
                                 double scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
-  check_rows_output(out, "out", x, o.d);
-  return forward_into(out, x, o, scale, /*accumulate=*/true);
+  check_add_output(out, x, o.d);
+  return forward_into(out, x, o, scale, /*accumulate=*/true, "routed_lora_add_ (CUDA)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
     const std::optional<at::Tensor>& base_weight, std::array<bool, 4> mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);
   const auto acc = x.options().dtype(acc_type(x));
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == o.d.rows && z.size(1) == o.d.rank && z.is_contiguous() &&
-                  z.scalar_type() == acc_type(x) && z.device() == x.device(),
-              "z: expected the forward's contiguous bottleneck [", o.d.rows, ", ", o.d.rank, "] of dtype ",
-              acc_type(x), " on ", x.device(), ", got ", z.sizes(), " ", z.scalar_type(), " on ", z.device());
+  check_bottleneck(z, x, o.d);
+  const at::Tensor zc = z.contiguous();  // the wgrad kernel reads it as [N, r] contiguous
   // dx starts as the base layer's gradient grad_y @ base_weight (mhr_linear); the adapter adds into it.
   const bool has_base = base_weight.has_value() && base_weight->defined();
   if (has_base)
@@ -177,10 +169,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   at::Tensor dB = mask[2] ? at::zeros(o.B.sizes(), acc) : at::Tensor();
   at::Tensor dw = mask[3] ? at::zeros({o.d.groups, o.d.heads, o.d.skills}, acc) : at::Tensor();
   if (o.d.rows > 0) {
-    const at::Tensor gz = shrink(o, grad_y, skill_matrices(o.B, true), o.d.dk_out, scale);
+    const char* op = "routed_lora_backward (CUDA)";
+    const at::Tensor gz = shrink(o, grad_y, skill_matrices(o.B, true), o.d.dk_out, scale, op);
+    if (mask[1] || mask[2] || mask[3]) alert_not_deterministic(op);  // wgrad sums with atomics
     if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/has_base);
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
-    if (mask[2] || mask[3]) wgrad(o, grad_y, z, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
+    if (mask[2] || mask[3]) wgrad(o, grad_y, zc, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
   }
   auto finish = [](const at::Tensor& t, const at::Tensor& like) {
     return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
@@ -191,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
 }  // namespace
 }  // namespace mhr_ops
 
-TORCH_LIBRARY_IMPL(mhr_ops, CUDA, m) {
+MHR_OPS_CUDA_KERNELS(m) {
   m.impl("routed_lora", &mhr_ops::routed_lora_cuda);
   m.impl("routed_lora_add_", &mhr_ops::routed_lora_add_cuda);
   m.impl("routed_lora_backward", &mhr_ops::routed_lora_backward_cuda);
