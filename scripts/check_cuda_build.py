@@ -21,14 +21,21 @@ print(json.dumps(info))
 ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mhr_ops::")]
 # An op is served on CUDA by a CUDA kernel, or by a composite kernel built on ops that have one.
 COVERING_KEYS = ("CUDA", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-missing = [op for op in ops if not any(torch._C._dispatch_has_kernel_for_dispatch_key(op, k) for k in COVERING_KEYS)]
+# Ops with no CUDA kernel yet, by decision (README status table): moe_lora's CUDA side is the open
+# part of issue 15. Exactly these may be missing; one that gains a kernel must leave this set.
+CPU_ONLY = {"mhr_ops::moe_lora", "mhr_ops::moe_lora_add_", "mhr_ops::moe_lora_backward"}
+uncovered = {op for op in ops if not any(torch._C._dispatch_has_kernel_for_dispatch_key(op, k) for k in COVERING_KEYS)}
+missing = sorted(uncovered - CPU_ONLY)
+if uncovered != CPU_ONLY:
+    missing += [f"{op} (listed as CPU-only but now has a CUDA kernel)" for op in sorted(CPU_ONLY - uncovered)]
 cuda_kernels = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
 print(f"mhr_ops ops: {sorted(ops)}")
 print(f"ops with a CUDA kernel: {sorted(cuda_kernels)}")
 if not info["cuda"] or not info["cuda_kernels_registered"] or missing or not cuda_kernels:
     sys.exit(f"CUDA build check failed: cuda={info['cuda']}, ops without a CUDA kernel: {missing}")
 print(
-    f"all {len(ops)} mhr_ops ops are served on CUDA (archs {info['cuda_archs']}); "
+    f"{len(ops) - len(CPU_ONLY)} of {len(ops)} mhr_ops ops are served on CUDA (CPU-only: {sorted(CPU_ONLY)}; "
+    f"archs {info['cuda_archs']}); "
     f"torch {torch.__version__}, CUDA {torch.version.cuda}, device visible: {torch.cuda.is_available()}"
 )
 
