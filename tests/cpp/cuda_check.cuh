@@ -4,7 +4,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <type_traits>
 #include <vector>
+
+#include "cuda_utils.cuh"
 
 template <typename T>
 T* to_device(const std::vector<T>& v) {
@@ -29,4 +32,28 @@ inline int skip_without_device(const char* name) {
     return 77;
   }
   return 0;
+}
+
+// Host-side values of any kernel element type (half, bfloat16, float, double) to and from double:
+// tests hold inputs and references in double, rounded through the kernel's storage type.
+template <typename T>
+T from_double(double v) {
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
+    return static_cast<T>(v);
+  else
+    return mhr_ops::convert<T>(static_cast<float>(v));
+}
+template <typename T>
+double to_double(T v) {
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
+    return static_cast<double>(v);
+  else
+    return static_cast<double>(mhr_ops::convert<float>(v));
+}
+template <typename T>
+constexpr mhr_ops::DType dtype_of() {
+  return std::is_same<T, __half>::value          ? mhr_ops::DType::kFloat16
+         : std::is_same<T, __nv_bfloat16>::value ? mhr_ops::DType::kBFloat16
+         : std::is_same<T, float>::value         ? mhr_ops::DType::kFloat32
+                                                 : mhr_ops::DType::kFloat64;
 }

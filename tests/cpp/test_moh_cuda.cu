@@ -21,27 +21,6 @@ using namespace mhr_ops;
 namespace {
 
 template <typename T>
-T from_double(double v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<T>(v);
-  else
-    return convert<T>(static_cast<float>(v));
-}
-template <typename T>
-double to_double(T v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(convert<float>(v));
-}
-template <typename T>
-DType dtype_of() {
-  return std::is_same<T, __half>::value          ? DType::kFloat16
-         : std::is_same<T, __nv_bfloat16>::value ? DType::kBFloat16
-         : std::is_same<T, float>::value         ? DType::kFloat32
-                                                 : DType::kFloat64;
-}
-template <typename T>
 double tol() {
   return std::is_same<T, __half>::value ? 3e-3 : std::is_same<T, __nv_bfloat16>::value ? 2e-2 : std::is_same<T, float>::value ? 2e-5 : 1e-12;
 }

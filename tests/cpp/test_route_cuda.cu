@@ -20,20 +20,6 @@ using mhr_ops::RouteParams;
 
 namespace {
 
-template <typename T>
-T from_double(double v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<T>(v);
-  else
-    return mhr_ops::convert<T>(static_cast<float>(v));
-}
-template <typename T>
-double to_double(T v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(mhr_ops::convert<float>(v));
-}
 
 struct Dt {
   DType dtype;

@@ -27,27 +27,6 @@ namespace {
 
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-template <typename T>
-T from_double(double v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<T>(v);
-  else
-    return convert<T>(static_cast<float>(v));
-}
-template <typename T>
-double to_double(T v) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(convert<float>(v));
-}
-template <typename T>
-constexpr DType dtype_of() {
-  return std::is_same<T, __half>::value          ? DType::kFloat16
-         : std::is_same<T, __nv_bfloat16>::value ? DType::kBFloat16
-         : std::is_same<T, float>::value         ? DType::kFloat32
-                                                 : DType::kFloat64;
-}
 // Relative rounding of a value stored in T (outputs y, dx), and of the accumulation type.
 template <typename T>
 double out_tol() {
