@@ -55,3 +55,13 @@ def check_id_range(ids: torch.Tensor, name: str, upper: int, what: str) -> None:
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: expected {what} ids in [0, {upper}), got {bad}")
+
+
+def check_out(out: torch.Tensor, shape: tuple, x: torch.Tensor) -> None:
+    """An ``out=`` tensor of an op that adds into it: the op's output shape, x's dtype and device."""
+    check_tensor(out, "out")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out: expected dtype {x.dtype} (x's dtype), got {out.dtype}")
+    check_same_device(out, "out", x, "x")

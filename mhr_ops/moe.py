@@ -10,7 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
 from ._autograd import call_op, register_no_double_backward
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_out, check_same_device, check_tensor
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -107,12 +107,7 @@ def moe_lora(x, A, B, topk_weights, topk_ids, *, scale: float, out=None, check_i
     if out is None:
         y, _ = call_op(torch.ops.mhr_ops.moe_lora, (x2, A, B, weights, ids, scale), (x, A, B, topk_weights))
         return y.view(*lead, d_out)
-    check_tensor(out, "out")
-    if tuple(out.shape) != (*lead, d_out):
-        raise ValueError(f"out: expected shape {(*lead, d_out)}, got {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise ValueError(f"out: expected dtype {x.dtype} (x's dtype), got {out.dtype}")
-    check_same_device(out, "out", x, "x")
+    check_out(out, (*lead, d_out), x)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, topk_weights, out))
     try:
         out2 = out.view(x2.shape[0], d_out)

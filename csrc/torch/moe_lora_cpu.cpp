@@ -27,13 +27,6 @@ bool allowed_avx2() {
   return yes;
 }
 
-// [rows, cols] with unit column stride and rows that do not overlap (else a contiguous copy), so
-// that the kernels' choices and bits do not depend on the caller's layout.
-at::Tensor rows_layout(const at::Tensor& t) {
-  const bool ok = (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
-  return ok ? t : t.contiguous();
-}
-
 MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
   MoeRouting r;
   r.ids = ids.const_data_ptr();

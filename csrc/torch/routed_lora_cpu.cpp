@@ -21,6 +21,7 @@
 #include "../kernels/routed_lora.h"
 #include "../kernels/routed_lora_rows.h"
 #include "routed_lora_args.h"
+#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
@@ -94,16 +95,6 @@ bool use_grouped(const std::vector<Run>& runs, const LoraDims& d, bool fused) {
 }
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// A [rows, cols] operand in a layout every path takes as it is: unit column stride and rows
-// that do not overlap (padded rows stay, a transposed or broadcast operand is copied). The
-// kernel choice and BLAS's summation order then depend on the values alone, not on how the
-// caller laid them out: autograd hands the backward an expanded grad_y for `y.sum()` where AOT
-// dispatch hands it a contiguous one, and both must give the same bits (determinism contract).
-at::Tensor rows_layout(const at::Tensor& t) {
-  const bool ok = t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
-  return ok ? t : t.contiguous();
-}
 
 // The problem's tensors in the compute dtype, skill matrices reshaped for per-head GEMMs.
 struct Operands {

@@ -37,6 +37,16 @@ inline void check_same_device(const at::Tensor& t, const char* arg, const at::Te
 }
 
 // torch.finfo(dtype).eps and .tiny, as torch.distributions uses them.
+// A [rows, cols] CPU operand in a layout every path takes as it is: unit column stride and rows
+// that do not overlap (padded rows stay, a transposed or broadcast operand is copied). The
+// kernel choice and the summation order then depend on the values alone, not on how the caller
+// laid them out: autograd hands the backward an expanded grad_y for `y.sum()` where AOT dispatch
+// hands it a contiguous one, and both must give the same bits (determinism contract).
+inline at::Tensor rows_layout(const at::Tensor& t) {
+  const bool ok = t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+  return ok ? t : t.contiguous();
+}
+
 inline double finfo_eps(at::ScalarType t) {
   switch (t) {
     case at::kHalf:
