@@ -767,3 +767,8 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
 }
 
 }  // extern "C"
+
+namespace mhr_emu {
+// Placeholder until the traffic counters land: accesses are not yet recorded.
+void count_global(const void*, size_t, GlobalAccess) {}
+}  // namespace mhr_emu

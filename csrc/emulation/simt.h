@@ -262,6 +262,15 @@ inline T __ldg(const T* p) {
 #define MHR_EMU_DYNAMIC_SHARED(type, name, align) type* name = static_cast<type*>(::mhr_emu::dynamic_shared(align))
 
 // ---------------------------------------------------------------------------------------------
+// Counted global-memory traffic (the traffic model of bench/NOTES.md). Kernels reach global memory
+// through ld_global / st_global / atomic_add_global (cuda_utils.cuh) and the cp.async wrappers
+// (mma.cuh), which report each access here before performing it.
+namespace mhr_emu {
+enum class GlobalAccess : int { kLoad = 0, kStore = 1, kAtomic = 2 };
+void count_global(const void* address, size_t bytes, GlobalAccess kind);
+}  // namespace mhr_emu
+
+// ---------------------------------------------------------------------------------------------
 // For csrc/kernels/mma.cuh (cp.async model): a number unique to the running block, so per-thread
 // state left by an earlier block (pending async copies) can be recognised and dropped.
 namespace mhr_emu {
