@@ -66,7 +66,7 @@ SkillMatrices skill_matrices(const at::Tensor& M, bool transposed) {
 // alert, raised when the kernel splits the reduction (atomics).
 at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrices& m, int64_t dk, double z_scale,
                   const char* op) {
-  if (routed_lora_shrink_splits_cuda(o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
+  if (routed_lora_shrink_splits_cuda(o.data, o.matrix, o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
   at::Tensor z = at::empty({o.d.rows, o.d.rank}, X.options().dtype(acc_type(X)));
   ShrinkParams p;
   p.x = X.data_ptr();
