@@ -5,10 +5,11 @@
 // matrices side by side form one matrix Mcat_k [dk, S*r] (Mcat_k[c, s*r + j] = M[k, s](c, j)):
 //   shrink: P = X_k @ Mcat_k on tensor cores, then z[n, j] += sum_s w[g(n), k, s] P[n, s*r + j]
 //           in the epilogue, so no mixed adapter is ever formed and the rows' group order does not
-//           matter. The dw form of the same kernel takes dw[g, k, s] += sum_j P[n, s*r + j] Q[n, j].
+//           matter.
 //   expand: Y_k = Zw @ Mcat_k^T, with Zw[n, s*r + j] = w[g(n), k, s] z[n, j] built while staging.
 //   wgrad:  dMcat_k = X_k^T @ Qw, with Qw[n, s*r + j] = w[g(n), k, s] Q[n, j]; each block owns its
-//           slice of dM over all rows, so dM is written once, without atomics.
+//           slice of dM over all rows, so dM is written once, without atomics. The same pass
+//           over X gives dw[g, k, s] += sum_j P[n, s*r + j] Q[n, j] from the shrink's products P.
 // This costs S times the tensor-core flops of a premixed adapter, which at the shapes we serve is
 // still well under the time the pass over the activations takes.
 //
@@ -151,18 +152,17 @@ __device__ void stage_skills(float* tile, int ld, bool sr_rows, const SkillMatri
 }
 
 // Stages rows [n0, n0 + kTileRows) x columns [col0, col0 + kChunk) of a data matrix into
-// tile[row][col], zero outside the matrix and (when gid is given) for rows of no valid group.
+// tile[row][col], zero outside the matrix.
 template <typename xt>
 __device__ void stage_data(float* tile, int ld, const xt* x, int64_t stride_n, int64_t stride_c, int64_t n0,
-                           int64_t num_rows, int64_t col0, int64_t col_end, const int64_t* gid) {
+                           int64_t num_rows, int64_t col0, int64_t col_end) {
   const bool c_fast = stride_c == 1 || stride_n != 1;
   for (int e = threadIdx.x; e < kTileRows * kChunk; e += kThreads) {
     const int t = c_fast ? e / kChunk : e % kTileRows;
     const int c = c_fast ? e % kChunk : e / kTileRows;
     const int64_t n = n0 + t, col = col0 + c;
     float v = 0.f;
-    if (n < num_rows && col < col_end && (gid == nullptr || gid[t] != kBadGroup))
-      v = to_tile(ld_global(x + n * stride_n + col * stride_c));
+    if (n < num_rows && col < col_end) v = to_tile(ld_global(x + n * stride_n + col * stride_c));
     tile[t * ld + c] = v;
   }
 }
@@ -175,29 +175,15 @@ __device__ void load_groups(const RowRouting& r, int64_t n0, int64_t num_rows, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// project: P = X_k @ Mcat_k per head, for a tile of kTileRows rows; grid (row tiles).
-//   kDw = false: z[n, :] = z_scale * sum_k sum_s w[g, k, s] P[n, s, :]
-//   kDw = true:  dw[g, k, s] += q_scale * sum_n sum_j P[n, s, j] Q[n, j]   (atomics)
-struct ProjectArgs {
-  const void* x;
-  int64_t x_stride_n, x_stride_c;
-  SkillMatrices m;  // M[k, s]: [dk, rank]
-  RowRouting routing;
-  int64_t num_rows, dk, rank;
-  float* z;  // !kDw
-  float z_scale;
-  const float* q;  // kDw: [num_rows, rank]
-  float q_scale;
-  float* dw;  // kDw
-};
+// shrink: P = X_k @ Mcat_k per head for a tile of kTileRows rows, then
+// z[n, :] = z_scale * sum_k sum_s w[g, k, s] P[n, s, :]. grid (row tiles).
+constexpr int kShrinkStage = kTileRows * (kChunk + kPadA) + kChunk * (kProjCols + kPadB);
+constexpr int kShrinkOut = kTileRows * (kProjCols + kPadA);
+constexpr int kShrinkSmem = kShrinkStage > kShrinkOut ? kShrinkStage : kShrinkOut;
 
-constexpr int kProjStage = kTileRows * (kChunk + kPadA) + kChunk * (kProjCols + kPadB);
-constexpr int kProjOut = kTileRows * (kProjCols + kPadA);
-constexpr int kProjSmem = kProjStage > kProjOut ? kProjStage : kProjOut;
-
-template <typename xt, typename mt, bool kDw>
-__global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs p) {
-  MHR_SHARED(float, smem, [kProjSmem]);  // staging tiles, then (after the k loop) the P tile
+template <typename xt, typename mt>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) {
+  MHR_SHARED(float, smem, [kShrinkSmem]);  // staging tiles, then (after the k loop) the P tile
   MHR_SHARED(int64_t, gid, [kTileRows]);
   float* xs = smem;                                 // [kTileRows][kChunk + kPadA]
   float* ms = smem + kTileRows * (kChunk + kPadA);  // [kChunk][kProjCols + kPadB]
@@ -208,6 +194,8 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs p) 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t r = p.rank, sr = R.num_skills * r;
   const xt* x = static_cast<const xt*>(p.x);
+  float* z = static_cast<float*>(p.z);
+  const float z_scale = static_cast<float>(p.z_scale);
   load_groups(R, n0, p.num_rows, gid);
 
   float acc[kProjCols / 8][4];
@@ -219,8 +207,7 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs p) 
       zero_acc(acc);
       for (int64_t c0 = 0; c0 < p.dk; c0 += kChunk) {
         __syncthreads();  // the previous readers of smem are done
-        stage_data(xs, lda, x, p.x_stride_n, p.x_stride_c, n0, p.num_rows, k * p.dk + c0, k * p.dk + p.dk,
-                   kDw ? gid : nullptr);
+        stage_data(xs, lda, x, p.x_stride_n, p.x_stride_c, n0, p.num_rows, k * p.dk + c0, k * p.dk + p.dk);
         stage_skills<mt>(ms, ldb, false, p.m, k, r, sr, p.dk, c0, kChunk, col0, n_tiles * 8);
         __syncthreads();
         mma_chunk(acc, xs, lda, ms, ldb, n_tiles);
@@ -228,36 +215,21 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs p) 
       __syncthreads();  // ps overlays the staging tiles
       store_acc(acc, ps, ldp, n_tiles);
       __syncthreads();
-      if (!kDw) {
-        // Thread e owns (row, j) pairs; it sums the tile's skills of column j into z.
-        for (int64_t e = threadIdx.x; e < kTileRows * r; e += kThreads) {
-          const int t = static_cast<int>(e / r);
-          const int64_t j = e % r, n = n0 + t;
-          if (n >= p.num_rows) continue;
-          const int64_t g = gid[t];
-          float v = 0.f;
-          if (g == kBadGroup) {
-            v = quiet_nan_f();
-          } else {
-            for (int64_t s = (col0 + r - 1 - j) / r; s * r + j < col0 + cols; ++s)
-              v += tc_weight(R, g, k, s) * ps[t * ldp + (s * r + j - col0)];
-          }
-          float* dst = p.z + n * r + j;
-          st_global(dst, first ? v * p.z_scale : ld_global(dst) + v * p.z_scale);
+      // Thread e owns (row, j) pairs; it sums the tile's skills of column j into z.
+      for (int64_t e = threadIdx.x; e < kTileRows * r; e += kThreads) {
+        const int t = static_cast<int>(e / r);
+        const int64_t j = e % r, n = n0 + t;
+        if (n >= p.num_rows) continue;
+        const int64_t g = gid[t];
+        float v = 0.f;
+        if (g == kBadGroup) {
+          v = quiet_nan_f();
+        } else {
+          for (int64_t s = (col0 + r - 1 - j) / r; s * r + j < col0 + cols; ++s)
+            v += tc_weight(R, g, k, s) * ps[t * ldp + (s * r + j - col0)];
         }
-      } else {
-        // Thread e owns (row, skill) pairs: one dot product over the skill's columns in the tile.
-        const int64_t s_begin = col0 / r, s_end = (col0 + cols + r - 1) / r;
-        for (int64_t e = threadIdx.x; e < kTileRows * (s_end - s_begin); e += kThreads) {
-          const int t = static_cast<int>(e % kTileRows);
-          const int64_t s = s_begin + e / kTileRows, n = n0 + t, g = gid[t];
-          if (n >= p.num_rows || g == kBadGroup) continue;
-          float dot = 0.f;
-          for (int64_t j = imax(0, col0 - s * r); j < r && s * r + j < col0 + cols; ++j)
-            dot += ps[t * ldp + (s * r + j - col0)] * ld_global(p.q + n * r + j);
-          if (dot != 0.f)
-            atomic_add_global(p.dw + (g * R.num_heads + k) * R.num_skills + s, dot * p.q_scale);
-        }
+        float* dst = z + n * r + j;
+        st_global(dst, first ? v * z_scale : ld_global(dst) + v * z_scale);
       }
       first = false;
     }
@@ -327,17 +299,38 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// wgrad (dM): dMcat_k[c, col] += q_scale * sum_n X[n, k-block c] Qw[n, col] over all rows, for a
-// block's (column tile of dk, tile of S*r, head). Rows of a group outside [0, G) give nothing.
-constexpr int kWgradSmem = kTileRows * (kChunk + kPadA) + kChunk * (kWgradCols + kPadB);
+// wgrad, for a block's (column tile of dk, tile of S*r, head), over all rows in chunks of kChunk:
+//   dM:  dMcat_k[c, col] += q_scale * sum_n X[n, k-block c] Qw[n, col], written once (no atomics);
+//   dw:  P = X[chunk, c tile] @ Mcat_k[c tile, col tile] (the shrink's products, restricted to the
+//        block's tiles), dw[g, k, s] += q_scale * sum_n sum_j P[n, s*r + j] Q[n, j], summed over
+//        a run of rows of one group in the chunk, then added atomically.
+// Both read each X tile once, so the backward makes one pass over x (and one over grad_y) for
+// the weight gradients. Rows of a group outside [0, G) give nothing.
+constexpr int kWgradStage = kTileRows * (kChunk + kPadA) + kChunk * (kWgradCols + kPadB);
+constexpr int kWgradOut = kTileRows * (kWgradCols + kPadA);
+constexpr int kWgradMs = kTileRows * (kWgradCols + kPadB);  // Mcat_k tile, staged once (dw)
+constexpr int kWgradPs = kChunk * (kWgradCols + kPadA);     // P of one chunk (dw)
+constexpr int kWgradSmem = (kWgradStage > kWgradOut ? kWgradStage : kWgradOut) + kWgradMs + kWgradPs;
+
+// A fragment of A = T^T from a tile T [k][m] (the X^T tile read back as X).
+__device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const float* tile, int ld, int m0, int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  a[0] = bits_of(tile[(k0 + t) * ld + m0 + g]);
+  a[1] = bits_of(tile[(k0 + t) * ld + m0 + g + 8]);
+  a[2] = bits_of(tile[(k0 + t + 4) * ld + m0 + g]);
+  a[3] = bits_of(tile[(k0 + t + 4) * ld + m0 + g + 8]);
+}
 
 template <typename xt, typename mt>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   MHR_SHARED(float, smem, [kWgradSmem]);
   MHR_SHARED(int64_t, gid, [kChunk]);
-  float* xs = smem;                                 // X^T: [kTileRows (dk columns)][kChunk (rows)]
-  float* qs = smem + kTileRows * (kChunk + kPadA);  // Qw: [kChunk (rows)][kWgradCols]
-  constexpr int lda = kChunk + kPadA, ldb = kWgradCols + kPadB;
+  constexpr int lda = kChunk + kPadA, ldb = kWgradCols + kPadB, ldo = kWgradCols + kPadA;
+  float* xs = smem;                                                      // X^T: [kTileRows (c)][lda (rows)]
+  float* qs = smem + kTileRows * lda;                                    // Qw: [kChunk (rows)][ldb]
+  float* out = smem;                                                     // dM tile: [kTileRows][ldo], at the end
+  float* ms = smem + (kWgradStage > kWgradOut ? kWgradStage : kWgradOut);  // Mcat_k: [kTileRows (c)][ldb]
+  float* ps = ms + kWgradMs;                                             // P: [kChunk (rows)][ldo]
 
   const RowRouting& R = p.routing;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -346,21 +339,29 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   const int64_t r = p.rank, sr = R.num_skills * r;
   const int cols = static_cast<int>(imin(kWgradCols, sr - col0));
   const int n_tiles = (cols + 7) / 8;
+  const bool want_dm = p.dm != nullptr, want_dw = p.dw != nullptr;
   const xt* x = static_cast<const xt*>(p.x);
   const float* q = static_cast<const float*>(p.q);
+  const float q_scale = static_cast<float>(p.q_scale);
+  const int warp = threadIdx.x >> 5;
+  // dw: warp w multiplies rows 16 (w % 2) .. of the chunk by n8 tiles 4 (w / 2) .. 4 (w / 2) + 3.
+  const int p_m0 = (warp & 1) * kWarpRows, p_nt0 = (warp >> 1) * 4;
+  // dw: the skills whose columns meet this block's column tile.
+  const int64_t s_begin = col0 / r, s_end = (col0 + cols + r - 1) / r;
+  if (want_dw) stage_skills<mt>(ms, ldb, false, p.m, k, r, sr, p.dk, c0, kTileRows, col0, n_tiles * 8);
 
   float acc[kWgradCols / 8][4];
   zero_acc(acc);
   for (int64_t n0 = 0; n0 < p.num_rows; n0 += kChunk) {
-    __syncthreads();
+    __syncthreads();  // the previous chunk's readers of gid / xs / qs / ps are done
     for (int t = threadIdx.x; t < kChunk; t += kThreads) {
       const int64_t n = n0 + t;
       gid[t] = n < p.num_rows ? tc_row_group(R, n) : kBadGroup;
     }
     __syncthreads();
     // X^T tile: element (c, t) = X[n0 + t, k*dk + c0 + c]; consecutive lanes along c.
+    const bool c_fast = p.x_stride_c == 1 || p.x_stride_n != 1;
     for (int e = threadIdx.x; e < kTileRows * kChunk; e += kThreads) {
-      const bool c_fast = p.x_stride_c == 1 || p.x_stride_n != 1;
       const int c = c_fast ? e % kTileRows : e / kChunk;
       const int t = c_fast ? e / kTileRows : e % kChunk;
       const int64_t n = n0 + t, cc = c0 + c;
@@ -369,35 +370,74 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
         v = to_tile(ld_global(x + n * p.x_stride_n + (k * p.dk + cc) * p.x_stride_c));
       xs[c * lda + t] = v;
     }
-    for (int e = threadIdx.x; e < kChunk * kWgradCols; e += kThreads) {
-      const int t = e / kWgradCols, col = e % kWgradCols;
-      const int64_t n = n0 + t, cl = col0 + col;
-      float v = 0.f;
-      if (n < p.num_rows && cl < sr && gid[t] != kBadGroup) {
-        const int64_t s = cl / r, j = cl % r;
-        v = tf32_value(tc_weight(R, gid[t], k, s) * ld_global(q + n * r + j));
+    if (want_dm) {
+      for (int e = threadIdx.x; e < kChunk * kWgradCols; e += kThreads) {
+        const int t = e / kWgradCols, col = e % kWgradCols;
+        const int64_t n = n0 + t, cl = col0 + col;
+        float v = 0.f;
+        if (n < p.num_rows && cl < sr && gid[t] != kBadGroup)
+          v = tf32_value(tc_weight(R, gid[t], k, cl / r) * ld_global(q + n * r + cl % r));
+        qs[t * ldb + col] = v;
       }
-      qs[t * ldb + col] = v;
     }
     __syncthreads();
-    mma_chunk(acc, xs, lda, qs, ldb, n_tiles);
+    if (want_dm) mma_chunk(acc, xs, lda, qs, ldb, n_tiles);
+    if (want_dw) {
+      float pacc[4][4];
+      zero_acc(pacc);
+#pragma unroll 2
+      for (int kc = 0; kc < kTileRows; kc += 8) {
+        uint32_t a[4];
+        load_a_transposed(a, xs, lda, p_m0, kc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (p_nt0 + i >= n_tiles) break;  // warp-uniform
+          uint32_t b[2];
+          load_b(b, ms, ldb, kc, (p_nt0 + i) * 8);
+          mma_m16n8k8_tf32(pacc[i], a, b, pacc[i]);
+        }
+      }
+      const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+      for (int i = 0; i < 4; ++i) {
+        if (p_nt0 + i >= n_tiles) break;
+        for (int v = 0; v < 4; ++v) ps[(p_m0 + g + 8 * (v / 2)) * ldo + (p_nt0 + i) * 8 + 2 * t4 + v % 2] = pacc[i][v];
+      }
+      __syncthreads();
+      // Thread e < skills in the tile walks the chunk's rows, flushing at each change of group.
+      for (int64_t e = threadIdx.x; e < s_end - s_begin; e += kThreads) {
+        const int64_t s = s_begin + e;
+        const int64_t j_begin = imax(0, col0 - s * r), j_end = imin(r, col0 + cols - s * r);
+        int64_t g_run = kBadGroup;
+        float sum = 0.f;
+        for (int t = 0; t < kChunk; ++t) {
+          const int64_t n = n0 + t, g = gid[t];
+          if (g != g_run) {
+            if (g_run != kBadGroup && sum != 0.f)
+              atomic_add_global(static_cast<float*>(p.dw) + (g_run * R.num_heads + k) * R.num_skills + s, sum * q_scale);
+            g_run = g;
+            sum = 0.f;
+          }
+          if (g == kBadGroup) continue;  // includes rows past the end
+          for (int64_t j = j_begin; j < j_end; ++j) sum += ps[t * ldo + (s * r + j - col0)] * ld_global(q + n * r + j);
+        }
+        if (g_run != kBadGroup && sum != 0.f)
+          atomic_add_global(static_cast<float*>(p.dw) + (g_run * R.num_heads + k) * R.num_skills + s, sum * q_scale);
+      }
+    }
   }
+  if (!want_dm) return;
   __syncthreads();
-  float* out = smem;  // [kTileRows][kWgradCols + kPadA]
-  constexpr int ldo = kWgradCols + kPadA;
   store_acc(acc, out, ldo, n_tiles);
   __syncthreads();
   // dM[k, s](c, j) += out[c][col]; consecutive lanes along M's unit-stride index.
   float* dm = static_cast<float*>(p.dm);
-  const float q_scale = static_cast<float>(p.q_scale);
-  const bool c_fast = p.m.stride_row == 1;
+  const bool m_c_fast = p.m.stride_row == 1;
   for (int e = threadIdx.x; e < kTileRows * kWgradCols; e += kThreads) {
-    const int c = c_fast ? e % kTileRows : e / kWgradCols;
-    const int col = c_fast ? e / kTileRows : e % kWgradCols;
+    const int c = m_c_fast ? e % kTileRows : e / kWgradCols;
+    const int col = m_c_fast ? e / kTileRows : e % kWgradCols;
     const int64_t cc = c0 + c, cl = col0 + col;
     if (cc >= p.dk || col >= cols) continue;
-    const int64_t s = cl / r, j = cl % r;
-    float* dst = dm + k * p.m.stride_k + s * p.m.stride_s + cc * p.m.stride_row + j * p.m.stride_col;
+    float* dst = dm + k * p.m.stride_k + (cl / r) * p.m.stride_s + cc * p.m.stride_row + (cl % r) * p.m.stride_col;
     st_global(dst, ld_global(dst) + q_scale * out[c * ldo + col]);
   }
 }
@@ -405,9 +445,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename xt, typename mt>
-int launch_shrink(const ProjectArgs& a, cudaStream_t stream) {
-  MHR_LAUNCH((project_kernel<xt, mt, false>), dim3(static_cast<unsigned>(ceil_div(a.num_rows, kTileRows))), kThreads,
-             0, stream, a);
+int launch_shrink(const ShrinkParams& p, cudaStream_t stream) {
+  MHR_LAUNCH((shrink_kernel<xt, mt>), dim3(static_cast<unsigned>(ceil_div(p.num_rows, kTileRows))), kThreads, 0,
+             stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -422,20 +462,10 @@ int launch_expand(const ExpandParams& p, cudaStream_t stream) {
 
 template <typename xt, typename mt>
 int launch_wgrad(const WgradParams& p, cudaStream_t stream) {
-  if (p.dm) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.dk, kTileRows)),
-                    static_cast<unsigned>(ceil_div(p.routing.num_skills * p.rank, kWgradCols)),
-                    static_cast<unsigned>(p.routing.num_heads));
-    MHR_LAUNCH((wgrad_kernel<xt, mt>), grid, kThreads, 0, stream, p);
-    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return static_cast<int>(err);
-  }
-  if (p.dw) {
-    const ProjectArgs a{p.x,        p.x_stride_n, p.x_stride_c, p.m,     p.routing,
-                        p.num_rows, p.dk,         p.rank,       nullptr, 1.f,
-                        static_cast<const float*>(p.q), static_cast<float>(p.q_scale), static_cast<float*>(p.dw)};
-    MHR_LAUNCH((project_kernel<xt, mt, true>), dim3(static_cast<unsigned>(ceil_div(p.num_rows, kTileRows))),
-               kThreads, 0, stream, a);
-  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.dk, kTileRows)),
+                  static_cast<unsigned>(ceil_div(p.routing.num_skills * p.rank, kWgradCols)),
+                  static_cast<unsigned>(p.routing.num_heads));
+  MHR_LAUNCH((wgrad_kernel<xt, mt>), grid, kThreads, 0, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -473,10 +503,7 @@ bool routed_lora_uses_tensor_cores(DType data, DType matrix, int64_t num_rows) {
 }
 
 int routed_lora_shrink_tc(const ShrinkParams& p, DType data, DType matrix, cudaStream_t stream) {
-  const ProjectArgs a{p.x,        p.x_stride_n, p.x_stride_c, p.m,    p.routing,
-                      p.num_rows, p.dk,         p.rank,       static_cast<float*>(p.z), static_cast<float>(p.z_scale),
-                      nullptr,    1.f,          nullptr};
-  MHR_DISPATCH_TC(data, matrix, launch_shrink<xt, mt>(a, stream));
+  MHR_DISPATCH_TC(data, matrix, launch_shrink<xt, mt>(p, stream));
 }
 
 int routed_lora_expand_tc(const ExpandParams& p, DType data, DType matrix, cudaStream_t stream) {

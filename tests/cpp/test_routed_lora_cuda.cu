@@ -373,6 +373,7 @@ int main() {
   run_case<__nv_bfloat16, float>(tc_train);
   run_case<__nv_bfloat16, __nv_bfloat16>(tc_train);
   run_case<__half, __half>(tc_wide);
+  run_case<__nv_bfloat16, __nv_bfloat16>(Case{"tc-deep", 70, 1, 2, 150, 4, 70, 3, 1, 1});  // several dk tiles
   Case tc_strided{"tc-strided", 99, 2, 2, 7, 4, 9, 5, 1, 1};
   tc_strided.x_col = 2, tc_strided.row_pad = 3, tc_strided.int32_ids = true, tc_strided.ids_stride = 2;
   run_case<__nv_bfloat16, float>(tc_strided);
