@@ -182,7 +182,7 @@ constexpr int kShrinkOut = kTileRows * (kProjCols + kPadA);
 constexpr int kShrinkSmem = kShrinkStage > kShrinkOut ? kShrinkStage : kShrinkOut;
 
 template <typename xt, typename mt>
-__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) {
+__global__ void __launch_bounds__(kThreads) tc_shrink_kernel(const ShrinkParams p) {
   MHR_SHARED(float, smem, [kShrinkSmem]);  // staging tiles, then (after the k loop) the P tile
   MHR_SHARED(int64_t, gid, [kTileRows]);
   float* xs = smem;                                 // [kTileRows][kChunk + kPadA]
@@ -244,7 +244,7 @@ constexpr int kExpandOut = kTileRows * (kExpandCols + kPadA);
 constexpr int kExpandSmem = kExpandStage > kExpandOut ? kExpandStage : kExpandOut;
 
 template <typename xt, typename mt>
-__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, int64_t col_tiles) {
+__global__ void __launch_bounds__(kThreads) tc_expand_kernel(const ExpandParams p, int64_t col_tiles) {
   MHR_SHARED(float, smem, [kExpandSmem]);
   MHR_SHARED(int64_t, gid, [kTileRows]);
   float* zs = smem;                                 // [kTileRows][kChunk + kPadA]
@@ -322,7 +322,7 @@ __device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const float*
 }
 
 template <typename xt, typename mt>
-__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
+__global__ void __launch_bounds__(kThreads) tc_wgrad_kernel(const WgradParams p) {
   MHR_SHARED(float, smem, [kWgradSmem]);
   MHR_SHARED(int64_t, gid, [kChunk]);
   constexpr int lda = kChunk + kPadA, ldb = kWgradCols + kPadB, ldo = kWgradCols + kPadA;
@@ -446,7 +446,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename xt, typename mt>
 int launch_shrink(const ShrinkParams& p, cudaStream_t stream) {
-  MHR_LAUNCH((shrink_kernel<xt, mt>), dim3(static_cast<unsigned>(ceil_div(p.num_rows, kTileRows))), kThreads, 0,
+  MHR_LAUNCH((tc_shrink_kernel<xt, mt>), dim3(static_cast<unsigned>(ceil_div(p.num_rows, kTileRows))), kThreads, 0,
              stream, p);
   return static_cast<int>(cudaGetLastError());
 }
@@ -456,7 +456,7 @@ int launch_expand(const ExpandParams& p, cudaStream_t stream) {
   const int64_t col_tiles = ceil_div(p.dk, kExpandCols);
   const dim3 grid(static_cast<unsigned>(ceil_div(p.num_rows, kTileRows)),
                   static_cast<unsigned>(p.routing.num_heads * col_tiles));
-  MHR_LAUNCH((expand_kernel<xt, mt>), grid, kThreads, 0, stream, p, col_tiles);
+  MHR_LAUNCH((tc_expand_kernel<xt, mt>), grid, kThreads, 0, stream, p, col_tiles);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -465,7 +465,7 @@ int launch_wgrad(const WgradParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.dk, kTileRows)),
                   static_cast<unsigned>(ceil_div(p.routing.num_skills * p.rank, kWgradCols)),
                   static_cast<unsigned>(p.routing.num_heads));
-  MHR_LAUNCH((wgrad_kernel<xt, mt>), grid, kThreads, 0, stream, p);
+  MHR_LAUNCH((tc_wgrad_kernel<xt, mt>), grid, kThreads, 0, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 
