@@ -176,11 +176,19 @@ bool routed_lora_group_forward_cpu(const LoraGroupForwardParams& p, CpuIsa isa);
 int routed_lora_shrink_cuda(const ShrinkParams& p, DType data, DType matrix, void* stream);
 int routed_lora_expand_cuda(const ExpandParams& p, DType data, DType matrix, void* stream);
 int routed_lora_wgrad_cuda(const WgradParams& p, DType data, DType matrix, void* stream);
+// Whether these problems run on tensor cores (routed_lora_tc_cuda.cu): fp16 / bf16 data with
+// adapters of the same type or fp32, and more than kRoutedLoraTensorCoreMinRows rows. The
+// operands go through tf32 (fp16 / bf16 exactly; fp32 adapters and the fp32 bottleneck rounded to
+// 10 explicit mantissa bits), with fp32 accumulation. Other problems (fp32 and fp64 data, which
+// keep exact fp32 / fp64 products as torch does by default; decode-sized batches, where an mma
+// tile would be mostly empty) run the SIMT kernels.
+constexpr int64_t kRoutedLoraTensorCoreMinRows = 64;
+bool routed_lora_uses_tensor_cores(DType data, DType matrix, int64_t num_rows);
 // Whether routed_lora_shrink_cuda splits the reduction of this problem (dk columns per head)
 // across blocks. Then it sums partial rows into Z with floating-point atomics, in an order that
-// varies from run to run; unsplit, it writes Z once per element. The wgrad kernel always sums
-// with atomics (across warps and row slices).
-bool routed_lora_shrink_splits_cuda(int64_t num_rows, int64_t num_heads, int64_t dk);
+// varies from run to run; unsplit, it writes Z once per element. The wgrad sums dw with atomics,
+// and on the SIMT path dM too (across warps and row slices).
+bool routed_lora_shrink_splits_cuda(DType data, DType matrix, int64_t num_rows, int64_t num_heads, int64_t dk);
 constexpr int64_t kRoutedLoraMaxRank = 128;
 #endif
 

@@ -8,6 +8,7 @@
 
 #include "cuda_utils.cuh"
 #include "routed_lora.h"
+#include "routed_lora_tc_cuda.h"
 
 namespace mhr_ops {
 namespace {
@@ -423,23 +424,30 @@ bool shapes_ok(int64_t rows, int64_t rank, int64_t dk, const RowRouting& r) {
 int routed_lora_shrink_cuda(const ShrinkParams& p, DType data, DType matrix, void* stream) {
   if (!shapes_ok(p.num_rows, p.rank, p.dk, p.routing)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.num_rows == 0) return 0;
+  if (routed_lora_uses_tensor_cores(data, matrix, p.num_rows))
+    return routed_lora_shrink_tc(p, data, matrix, static_cast<cudaStream_t>(stream));
   MHR_DISPATCH_DATA_MATRIX(data, matrix, launch_shrink<xt, mt>(p, static_cast<cudaStream_t>(stream)));
 }
 
-bool routed_lora_shrink_splits_cuda(int64_t num_rows, int64_t num_heads, int64_t dk) {
+bool routed_lora_shrink_splits_cuda(DType data, DType matrix, int64_t num_rows, int64_t num_heads, int64_t dk) {
   if (num_rows <= 0 || num_heads <= 0 || dk <= 0) return false;
+  if (routed_lora_uses_tensor_cores(data, matrix, num_rows)) return false;
   return shrink_chunks_per_split(num_rows, num_heads, dk) < num_heads * ceil_div(dk, kShrinkChunk);
 }
 
 int routed_lora_expand_cuda(const ExpandParams& p, DType data, DType matrix, void* stream) {
   if (!shapes_ok(p.num_rows, p.rank, p.dk, p.routing)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.num_rows == 0) return 0;
+  if (routed_lora_uses_tensor_cores(data, matrix, p.num_rows))
+    return routed_lora_expand_tc(p, data, matrix, static_cast<cudaStream_t>(stream));
   MHR_DISPATCH_DATA_MATRIX(data, matrix, launch_expand<xt, mt>(p, static_cast<cudaStream_t>(stream)));
 }
 
 int routed_lora_wgrad_cuda(const WgradParams& p, DType data, DType matrix, void* stream) {
   if (!shapes_ok(p.num_rows, p.rank, p.dk, p.routing)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.num_rows == 0 || (p.dm == nullptr && p.dw == nullptr)) return 0;
+  if (routed_lora_uses_tensor_cores(data, matrix, p.num_rows))
+    return routed_lora_wgrad_tc(p, data, matrix, static_cast<cudaStream_t>(stream));
   MHR_DISPATCH_DATA_MATRIX(data, matrix, launch_wgrad<xt, mt>(p, static_cast<cudaStream_t>(stream)));
 }
 

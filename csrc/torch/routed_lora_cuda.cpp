@@ -66,7 +66,7 @@ SkillMatrices skill_matrices(const at::Tensor& M, bool transposed) {
 // alert, raised when the kernel splits the reduction (atomics).
 at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrices& m, int64_t dk, double z_scale,
                   const char* op) {
-  if (routed_lora_shrink_splits_cuda(o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
+  if (routed_lora_shrink_splits_cuda(o.data, o.matrix, o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
   at::Tensor z = at::empty({o.d.rows, o.d.rank}, X.options().dtype(acc_type(X)));
   ShrinkParams p;
   p.x = X.data_ptr();
@@ -171,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   if (o.d.rows > 0) {
     const char* op = "routed_lora_backward (CUDA)";
     const at::Tensor gz = shrink(o, grad_y, skill_matrices(o.B, true), o.d.dk_out, scale, op);
-    if (mask[1] || mask[2] || mask[3]) alert_not_deterministic(op);  // wgrad sums with atomics
+    // The wgrad sums dw with atomics, and dA / dB too on the SIMT path.
+    const bool tensor_cores = routed_lora_uses_tensor_cores(o.data, o.matrix, o.d.rows);
+    if (mask[3] || ((mask[1] || mask[2]) && !tensor_cores)) alert_not_deterministic(op);
     if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/has_base);
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
     if (mask[2] || mask[3]) wgrad(o, grad_y, zc, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
