@@ -23,6 +23,8 @@ def test_times_take_the_binding_ceiling():
     assert T.modeled_us(3.35e6, 0, 0) == pytest.approx(1.0)
     assert T.modeled_us(0, 2 * 989e6, 0) == pytest.approx(2.0)
     assert T.modeled_us(3.35e6, 989e6, 67e9) == pytest.approx(1000.0)  # SIMT binds
+    assert T.modeled_lsu_us(3.35e6, 989e6, 67e9) == pytest.approx(8000.0)  # two loads per FMA: 1/8 the rate
+    assert T.modeled_lsu_us(3.35e10, 0, 67e9) == pytest.approx(10000.0)  # bytes still bind when they do
 
 
 def test_sectors_per_request_is_normalized_to_128_bytes():
@@ -160,9 +162,12 @@ def test_evaluate_extrapolates_checks_the_plan_and_the_targets():
     assert out["tc_flops"] == 700
     assert out["sectors_per_request"] == 4.0
     assert out["modeled_us"] == pytest.approx(1000.0)  # the SIMT bound binds: 67e9 flops at 67e12/s
+    assert out["modeled_lsu_us"] == pytest.approx(8000.0)
     assert out["counts"] == "extrapolated" and out["n_emulated"] == [2, 4]
     assert [k["kernel"] for k in out["launches"]] == ["shrink_kernel", "expand_kernel", "cudaMemset"]
     assert out["targets"][0]["met"] is True
+    text = emulated.format_case(out)
+    assert "fake routed_lora fwd" in text and "1.00 ms" in text and "(met)" in text
     case.plan = [("shrink_kernel", 0)]
     with pytest.raises(RuntimeError, match="kernels launched changed"):
         emulated.evaluate(case)
@@ -206,5 +211,9 @@ def test_committed_record_is_consistent():
         assert c["modeled_us"] == pytest.approx(
             T.modeled_us(c["counted_bytes"], c["tc_flops"], c["simt_flops"]), rel=1e-3
         )
+        assert c["modeled_lsu_us"] == pytest.approx(
+            T.modeled_lsu_us(c["counted_bytes"], c["tc_flops"], c["simt_flops"]), rel=1e-3
+        )
         assert c["roofline_us"] == pytest.approx(T.roofline_us(c["ideal_bytes"], c["ideal_flops"]), rel=1e-3)
+        assert all(t["met"] in (True, False) for t in c["targets"])
         assert c["counts"] in ("full", "extrapolated") and c["n_full"] >= max(c["n_emulated"])

@@ -14,6 +14,10 @@ module (tests/test_traffic_model.py).
   they write once back); tc_flops the tensor-core flops the mma wrappers counted; simt_flops the
   bounds below. A model, not a measurement: it ignores latency, occupancy, L2 misses, shared-memory
   bandwidth and launch overhead.
+- ``modeled_lsu_us``: the same with the SIMT flops at 1/8 of the FMA rate. Every SIMT inner loop
+  here feeds each FMA from two loads (shared memory, or L1 for the mixing's global reads), and an
+  SM issues one 32-lane load instruction per clock against four 32-lane FMAs. The issue's formula
+  does not see this limit; for the SIMT kernels this is the closer estimate.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM, HBM3
 TENSOR_FLOPS = 989e12  # H100 SXM, dense bf16 / fp16 tensor cores
 SIMT_FLOPS = 67e12  # H100 SXM, fp32 FMA (2 flops each) on every CUDA core
+SIMT_LSU_FLOPS = SIMT_FLOPS / 8  # two load instructions per FMA, one load issued per SM and clock
 SECTOR_BYTES = 32
 
 # Tiles of the SIMT kernels, as in their .cu files (the bounds below read the loops there).
@@ -40,6 +45,10 @@ def roofline_us(ideal_bytes: float, ideal_flops: float) -> float:
 
 def modeled_us(counted_bytes: float, tc_flops: float, simt_flops: float) -> float:
     return max(counted_bytes / HBM_BYTES_PER_S, tc_flops / TENSOR_FLOPS, simt_flops / SIMT_FLOPS) * 1e6
+
+
+def modeled_lsu_us(counted_bytes: float, tc_flops: float, simt_flops: float) -> float:
+    return max(counted_bytes / HBM_BYTES_PER_S, tc_flops / TENSOR_FLOPS, simt_flops / SIMT_LSU_FLOPS) * 1e6
 
 
 def sectors_per_request(request_sectors: float, requested_bytes: float) -> float:
