@@ -66,7 +66,9 @@ def demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from mhr_ops import benchmarking
 
-    device = _device(parser, args.device)
+    if args.emulated:
+        return bench_emulated(parser, args)
+    device = _device(parser, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes else None
     try:
         benchmarking.resolve(shapes, device.type)
@@ -79,6 +81,26 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     json_path = args.json or f"mhr_ops-bench-{device.type}.json"
     png_path = args.png or f"mhr_ops-bench-{device.type}.png"
     benchmarking.run(device, shapes, json_path=json_path, png_path=png_path)
+    return 0
+
+
+def bench_emulated(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from mhr_ops.benchmarking import emulated
+
+    if args.device not in (None, "cpu"):
+        parser.error(f"--emulated runs the CUDA kernels on the CPU through the emulation; got --device {args.device}")
+    if args.png is not None:
+        parser.error("--emulated writes no plot; drop --png")
+    shapes = [s for s in args.shapes.split(",") if s] if args.shapes else None
+    unknown = [s for s in shapes or [] if s not in emulated.EMULATED_SIZES]
+    if unknown:
+        parser.error(
+            f"--shapes: no emulated cases for {', '.join(unknown)}; emulated: {', '.join(emulated.EMULATED_SIZES)}"
+        )
+    try:
+        emulated.run(shapes, json_path=args.json or "mhr_ops-bench-emulated.json")
+    except emulated.EmulationMissing as e:
+        parser.error(f"--emulated: {e}")
     return 0
 
 
@@ -109,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_shape_set_epilog(),
         formatter_class=fmt,
     )
-    p_bench.add_argument("--device", default=default_device, help=f"cpu or cuda[:N] (default: {default_device})")
+    p_bench.add_argument("--device", default=None, help=f"cpu or cuda[:N] (default: {default_device})")
     p_bench.add_argument(
         "--shapes", default=None, metavar="SET[,SET...]", help="comma-separated shape sets (listed below)"
     )
@@ -130,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the plot: times with spread, ratios to the bare layer, roofline on CUDA; needs matplotlib "
         "(default: mhr_ops-bench-DEVICE.png)",
+    )
+    p_bench.add_argument(
+        "--emulated",
+        action="store_true",
+        help="instead of timing: run the GPU cases (gpu-train, gpu-decode, t0-mhr, moh) through the CUDA "
+        "kernels' SIMT emulation with counted memory traffic and write modeled times (an estimate, not a "
+        "measurement; bench/NOTES.md) to --json (default: mhr_ops-bench-emulated.json); needs the module "
+        "built by MHR_OPS_EMULATED_CUDA=1 python setup.py build_ext --inplace",
     )
     p_bench.set_defaults(func=bench, parser=p_bench)
     return parser

@@ -2,11 +2,13 @@
 // collectives, shared memory, launch limits and the CUDA runtime calls the launchers use.
 #include "simt.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -44,6 +46,7 @@ constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535, 65535};
 constexpr int kDefaultSharedBytes = 48 * 1024;
 constexpr int kMaxOptInSharedBytes = 227 * 1024;
 constexpr int kMultiProcessors = 132;
+std::atomic<int> g_multiprocessors{kMultiProcessors};  // what the device attribute reports
 
 struct Cancelled {};  // unwinds the threads of a failed block
 
@@ -377,6 +380,162 @@ void* exact_storage(size_t bytes, size_t align, void** storage) {
   return base;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Traffic counting (traffic.h). Each CUDA thread of a counted launch appends its accesses to its
+// own buffer (no sharing while the block runs); the launcher merges a block's buffers after the
+// block ends, when the pool's join has ordered every worker's writes before its reads.
+
+struct Access {
+  uint64_t address;
+  uint32_t bytes;
+  uint32_t kind;  // GlobalAccess
+};
+
+struct ThreadTraffic {
+  std::vector<Access> accesses;  // in issue order: index k is the lane's k-th counted access
+  uint64_t tensor_core_flops = 0;
+};
+
+bool counting_from_env() {
+  const char* env = std::getenv("MHR_EMU_COUNT_TRAFFIC");
+  return env != nullptr && *env != '\0' && std::strcmp(env, "0") != 0;
+}
+std::atomic<bool> g_counting{counting_from_env()};
+std::atomic<uint64_t> g_total_tensor_core_flops{0};
+thread_local ThreadTraffic* t_traffic = nullptr;  // set only while a counted launch runs the thread
+
+// Distinct sector numbers: appended freely, sorted and deduplicated whenever the list doubles.
+class SectorSet {
+ public:
+  void add(uint64_t sector) {
+    v_.push_back(sector);
+    if (v_.size() >= limit_) compact();
+  }
+  const std::vector<uint64_t>& sorted() {
+    compact();
+    return v_;
+  }
+
+ private:
+  void compact() {
+    std::sort(v_.begin(), v_.end());
+    v_.erase(std::unique(v_.begin(), v_.end()), v_.end());
+    limit_ = std::max<size_t>(size_t{1} << 20, 2 * v_.size());
+  }
+  std::vector<uint64_t> v_;
+  size_t limit_ = size_t{1} << 20;
+};
+
+// Size of the union of two sorted, duplicate-free lists.
+uint64_t union_size(const std::vector<uint64_t>& a, const std::vector<uint64_t>& b) {
+  uint64_t n = 0;
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    const uint64_t x = a[i], y = b[j];
+    i += x <= y;
+    j += y <= x;
+    ++n;
+  }
+  return n + (a.size() - i) + (b.size() - j);
+}
+
+class LaunchCounter {
+ public:
+  LaunchCounter(const char* kernel, dim3 grid, dim3 block) {
+    rec_.kernel = kernel;
+    rec_.grid[0] = grid.x, rec_.grid[1] = grid.y, rec_.grid[2] = grid.z;
+    rec_.block[0] = block.x, rec_.block[1] = block.y, rec_.block[2] = block.z;
+  }
+
+  // Merges one finished block's per-thread buffers (and empties them for the next block).
+  void add_block(std::vector<ThreadTraffic>& threads) {
+    const int n = static_cast<int>(threads.size());
+    for (int w0 = 0; w0 < n; w0 += 32) {
+      const int w1 = std::min(n, w0 + 32);
+      size_t longest = 0;
+      for (int t = w0; t < w1; ++t) longest = std::max(longest, threads[t].accesses.size());
+      for (size_t k = 0; k < longest; ++k) {  // request k of this warp: each lane's k-th access
+        bool issued[3] = {false, false, false};
+        for (std::vector<uint64_t>& s : scratch_) s.clear();
+        for (int t = w0; t < w1; ++t) {
+          const std::vector<Access>& acc = threads[t].accesses;
+          if (k >= acc.size()) continue;
+          const Access& a = acc[k];
+          issued[a.kind] = true;
+          rec_.bytes[a.kind] += a.bytes;
+          ++rec_.accesses[a.kind];
+          if (a.bytes == 0) continue;
+          for (uint64_t s = a.address / kSectorBytes; s <= (a.address + a.bytes - 1) / kSectorBytes; ++s)
+            scratch_[a.kind].push_back(s);
+        }
+        for (int kind = 0; kind < 3; ++kind) {
+          if (!issued[kind]) continue;
+          std::vector<uint64_t>& s = scratch_[kind];
+          std::sort(s.begin(), s.end());
+          s.erase(std::unique(s.begin(), s.end()), s.end());
+          ++rec_.requests[kind];
+          rec_.request_sectors[kind] += s.size();
+          for (uint64_t x : s) sets_[kind].add(x);
+        }
+      }
+    }
+    for (ThreadTraffic& t : threads) {
+      rec_.tensor_core_flops += t.tensor_core_flops;
+      t.tensor_core_flops = 0;
+      t.accesses.clear();  // keeps the capacity for the next block
+    }
+  }
+
+  LaunchTraffic finish() {
+    const std::vector<uint64_t>& loads = sets_[0].sorted();
+    const std::vector<uint64_t>& stores = sets_[1].sorted();
+    const std::vector<uint64_t>& atomics = sets_[2].sorted();
+    rec_.sectors[0] = loads.size();
+    rec_.sectors[1] = stores.size();
+    rec_.sectors[2] = atomics.size();
+    rec_.read_sectors = union_size(loads, atomics);
+    rec_.written_sectors = union_size(stores, atomics);
+    std::vector<uint64_t> loads_stores;
+    loads_stores.reserve(loads.size() + stores.size());
+    std::set_union(loads.begin(), loads.end(), stores.begin(), stores.end(), std::back_inserter(loads_stores));
+    rec_.union_sectors = union_size(loads_stores, atomics);
+    return rec_;
+  }
+
+ private:
+  LaunchTraffic rec_;
+  SectorSet sets_[3];
+  std::vector<uint64_t> scratch_[3];
+};
+
+struct Records {
+  std::mutex m;
+  std::vector<LaunchTraffic> v;
+};
+Records& records() {
+  static Records* r = new Records;  // never destroyed, as the runtime
+  return *r;
+}
+void add_record(LaunchTraffic rec) {
+  Records& r = records();
+  std::lock_guard<std::mutex> lk(r.m);
+  r.v.push_back(std::move(rec));
+}
+
+// cudaMemset as a fully coalesced write of [ptr, ptr + count).
+void count_memset(const void* ptr, size_t count) {
+  if (!g_counting.load(std::memory_order_relaxed) || count == 0) return;
+  LaunchTraffic rec;
+  rec.kernel = "cudaMemset";
+  const uint64_t first = reinterpret_cast<uintptr_t>(ptr) / kSectorBytes;
+  const uint64_t last = (reinterpret_cast<uintptr_t>(ptr) + count - 1) / kSectorBytes;
+  const int k = static_cast<int>(GlobalAccess::kStore);
+  rec.bytes[k] = count;
+  rec.accesses[k] = rec.requests[k] = (count + 127) / 128;
+  rec.sectors[k] = rec.request_sectors[k] = rec.written_sectors = rec.union_sectors = last - first + 1;
+  add_record(std::move(rec));
+}
+
 }  // namespace
 
 int lane_id() { return t_thread % 32; }
@@ -561,6 +720,13 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
   }
   const int n = static_cast<int>(threads);
   const int warps = (n + 31) / 32;
+  const bool counting = g_counting.load(std::memory_order_relaxed);
+  std::unique_ptr<LaunchCounter> counter;
+  std::vector<ThreadTraffic> traffic;  // one buffer per thread of the block, reused across blocks
+  if (counting) {
+    counter = std::make_unique<LaunchCounter>(kernel_name, grid, block);
+    traffic.resize(n);
+  }
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -584,12 +750,14 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
           blockIdx = b.idx;
           blockDim = block;
           gridDim = grid;
+          t_traffic = counting ? &traffic[i] : nullptr;
           try {
             body(ctx);
           } catch (const Cancelled&) {
           } catch (const std::exception& e) {
             cancel(b, std::string("exception: ") + e.what(), this_thread());
           }
+          t_traffic = nullptr;
           thread_exit(b, i);
           t_block = nullptr;
         });
@@ -598,9 +766,11 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
         std::free(b.dynamic_base);
         if (b.cancelled.load()) {
           record_error(cudaErrorLaunchFailure, b.error, true);
-          return;
+          return;  // a failed launch leaves no traffic record
         }
+        if (counter) counter->add_block(traffic);
       }
+  if (counter) add_record(counter->finish());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,8 +797,8 @@ uint64_t block_serial() {
 // exact size, so ASan sees every out-of-bounds access); streams run synchronously.
 extern "C" {
 
-cudaError_t cudaMalloc(void** ptr, size_t size) {
-  *ptr = std::malloc(size ? size : 1);
+cudaError_t cudaMalloc(void** ptr, size_t size) {  // 256-byte aligned, as the device's allocations
+  if (posix_memalign(ptr, 256, size ? size : 1) != 0) *ptr = nullptr;
   return *ptr ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaFree(void* ptr) {
@@ -644,6 +814,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaM
 }
 cudaError_t cudaMemset(void* ptr, int value, size_t count) {
   if (count) std::memset(ptr, value, count);
+  mhr_emu::count_memset(ptr, count);
   return mhr_emu::sticky_error();
 }
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) { return cudaMemset(ptr, value, count); }
@@ -714,7 +885,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attr) {  // as an H100 SXM answers
     case cudaDevAttrMultiProcessorCount:
-      *value = mhr_emu::kMultiProcessors;
+      *value = mhr_emu::g_multiprocessors.load(std::memory_order_relaxed);
       return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock:
       *value = 1024;
@@ -769,6 +940,54 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
 }  // extern "C"
 
 namespace mhr_emu {
-// Placeholder until the traffic counters land: accesses are not yet recorded.
-void count_global(const void*, size_t, GlobalAccess) {}
+
+void count_global(const void* address, size_t bytes, GlobalAccess kind) {
+  if (!g_counting.load(std::memory_order_relaxed)) return;  // the whole cost when counting is off
+  ThreadTraffic* t = t_traffic;
+  if (t == nullptr) return;  // host code, or a launch that started with counting off
+  t->accesses.push_back(
+      Access{reinterpret_cast<uintptr_t>(address), static_cast<uint32_t>(bytes), static_cast<uint32_t>(kind)});
+}
+
+void count_tensor_core_flops(uint64_t flops) {
+  g_total_tensor_core_flops.fetch_add(flops, std::memory_order_relaxed);
+  if (ThreadTraffic* t = t_traffic) t->tensor_core_flops += flops;
+}
+
+uint64_t total_tensor_core_flops() { return g_total_tensor_core_flops.load(std::memory_order_relaxed); }
+
+double LaunchTraffic::sectors_per_request(GlobalAccess kind) const {
+  const int k = static_cast<int>(kind);
+  return bytes[k] ? static_cast<double>(request_sectors[k]) * 128.0 / static_cast<double>(bytes[k]) : 0.0;
+}
+
+double LaunchTraffic::sectors_per_request() const {
+  const uint64_t total_bytes = bytes[0] + bytes[1] + bytes[2];
+  const uint64_t total_sectors = request_sectors[0] + request_sectors[1] + request_sectors[2];
+  return total_bytes ? static_cast<double>(total_sectors) * 128.0 / static_cast<double>(total_bytes) : 0.0;
+}
+
+int set_multiprocessor_count(int n) {
+  if (n < 1) {
+    std::fprintf(stderr, "mhr_emu: set_multiprocessor_count(%d): expected >= 1\n", n);
+    std::abort();
+  }
+  return g_multiprocessors.exchange(n, std::memory_order_relaxed);
+}
+
+void set_traffic_counting(bool on) { g_counting.store(on, std::memory_order_relaxed); }
+bool traffic_counting() { return g_counting.load(std::memory_order_relaxed); }
+
+std::vector<LaunchTraffic> launch_records() {
+  Records& r = records();
+  std::lock_guard<std::mutex> lk(r.m);
+  return r.v;
+}
+
+void reset_launch_records() {
+  Records& r = records();
+  std::lock_guard<std::mutex> lk(r.m);
+  r.v.clear();
+}
+
 }  // namespace mhr_emu

@@ -88,6 +88,12 @@ void launch_blocks(const char* kernel_name, const void* kernel, dim3 grid, dim3 
 // The message of the last emulation error ("" if none), for tests of the emulator itself.
 const char* last_error_message();
 
+// The multiprocessor count cudaDeviceGetAttribute reports (an H100's 132 by default). Launchers
+// that size their grids by it then pick, for a problem cut to n/132 of its rows, the grid a full
+// H100 would run for the whole problem (the traffic model emulates such slices). Returns the
+// previous count; n must be >= 1.
+int set_multiprocessor_count(int n);
+
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t,
             A&&... args) {
@@ -262,13 +268,9 @@ inline T __ldg(const T* p) {
 #define MHR_EMU_DYNAMIC_SHARED(type, name, align) type* name = static_cast<type*>(::mhr_emu::dynamic_shared(align))
 
 // ---------------------------------------------------------------------------------------------
-// Counted global-memory traffic (the traffic model of bench/NOTES.md). Kernels reach global memory
-// through ld_global / st_global / atomic_add_global (cuda_utils.cuh) and the cp.async wrappers
-// (mma.cuh), which report each access here before performing it.
-namespace mhr_emu {
-enum class GlobalAccess : int { kLoad = 0, kStore = 1, kAtomic = 2 };
-void count_global(const void* address, size_t bytes, GlobalAccess kind);
-}  // namespace mhr_emu
+// Counted global-memory traffic and tensor-core flops per launch (count_global, LaunchTraffic,
+// set_traffic_counting, launch_records): see traffic.h.
+#include "traffic.h"
 
 // ---------------------------------------------------------------------------------------------
 // For csrc/kernels/mma.cuh (cp.async model): a number unique to the running block, so per-thread

@@ -10,6 +10,10 @@
 #define MHR_HD inline
 #endif
 
+#if defined(MHR_OPS_CUDA_EMULATION)
+#include "traffic.h"  // count_global: the emulation's counted traffic (csrc/emulation)
+#endif
+
 namespace mhr_ops {
 
 // Element type of a tensor, as seen by the torch-free layer.
@@ -57,10 +61,29 @@ MHR_HD bool ranks_before(acc_t a, int64_t ia, acc_t b, int64_t ib) {
   return a > b || (a == b && ia < ib);
 }
 
+// Global-memory loads and stores of kernel code (CUDA kernels, and the per-row code that CPU and
+// CUDA kernels share): plain accesses, reported first to the emulation's traffic counters
+// (traffic.h) in emulation builds, where host code outside a counted launch is ignored.
+// Atomics: atomic_add_global (cuda_utils.cuh).
+template <typename T>
+MHR_HD T ld_global(const T* p) {
+#if defined(MHR_OPS_CUDA_EMULATION)
+  ::mhr_emu::count_global(p, sizeof(T), ::mhr_emu::GlobalAccess::kLoad);
+#endif
+  return *p;
+}
+template <typename T>
+MHR_HD void st_global(T* p, T v) {
+#if defined(MHR_OPS_CUDA_EMULATION)
+  ::mhr_emu::count_global(p, sizeof(T), ::mhr_emu::GlobalAccess::kStore);
+#endif
+  *p = v;
+}
+
 // Reads an index from an int32 or int64 tensor with an element stride.
 MHR_HD int64_t load_index(const void* ids, IndexType type, int64_t stride, int64_t i) {
-  return type == IndexType::kInt32 ? static_cast<int64_t>(static_cast<const int32_t*>(ids)[i * stride])
-                                   : static_cast<const int64_t*>(ids)[i * stride];
+  return type == IndexType::kInt32 ? static_cast<int64_t>(ld_global(static_cast<const int32_t*>(ids) + i * stride))
+                                   : ld_global(static_cast<const int64_t*>(ids) + i * stride);
 }
 
 }  // namespace mhr_ops

@@ -65,22 +65,9 @@ struct Convert<__nv_bfloat16, float> {
   MHR_HD static __nv_bfloat16 apply(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Global-memory accesses of kernels written for the traffic model go through these: plain
-// accesses on the device, counted by the emulation (simt.h count_global) on the host.
-template <typename T>
-__device__ __forceinline__ T ld_global(const T* p) {
-#if defined(MHR_OPS_CUDA_EMULATION)
-  ::mhr_emu::count_global(p, sizeof(T), ::mhr_emu::GlobalAccess::kLoad);
-#endif
-  return *p;
-}
-template <typename T>
-__device__ __forceinline__ void st_global(T* p, T v) {
-#if defined(MHR_OPS_CUDA_EMULATION)
-  ::mhr_emu::count_global(p, sizeof(T), ::mhr_emu::GlobalAccess::kStore);
-#endif
-  *p = v;
-}
+// Global-memory accesses of kernels go through these, so that the emulation counts them
+// (traffic.h): ld_global / st_global (common.h: host and device, for the per-row code CPU and
+// CUDA kernels share) and atomic_add_global, plain atomicAdd on the device.
 template <typename T>
 __device__ __forceinline__ T atomic_add_global(T* p, T v) {
 #if defined(MHR_OPS_CUDA_EMULATION)

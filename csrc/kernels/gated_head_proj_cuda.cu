@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) gated_head_proj_kernel(const GatedHe
     bool open = false;
     if (threadIdx.x < kRows) {
       const int64_t n = n0 + threadIdx.x;
-      const acc_t gv = n < p.num_rows ? to_acc<acc_t>(g[n * p.g_stride_n + h * p.g_stride_h]) : acc_t(0);
+      const acc_t gv = n < p.num_rows ? to_acc<acc_t>(ld_global(g + n * p.g_stride_n + h * p.g_stride_h)) : acc_t(0);
       gs[threadIdx.x] = gv;
       open = gv != acc_t(0);  // NaN counts as open, so it propagates
     }
@@ -43,15 +43,16 @@ __global__ void __launch_bounds__(kThreads) gated_head_proj_kernel(const GatedHe
       for (int e = threadIdx.x; e < kRows * kChunk; e += kThreads) {
         const int t = e / kChunk, c = e % kChunk;
         const int64_t n = n0 + t;
-        os[t][c] = (n < p.num_rows && c0 + c < p.head_dim && gs[t] != acc_t(0))
-                       ? gs[t] * to_acc<acc_t>(o[n * p.o_stride_n + h * p.o_stride_h + (c0 + c) * p.o_stride_c])
-                       : acc_t(0);
+        acc_t v = 0;
+        if (n < p.num_rows && c0 + c < p.head_dim && gs[t] != acc_t(0))
+          v = gs[t] * to_acc<acc_t>(ld_global(o + n * p.o_stride_n + h * p.o_stride_h + (c0 + c) * p.o_stride_c));
+        os[t][c] = v;
       }
       for (int e = threadIdx.x; e < kCols * kChunk; e += kThreads) {
         const int dl = e / kChunk, c = e % kChunk;
         const int64_t d = d0 + dl;
         ws[dl][c] = (d < p.out_features && c0 + c < p.head_dim)
-                        ? to_acc<acc_t>(w[d * p.w_stride_d + (h * p.head_dim + c0 + c) * p.w_stride_k])
+                        ? to_acc<acc_t>(ld_global(w + d * p.w_stride_d + (h * p.head_dim + c0 + c) * p.w_stride_k))
                         : acc_t(0);
       }
       __syncthreads();
@@ -74,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) gated_head_proj_kernel(const GatedHe
     const int e = threadIdx.x + i * kThreads;
     const int64_t n = n0 + e / kCols, d = d0 + e % kCols;
     if (n >= p.num_rows || d >= p.out_features) continue;
-    const acc_t v = acc[i] + (bias ? to_acc<acc_t>(bias[d]) : acc_t(0));
-    y[n * p.out_features + d] = from_acc<scalar_t>(v);
+    const acc_t v = acc[i] + (bias ? to_acc<acc_t>(ld_global(bias + d)) : acc_t(0));
+    st_global(y + n * p.out_features + d, from_acc<scalar_t>(v));
   }
 }
 

@@ -66,7 +66,7 @@ struct LogitRow {
   const scalar_t* base;
   int64_t stride;
   int64_t size;
-  MHR_HD acc_t operator[](int64_t i) const { return convert<acc_t>(base[i * stride]); }
+  MHR_HD acc_t operator[](int64_t i) const { return convert<acc_t>(ld_global(base + i * stride)); }
 };
 
 // Max (NaN-propagating) and sum of exp(l - max) over the row, optionally only over top-k kept.
@@ -107,8 +107,9 @@ MHR_HD void head_gates_row_fwd(const HeadGatesParams& p, int64_t n, scalar_t* ou
   const Row lr{static_cast<const scalar_t*>(p.routed) + n * p.routed_stride_n, p.routed_stride_h, p.num_routed};
   const int64_t Hs = p.num_shared;
   if (p.binary) {
-    for (int64_t j = 0; j < Hs; ++j) out[j] = convert<scalar_t>(acc_t(1));
-    for (int64_t j = 0; j < p.num_routed; ++j) out[Hs + j] = convert<scalar_t>(acc_t(head_kept(lr, j, p.top_k) ? 1 : 0));
+    for (int64_t j = 0; j < Hs; ++j) st_global(out + j, convert<scalar_t>(acc_t(1)));
+    for (int64_t j = 0; j < p.num_routed; ++j)
+      st_global(out + Hs + j, convert<scalar_t>(acc_t(head_kept(lr, j, p.top_k) ? 1 : 0)));
     return;
   }
   const Row st{static_cast<const scalar_t*>(p.stage) + n * p.stage_stride_n, p.stage_stride_h, 2};
@@ -118,9 +119,9 @@ MHR_HD void head_gates_row_fwd(const HeadGatesParams& p, int64_t n, scalar_t* ou
     const Row ls{static_cast<const scalar_t*>(p.shared) + n * p.shared_stride_n, p.shared_stride_h, Hs};
     acc_t mx, sum;
     softmax_stats(ls, &mx, &sum);
-    for (int64_t j = 0; j < Hs; ++j) out[j] = convert<scalar_t>(a1 * acc_t(Hs) * mhr_exp(ls[j] - mx) / sum);
+    for (int64_t j = 0; j < Hs; ++j) st_global(out + j, convert<scalar_t>(a1 * acc_t(Hs) * mhr_exp(ls[j] - mx) / sum));
   } else {
-    for (int64_t j = 0; j < Hs; ++j) out[j] = convert<scalar_t>(a1);
+    for (int64_t j = 0; j < Hs; ++j) st_global(out + j, convert<scalar_t>(a1));
   }
   acc_t mx, unused;
   softmax_stats(lr, &mx, &unused);
@@ -132,8 +133,9 @@ MHR_HD void head_gates_row_fwd(const HeadGatesParams& p, int64_t n, scalar_t* ou
     if (nan_row || head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
   const acc_t k = acc_t(p.top_k);
   for (int64_t j = 0; j < p.num_routed; ++j)
-    out[Hs + j] = convert<scalar_t>(nan_row || head_kept(lr, j, p.top_k) ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum
-                                                                         : a2 * acc_t(0));  // NaN stage: NaN
+    st_global(out + Hs + j, convert<scalar_t>(nan_row || head_kept(lr, j, p.top_k)
+                                                  ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum
+                                                  : a2 * acc_t(0)));  // NaN stage: NaN
 }
 
 template <typename scalar_t, typename acc_t>
@@ -169,7 +171,7 @@ MHR_HD void head_gates_row_bwd(const HeadGatesParams& p, int64_t n) {
       const acc_t q = mhr_exp(lr[j] - mx) / kept_sum;
       v = q * (a2 * k * gy[Hs + j] - dq_dot_q);
     }
-    gr[j] = convert<scalar_t>(v);
+    st_global(gr + j, convert<scalar_t>(v));
   }
   // shared: out_j = a1 * Hs * p_j (softmax), or a1 when there are no shared logits / Hs <= 1
   acc_t da1 = 0;
@@ -186,11 +188,11 @@ MHR_HD void head_gates_row_bwd(const HeadGatesParams& p, int64_t n) {
       }
       for (int64_t j = 0; j < Hs; ++j) {
         const acc_t pj = mhr_exp(ls[j] - smx) / ssum;
-        gs[j] = convert<scalar_t>(pj * (a1 * acc_t(Hs) * gy[j] - dp_dot_p));
+        st_global(gs + j, convert<scalar_t>(pj * (a1 * acc_t(Hs) * gy[j] - dp_dot_p)));
       }
     } else {
       for (int64_t j = 0; j < Hs; ++j) {
-        gs[j] = convert<scalar_t>(acc_t(0));
+        st_global(gs + j, convert<scalar_t>(acc_t(0)));
         da1 += gy[j];
       }
     }
@@ -202,8 +204,8 @@ MHR_HD void head_gates_row_bwd(const HeadGatesParams& p, int64_t n) {
     const acc_t s1 = a1 / acc_t(2), s2 = a2 / acc_t(2);
     const acc_t dot = acc_t(2) * (da1 * s1 + da2 * s2);
     scalar_t* gst = static_cast<scalar_t*>(p.grad_stage) + n * 2;
-    gst[0] = convert<scalar_t>(s1 * (acc_t(2) * da1 - dot));
-    gst[1] = convert<scalar_t>(s2 * (acc_t(2) * da2 - dot));
+    st_global(gst + 0, convert<scalar_t>(s1 * (acc_t(2) * da1 - dot)));
+    st_global(gst + 1, convert<scalar_t>(s2 * (acc_t(2) * da2 - dot)));
   }
 }
 

@@ -45,9 +45,10 @@
 //   contents (for shared memory, the emulation's NaN poison) and TSan sees a read racing the wait
 //   of another thread that skipped the barrier. Copies still pending when a block ends are dropped
 //   (the kernel never waited for them). The source is read at the wait, not at issue: the device
-//   may read it any time in between, so a kernel must not write it in that window anyway.
-// - Each mma adds its 2*M*N*K flops to mhr_ops::emulated_tensor_core_flops() (counted once per
-//   warp), for the traffic model of the roofline work.
+//   may read it any time in between, so a kernel must not write it in that window anyway. Each
+//   copy counts as a global load of src_bytes at issue (mhr_emu::count_global, traffic.h).
+// - Each mma reports its 2*M*N*K flops once per warp (mhr_emu::count_tensor_core_flops): to the
+//   running launch's traffic record, and to mhr_ops::emulated_tensor_core_flops().
 #pragma once
 
 #include <cuda_runtime.h>
@@ -61,7 +62,6 @@
 #endif
 
 #if defined(MHR_OPS_CUDA_EMULATION)
-#include <atomic>
 #include <cstring>
 #include <source_location>
 #include <stdexcept>
@@ -110,11 +110,6 @@ MHR_HD constexpr FragCoord ldmatrix_coord(int lane, int i, bool trans) {
 namespace mma_emu {
 
 enum class MmaKind { kBF16, kF16, kTF32 };
-
-inline std::atomic<unsigned long long>& tensor_core_flops() {
-  static std::atomic<unsigned long long> flops{0};
-  return flops;
-}
 
 [[noreturn]] inline void fail(const std::string& what, mhr_emu::Site site) {
   // Ends the block with this message (the launcher turns exceptions into a launch failure).
@@ -185,7 +180,7 @@ void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], co
     for (int k = 0; k < K; ++k) acc += A[p.row][k] * B[k][p.col];  // the product is exact in fp32
     d[i] = acc;
   }
-  if (lane == 0) tensor_core_flops().fetch_add(2ull * 16 * 8 * K, std::memory_order_relaxed);
+  if (lane == 0) mhr_emu::count_tensor_core_flops(2ull * 16 * 8 * K);
 }
 
 template <int n, bool trans>
@@ -256,6 +251,7 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes, mhr_e
          site);
   if (src_bytes < 0 || src_bytes > bytes)
     fail("cp.async: src_bytes " + std::to_string(src_bytes) + " is outside 0.." + std::to_string(bytes), site);
+  mhr_emu::count_global(src, static_cast<size_t>(src_bytes), mhr_emu::GlobalAccess::kLoad);
   AsyncCopies& q = AsyncCopies::mine();
   if (q.count == AsyncCopies::kMaxPending)
     fail("cp.async: more than " + std::to_string(AsyncCopies::kMaxPending) + " copies pending in one thread", site);
@@ -265,9 +261,7 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes, mhr_e
 }  // namespace mma_emu
 
 // Tensor-core flops of every mma the emulation has run (2*M*N*K each, once per warp).
-inline unsigned long long emulated_tensor_core_flops() {
-  return mma_emu::tensor_core_flops().load(std::memory_order_relaxed);
-}
+inline unsigned long long emulated_tensor_core_flops() { return mhr_emu::total_tensor_core_flops(); }
 #endif  // MHR_OPS_CUDA_EMULATION
 
 #if defined(__CUDACC__)

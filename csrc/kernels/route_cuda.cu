@@ -23,12 +23,12 @@ struct RowContext {
   __device__ bool valid() const { return task >= 0 && task < P.num_tasks; }
   __device__ acc_t logit(int64_t s) const {
     const scalar_t* logits = static_cast<const scalar_t*>(P.logits);
-    return to_acc<acc_t>(logits[task * P.logits_stride_t + (k * P.num_skills + s) * P.logits_stride_c]);
+    return to_acc<acc_t>(ld_global(logits + task * P.logits_stride_t + (k * P.num_skills + s) * P.logits_stride_c));
   }
   __device__ acc_t uniform(int64_t s) const {
     if (P.noise == nullptr) return acc_t(0);
     const scalar_t* noise = static_cast<const scalar_t*>(P.noise);
-    return to_acc<acc_t>(noise[g * P.noise_stride_g + k * P.noise_stride_h + s * P.noise_stride_s]);
+    return to_acc<acc_t>(ld_global(noise + g * P.noise_stride_g + k * P.noise_stride_h + s * P.noise_stride_s));
   }
 };
 
@@ -87,7 +87,8 @@ __global__ void route_fwd_kernel(const RouteParams P) {
 
   const auto ctx = make_row<scalar_t, acc_t>(P, row);
   if (!ctx.valid()) {
-    for (int64_t s = lane; s < S; s += 32) w[s] = from_acc<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    const scalar_t nan = from_acc<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t s = lane; s < S; s += 32) st_global(w + s, nan);
     return;
   }
   warp_row_probs(ctx, p, lane);
@@ -95,7 +96,8 @@ __global__ void route_fwd_kernel(const RouteParams P) {
   for (int64_t s = lane; s < S; s += 32)
     if (warp_kept(P, p, s)) sum += p[s];
   const acc_t denom = warp_sum(sum) + acc_t(P.eps);
-  for (int64_t s = lane; s < S; s += 32) w[s] = from_acc<scalar_t>(warp_kept(P, p, s) ? p[s] / denom : acc_t(0));
+  for (int64_t s = lane; s < S; s += 32)
+    st_global(w + s, from_acc<scalar_t>(warp_kept(P, p, s) ? p[s] / denom : acc_t(0)));
 }
 
 template <typename scalar_t>
@@ -113,7 +115,7 @@ __global__ void route_bwd_kernel(const RouteParams P) {
   warp_row_probs(ctx, p, lane);
   const scalar_t* grad_w = static_cast<const scalar_t*>(P.grad_weights);
   auto grad_at = [&](int64_t s) {
-    return to_acc<acc_t>(grad_w[ctx.g * P.grad_stride_g + ctx.k * P.grad_stride_h + s * P.grad_stride_s]);
+    return to_acc<acc_t>(ld_global(grad_w + ctx.g * P.grad_stride_g + ctx.k * P.grad_stride_h + s * P.grad_stride_s));
   };
   acc_t sum = 0, gw_p = 0;
   for (int64_t s = lane; s < S; s += 32) {
@@ -132,13 +134,14 @@ __global__ void route_bwd_kernel(const RouteParams P) {
     gpp = warp_sum(gpp);
     for (int64_t s = lane; s < S; s += 32) {
       const acc_t gp = warp_kept(P, p, s) ? (grad_at(s) - dot) / denom : acc_t(0);
-      atomicAdd(out + s, p[s] * (gp - gpp) * ctx.inv_temp);
+      atomic_add_global(out + s, p[s] * (gp - gpp) * ctx.inv_temp);
     }
   } else {
     for (int64_t s = lane; s < S; s += 32) {
       if (!warp_kept(P, p, s)) continue;
       const acc_t gp = (grad_at(s) - dot) / denom;
-      atomicAdd(out + s, gp * route_prob_grad(P.mode, ctx.logit(s), ctx.uniform(s), ctx.inv_temp, ctx.ceps, ctx.tiny));
+      const acc_t dp = route_prob_grad(P.mode, ctx.logit(s), ctx.uniform(s), ctx.inv_temp, ctx.ceps, ctx.tiny);
+      atomic_add_global(out + s, gp * dp);
     }
   }
 }

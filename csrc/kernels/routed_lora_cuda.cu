@@ -33,13 +33,13 @@ __device__ __forceinline__ int64_t row_group(const RowRouting& r, int64_t n) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t route_weight(const RowRouting& r, int64_t g, int64_t k, int64_t s) {
-  return static_cast<const acc_t*>(r.weights)[g * r.w_stride_g + k * r.w_stride_k + s * r.w_stride_s];
+  return ld_global(static_cast<const acc_t*>(r.weights) + g * r.w_stride_g + k * r.w_stride_k + s * r.w_stride_s);
 }
 
 template <typename mt, typename acc_t>
 __device__ __forceinline__ acc_t skill_elem(const SkillMatrices& m, int64_t k, int64_t s, int64_t row, int64_t col) {
   return to_acc<acc_t>(
-      static_cast<const mt*>(m.data)[k * m.stride_k + s * m.stride_s + row * m.stride_row + col * m.stride_col]);
+      ld_global(static_cast<const mt*>(m.data) + k * m.stride_k + s * m.stride_s + row * m.stride_row + col * m.stride_col));
 }
 
 // sum_s w[g,k,s] M[k,s](row, col); NaN for a group id outside [0, G) (never dereferenced).
@@ -120,8 +120,9 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, 
       for (int e = threadIdx.x; e < kShrinkRows * kShrinkChunk; e += kThreads) {
         const int t = e / kShrinkChunk, c = e % kShrinkChunk;
         const int64_t n = n0 + t, col = c0 + c;
-        xs[t][c] = (gid[t] == g && col < p.dk) ? to_acc<acc_t>(x[n * p.x_stride_n + (k * p.dk + col) * p.x_stride_c])
-                                               : acc_t(0);
+        xs[t][c] = (gid[t] == g && col < p.dk)
+                       ? to_acc<acc_t>(ld_global(x + n * p.x_stride_n + (k * p.dk + col) * p.x_stride_c))
+                       : acc_t(0);
       }
       for (int e = threadIdx.x; e < kShrinkChunk * r; e += kThreads) {
         const int c = e / r, j = e % r;
@@ -151,9 +152,9 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, 
     if (n >= p.num_rows) continue;
     const acc_t v = acc[i] * static_cast<acc_t>(p.z_scale);
     if (gridDim.y > 1)
-      atomicAdd(z + n * r + e % r, v);
+      atomic_add_global(z + n * r + e % r, v);
     else
-      z[n * r + e % r] = v;
+      st_global(z + n * r + e % r, v);
   }
 }
 
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
       __syncthreads();
       for (int e = threadIdx.x; e < kExpandRows * kExpandRankChunk; e += kThreads) {
         const int t = e / kExpandRankChunk, jj = e % kExpandRankChunk;
-        zs[t][jj] = (gid[t] == g && j0 + jj < p.rank) ? z[(n0 + t) * p.rank + j0 + jj] : acc_t(0);
+        zs[t][jj] = (gid[t] == g && j0 + jj < p.rank) ? ld_global(z + (n0 + t) * p.rank + j0 + jj) : acc_t(0);
       }
       for (int e = threadIdx.x; e < kExpandRankChunk * kExpandCols; e += kThreads) {
         const int jj = e / kExpandCols, cl = e % kExpandCols;
@@ -221,8 +222,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     if (n >= p.num_rows || col >= total_cols) continue;
     xt* dst = y + n * p.y_stride_n + col * p.y_stride_c;
     acc_t v = acc[i] * static_cast<acc_t>(p.y_scale);
-    if (p.accumulate) v += to_acc<acc_t>(*dst);
-    *dst = from_acc<xt>(v);
+    if (p.accumulate) v += to_acc<acc_t>(ld_global(dst));
+    st_global(dst, from_acc<xt>(v));
   }
 }
 
@@ -250,13 +251,13 @@ __device__ void wgrad_flush(const WgradParams& p, int64_t g, int64_t k, int64_t 
         const int64_t c = c0 + e / r, j = e % r;
         if (e >= kWgradCols * r || c >= p.dk) continue;
         const acc_t v = acc[i] * qs;
-        if (dm) atomicAdd(dm + k * p.m.stride_k + s * p.m.stride_s + c * p.m.stride_row + j * p.m.stride_col, w * v);
+        if (dm) atomic_add_global(dm + k * p.m.stride_k + s * p.m.stride_s + c * p.m.stride_row + j * p.m.stride_col, w * v);
         if (p.dw) dot += v * skill_elem<mt, acc_t>(p.m, k, s, c, j);
       }
       if (p.dw) {
         dot = warp_sum(dot);
         if ((threadIdx.x & 31) == 0 && dot != acc_t(0))
-          atomicAdd(static_cast<acc_t*>(p.dw) + (g * R.num_heads + k) * R.num_skills + s, dot);
+          atomic_add_global(static_cast<acc_t*>(p.dw) + (g * R.num_heads + k) * R.num_skills + s, dot);
       }
     }
   }
@@ -291,13 +292,14 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p, in
     for (int e = threadIdx.x; e < kWgradRows * kWgradCols; e += kThreads) {
       const int t = e / kWgradCols, c = e % kWgradCols;
       const int64_t n = t0 + t, col = c0 + c;
-      xs[t][c] = (n < n_end && col < p.dk) ? to_acc<acc_t>(x[n * p.x_stride_n + (k * p.dk + col) * p.x_stride_c])
-                                           : acc_t(0);
+      xs[t][c] = (n < n_end && col < p.dk)
+                     ? to_acc<acc_t>(ld_global(x + n * p.x_stride_n + (k * p.dk + col) * p.x_stride_c))
+                     : acc_t(0);
     }
     for (int e = threadIdx.x; e < kWgradRows * r; e += kThreads) {
       const int t = e / r, j = e % r;
       const int64_t n = t0 + t;
-      qs[t][j] = n < n_end ? q[n * r + j] : acc_t(0);
+      qs[t][j] = n < n_end ? ld_global(q + n * r + j) : acc_t(0);
     }
     if (threadIdx.x < kWgradRows) {
       const int64_t n = t0 + threadIdx.x;

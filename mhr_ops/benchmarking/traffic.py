@@ -1,0 +1,274 @@
+"""The counted traffic model (issue 14), pure Python: H100 SXM ceilings, the ideal bytes and flops
+of each op, upper bounds of each SIMT kernel's arithmetic read from its code, the modeled and
+roofline times, and the affine extrapolation of counts from two emulated sizes to the full one.
+
+The counts themselves come from the SIMT emulation (csrc/emulation/traffic.h) through
+``emulated.py``; everything here is arithmetic on shapes and numbers, tested without the emulated
+module (tests/test_traffic_model.py).
+
+- ``roofline_us = max(ideal_bytes / HBM, ideal_flops / TENSOR)``: the time an op could take if it
+  moved only the bytes it must (each input read once, each output written once) at HBM bandwidth
+  and ran its GEMM flops on the tensor cores.
+- ``modeled_us = max(counted_bytes / HBM, tc_flops / TENSOR, simt_flops / SIMT)``: counted_bytes is
+  what DRAM moves with a perfect L2 (every distinct 32-byte sector the kernels read once, every one
+  they write once back); tc_flops the tensor-core flops the mma wrappers counted; simt_flops the
+  bounds below. A model, not a measurement: it ignores latency, occupancy, L2 misses, shared-memory
+  bandwidth and launch overhead.
+- ``modeled_lsu_us``: the same with the SIMT flops at 1/8 of the FMA rate. Every SIMT inner loop
+  here feeds each FMA from two loads (shared memory, or L1 for the mixing's global reads), and an
+  SM issues one 32-lane load instruction per clock against four 32-lane FMAs. The issue's formula
+  does not see this limit; for the SIMT kernels this is the closer estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM, HBM3
+TENSOR_FLOPS = 989e12  # H100 SXM, dense bf16 / fp16 tensor cores
+SIMT_FLOPS = 67e12  # H100 SXM, fp32 FMA (2 flops each) on every CUDA core
+SIMT_LSU_FLOPS = SIMT_FLOPS / 8  # two load instructions per FMA, one load issued per SM and clock
+SECTOR_BYTES = 32
+
+# Tiles of the SIMT kernels, as in their .cu files (the bounds below read the loops there).
+SHRINK_ROWS, SHRINK_CHUNK = 32, 32  # routed_lora_cuda.cu kShrinkRows, kShrinkChunk
+EXPAND_ROWS, EXPAND_COLS, EXPAND_RANK_CHUNK = 32, 64, 32  # kExpandRows, kExpandCols, kExpandRankChunk
+WGRAD_ROWS, WGRAD_COLS = 32, 32  # kWgradRows, kWgradCols
+KERNEL_THREADS = 256  # kThreads of the routed_lora and gated_head_proj kernels
+GHP_ROWS, GHP_COLS, GHP_CHUNK = 32, 64, 32  # gated_head_proj_cuda.cu kRows, kCols, kChunk
+H100_SMS = 132
+
+
+def roofline_us(ideal_bytes: float, ideal_flops: float) -> float:
+    return max(ideal_bytes / HBM_BYTES_PER_S, ideal_flops / TENSOR_FLOPS) * 1e6
+
+
+def modeled_us(counted_bytes: float, tc_flops: float, simt_flops: float) -> float:
+    return max(counted_bytes / HBM_BYTES_PER_S, tc_flops / TENSOR_FLOPS, simt_flops / SIMT_FLOPS) * 1e6
+
+
+def modeled_lsu_us(counted_bytes: float, tc_flops: float, simt_flops: float) -> float:
+    return max(counted_bytes / HBM_BYTES_PER_S, tc_flops / TENSOR_FLOPS, simt_flops / SIMT_LSU_FLOPS) * 1e6
+
+
+def sectors_per_request(request_sectors: float, requested_bytes: float) -> float:
+    """Sectors per warp request normalized to 128-byte requests: 4 when coalesced (2 or 4 bytes a
+    lane), 32 when every lane touches its own sector."""
+    return request_sectors * 128.0 / requested_bytes if requested_bytes else 0.0
+
+
+def affine_extrapolate(n1: float, v1: float, n2: float, v2: float, n: float) -> float:
+    """The value at ``n`` of the line through ``(n1, v1)`` and ``(n2, v2)``: counts of row-tiled
+    kernels are a fixed part (weights read once) plus a part linear in the rows."""
+    if n1 == n2:
+        raise ValueError(f"n1 and n2: expected two different sizes, got {n1} twice")
+    return v1 + (v2 - v1) * (n - n1) / (n2 - n1)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- row layouts: contiguous groups of `rows_per_group` rows (x [bs, L, d], group_ids [bs]) ------
+
+
+def tile_group_pairs(rows: int, rows_per_group: int, tile: int) -> int:
+    """Sum over row tiles of the distinct groups among the tile's rows."""
+    return sum((min(rows, t0 + tile) - 1) // rows_per_group - t0 // rows_per_group + 1 for t0 in range(0, rows, tile))
+
+
+def group_runs(begin: int, end: int, rows_per_group: int) -> int:
+    """Runs of equal group among rows [begin, end)."""
+    return (end - 1) // rows_per_group - begin // rows_per_group + 1 if end > begin else 0
+
+
+def wgrad_slices(rows: int, dk: int, heads: int, sms: int = H100_SMS) -> int:
+    """Rows per slice of the wgrad launch (routed_lora_cuda.cu launch_wgrad)."""
+    per_slice_blocks = cdiv(dk, WGRAD_COLS) * heads
+    slices = max(1, min(cdiv(rows, WGRAD_ROWS), 4 * sms // max(1, per_slice_blocks)))
+    return cdiv(rows, slices)
+
+
+# --- SIMT arithmetic, bounded from each kernel's loops (an FMA is 2 flops; exp, compares and the
+# like count as a few flops each: these kernels are far from compute-bound where those matter) ---
+
+
+def shrink_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int, tile_groups: int) -> int:
+    """shrink_kernel: for every reduction chunk (heads * ceil(dk/32)) and every group of a row tile,
+    the chunk of the mixed adapter (32 x r elements, S FMAs each) is mixed; every row of the group
+    then runs 32 FMAs per rank column. Plus the z_scale multiply per output."""
+    chunks = heads * cdiv(dk, SHRINK_CHUNK)
+    mix = tile_groups * SHRINK_CHUNK * rank * 2 * skills
+    multiply = rows * rank * 2 * SHRINK_CHUNK
+    return chunks * (mix + multiply) + rows * rank
+
+
+def expand_simt_flops(rows: int, rank: int, skills: int, cols: int, tile_groups: int) -> int:
+    """expand_kernel: per 64-column tile and group of a row tile, r x 64 mixed elements (S FMAs
+    each); every (row, column) runs 32 FMAs per 32-rank chunk (32 even when r < 32); then scale and
+    accumulate (3 flops) per output."""
+    col_tiles = cdiv(cols, EXPAND_COLS)
+    mix = tile_groups * rank * EXPAND_COLS * 2 * skills
+    multiply = cdiv(rank, EXPAND_RANK_CHUNK) * rows * EXPAND_COLS * 2 * EXPAND_RANK_CHUNK
+    return col_tiles * (mix + multiply + rows * EXPAND_COLS * 3)
+
+
+def wgrad_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int, rows_per_group: int, sms=H100_SMS) -> int:
+    """wgrad_kernel: per (32-column tile, head) block, every row of its slice adds one FMA per
+    (column, rank) element; at each group change and at the end of the slice a flush runs, per
+    skill, 4 flops per element (scale, dM FMA, dw dot FMA) and a warp sum (5 adds a lane)."""
+    col_tiles = cdiv(dk, WGRAD_COLS)
+    per_slice = wgrad_slices(rows, dk, heads, sms)
+    flushes = sum(group_runs(b, min(rows, b + per_slice), rows_per_group) for b in range(0, rows, per_slice))
+    multiply = rows * WGRAD_COLS * rank * 2
+    flush = flushes * skills * (WGRAD_COLS * rank * 4 + KERNEL_THREADS * 5)
+    return col_tiles * heads * (multiply + flush)
+
+
+def route_fwd_simt_flops(groups: int, heads: int, skills: int) -> int:
+    """route_fwd_kernel: one warp per (group, head) row; per skill at most ~40 flops (sigmoid or
+    relaxed-Bernoulli transform with its clamps, exp, normalization), plus a warp sum (5 adds a lane)."""
+    return groups * heads * (40 * skills + 32 * 5)
+
+
+def route_bwd_simt_flops(groups: int, heads: int, skills: int) -> int:
+    """route_bwd_kernel: the forward's probabilities again, then the chain rule: at most ~80 flops
+    per skill, plus two warp sums."""
+    return groups * heads * (80 * skills + 2 * 32 * 5)
+
+
+def head_gates_fwd_simt_flops(rows: int, n_shared: int, n_routed: int) -> int:
+    """head_gates_fwd_kernel: one thread per row; softmax terms recomputed per head (~50 flops a
+    head, exp included) and top-k membership by scanning the row (6 per comparison, twice per
+    routed head: 12 Hr^2)."""
+    return rows * (50 * (n_shared + n_routed) + 12 * n_routed * n_routed + 50)
+
+
+def head_gates_bwd_simt_flops(rows: int, n_shared: int, n_routed: int) -> int:
+    """head_gates_bwd_kernel: about twice the forward's work per row."""
+    return 2 * head_gates_fwd_simt_flops(rows, n_shared, n_routed)
+
+
+def gated_head_proj_simt_flops(
+    rows: int, out_features: int, head_dim: int, open_pairs: int, open_tile_heads: int
+) -> int:
+    """gated_head_proj_kernel: for every open (row, head) the row's warp runs 32 FMAs per 32-wide
+    chunk of the head, for every output column of the 64-wide column tiles; a head open in some row
+    of a 32-row tile is gated (one multiply per loaded element, 32 x 32 a chunk) for every column
+    tile; bias add per output."""
+    chunks = cdiv(head_dim, GHP_CHUNK)
+    col_tiles = cdiv(out_features, GHP_COLS)
+    multiply = open_pairs * chunks * GHP_CHUNK * 2 * col_tiles * GHP_COLS
+    gate = open_tile_heads * chunks * GHP_ROWS * GHP_CHUNK * col_tiles
+    return multiply + gate + rows * out_features
+
+
+# --- ideal traffic and flops of each op ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One adapted linear layer: x [rows, d_in] in groups of rows_per_group rows; A/B fp32 as PEFT
+    keeps them; routing weights fp32 [groups, h, S]; group ids int64."""
+
+    rows: int
+    d_in: int
+    d_out: int
+    rank: int
+    skills: int
+    heads: int
+    groups: int
+    rows_per_group: int
+    x_bytes: int  # element size of x, y and the base weight
+    adapter_bytes: int = 4
+
+    @property
+    def matrices_bytes(self) -> int:  # A and B
+        return self.skills * self.rank * (self.d_in + self.d_out) * self.adapter_bytes
+
+    @property
+    def routing_bytes(self) -> int:  # weights and group ids
+        return self.groups * self.heads * self.skills * 4 + self.groups * 8
+
+    @property
+    def mixing_flops(self) -> int:  # each group's A_g and B_g from the S skills
+        return 2 * self.groups * self.skills * self.rank * (self.d_in + self.d_out)
+
+
+def adapter_fwd_ideal(s: LinearShape) -> tuple[int, int]:
+    """routed_lora added into the base layer's output (mhr_linear's adapter): read x, read and
+    write y, read A, B and the routing, write z [N, r] fp32 (saved for the backward)."""
+    nbytes = s.rows * s.d_in * s.x_bytes + 2 * s.rows * s.d_out * s.x_bytes
+    nbytes += s.matrices_bytes + s.routing_bytes + s.rows * s.rank * 4
+    flops = 2 * s.rows * s.rank * (s.d_in + s.d_out) + s.mixing_flops
+    return nbytes, flops
+
+
+def adapter_bwd_ideal(s: LinearShape) -> tuple[int, int]:
+    """routed_lora_backward after the base layer's dgrad: read grad_y, x, z, A, B and the routing;
+    read and write dx (the base GEMM wrote it); write dA, dB (fp32) and dweights. Flops: gz, dx,
+    dA_g, dB_g (2 N r d each), the mixing again and its chain back to dA, dB, dweights."""
+    grad_y, x, dx = s.rows * s.d_out * s.x_bytes, s.rows * s.d_in * s.x_bytes, 2 * s.rows * s.d_in * s.x_bytes
+    nbytes = grad_y + x + dx + s.rows * s.rank * 4
+    nbytes += 2 * s.matrices_bytes + s.routing_bytes + s.groups * s.heads * s.skills * 4
+    flops = 4 * s.rows * s.rank * (s.d_in + s.d_out) + 3 * s.mixing_flops
+    return nbytes, flops
+
+
+def base_gemm_ideal(s: LinearShape) -> tuple[int, int]:
+    """One GEMM of the base layer, for comparison (it runs in ATen / cuBLAS, not counted): the
+    forward x W^T reads x and W and writes y; the backward's dgrad grad_y W (frozen base) reads
+    grad_y and W and writes dx: the same bytes and flops."""
+    nbytes = s.rows * (s.d_in + s.d_out) * s.x_bytes + s.d_in * s.d_out * s.x_bytes
+    return nbytes, 2 * s.rows * s.d_in * s.d_out
+
+
+def route_ideal(
+    tasks: int, tasks_used: int, groups: int, heads: int, skills: int, backward: bool = False, noise: bool = False
+) -> tuple[int, int]:
+    """route: read the logits rows of the tasks used ([h*S] fp32 each), the task ids and the noise
+    (relaxed Bernoulli), write weights [G, h, S] fp32. The backward reads the weights' gradient,
+    those logits, the ids and the noise again, and writes the whole logits' gradient [T, h*S]."""
+    row, weights = heads * skills * 4, groups * heads * skills * 4
+    noise_bytes = weights if noise else 0
+    fwd = tasks_used * row + groups * 8 + weights + noise_bytes
+    bwd = weights + tasks_used * row + groups * 8 + noise_bytes + tasks * row
+    return fwd + (bwd if backward else 0), 0
+
+
+@dataclass(frozen=True)
+class MohShape:
+    rows: int
+    heads: int  # H = n_shared + n_routed
+    head_dim: int
+    out_features: int
+    n_shared: int
+    top_k: int
+    elem_bytes: int
+
+    @property
+    def n_routed(self) -> int:
+        return self.heads - self.n_shared
+
+
+def head_gates_ideal(s: MohShape, backward: bool = False) -> tuple[int, int]:
+    """head_gates: read the routed, shared and stage logits, write the gates; the backward reads
+    the gates' gradient and the logits, writes the logits' gradients."""
+    logits = s.rows * (s.heads + 2) * s.elem_bytes
+    gates = s.rows * s.heads * s.elem_bytes
+    return logits + gates + ((gates + 2 * logits) if backward else 0), 0
+
+
+def gated_head_proj_ideal(s: MohShape, open_pairs: int) -> tuple[int, int]:
+    """gated_head_proj: read the gates, the open heads' rows of o and the whole weight (every head
+    is open somewhere), write y; 2 Dh D flops per open (row, head)."""
+    nbytes = s.rows * s.heads * s.elem_bytes + open_pairs * s.head_dim * s.elem_bytes
+    nbytes += s.out_features * s.heads * s.head_dim * s.elem_bytes + s.rows * s.out_features * s.elem_bytes
+    return nbytes, 2 * open_pairs * s.head_dim * s.out_features
+
+
+def dense_proj_ideal(s: MohShape) -> tuple[int, int]:
+    """The dense o_proj over every head: read o and the weight, write y; 2 N H Dh D flops."""
+    k = s.heads * s.head_dim
+    nbytes = (s.rows * k + s.out_features * k + s.rows * s.out_features) * s.elem_bytes
+    return nbytes, 2 * s.rows * k * s.out_features

@@ -1,0 +1,219 @@
+"""The counted traffic model's pure-Python parts (mhr_ops/benchmarking/traffic.py and the plumbing
+of emulated.py), without the emulated module: formulas, ideal bytes, the SIMT bounds against a
+walk of the kernels' loops, the extrapolation, the command's errors, and the committed record."""
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+from mhr_ops.__main__ import main
+from mhr_ops.benchmarking import emulated
+from mhr_ops.benchmarking import traffic as T
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_times_take_the_binding_ceiling():
+    assert T.roofline_us(3.35e12, 0) == pytest.approx(1e6)
+    assert T.roofline_us(0, 989e12) == pytest.approx(1e6)
+    assert T.roofline_us(3.35e6, 989e3) == pytest.approx(1.0)  # both 1 us
+    assert T.modeled_us(3.35e6, 0, 0) == pytest.approx(1.0)
+    assert T.modeled_us(0, 2 * 989e6, 0) == pytest.approx(2.0)
+    assert T.modeled_us(3.35e6, 989e6, 67e9) == pytest.approx(1000.0)  # SIMT binds
+    assert T.modeled_lsu_us(3.35e6, 989e6, 67e9) == pytest.approx(8000.0)  # two loads per FMA: 1/8 the rate
+    assert T.modeled_lsu_us(3.35e10, 0, 67e9) == pytest.approx(10000.0)  # bytes still bind when they do
+
+
+def test_sectors_per_request_is_normalized_to_128_bytes():
+    assert T.sectors_per_request(4, 128) == 4.0  # one coalesced 4-byte-per-lane warp request
+    assert T.sectors_per_request(2, 64) == 4.0  # 2 bytes a lane
+    assert T.sectors_per_request(32, 128) == 32.0  # a sector per lane
+    assert T.sectors_per_request(0, 0) == 0.0
+
+
+def test_affine_extrapolation_is_exact_on_a_line():
+    fixed, per_row = 4_194_304, 24_576
+    v = lambda n: fixed + per_row * n  # noqa: E731
+    assert T.affine_extrapolate(512, v(512), 1024, v(1024), 8192) == pytest.approx(v(8192))
+    with pytest.raises(ValueError, match="two different sizes"):
+        T.affine_extrapolate(3, 1.0, 3, 2.0, 5)
+
+
+@pytest.mark.parametrize("rows,rows_per_group,tile", [(8192, 512, 32), (256, 1, 32), (100, 10, 32), (77, 33, 32)])
+def test_tile_group_pairs_and_runs_match_a_direct_count(rows, rows_per_group, tile):
+    direct = sum(len({n // rows_per_group for n in range(t0, min(rows, t0 + tile))}) for t0 in range(0, rows, tile))
+    assert T.tile_group_pairs(rows, rows_per_group, tile) == direct
+    for begin, end in ((0, rows), (5, rows - 3), (7, 7)):
+        groups = [n // rows_per_group for n in range(begin, end)]
+        runs = sum(1 for i, g in enumerate(groups) if i == 0 or g != groups[i - 1])
+        assert T.group_runs(begin, end, rows_per_group) == runs
+
+
+def test_wgrad_slices_replays_the_launcher():
+    # gpu-train: 16 column tiles x 8 heads = 128 blocks a slice, 4 * 132 // 128 = 4 slices
+    assert T.wgrad_slices(8192, 512, 8) == 2048
+    assert T.wgrad_slices(512, 512, 8, sms=8) == 512  # an emulated slice of it: one slice
+    assert T.wgrad_slices(4096, 32, 64) == 512  # t0-mhr: 64 blocks a slice, 8 slices
+
+
+def walk_shrink(rows, rank, skills, heads, dk, rows_per_group):
+    """FMAs of shrink_kernel counted by walking its loops (one block per 32-row tile)."""
+    fma = 0
+    for t0 in range(0, rows, T.SHRINK_ROWS):
+        tile = range(t0, min(rows, t0 + T.SHRINK_ROWS))
+        for g in sorted({n // rows_per_group for n in tile}):
+            for _chunk in range(heads * math.ceil(dk / T.SHRINK_CHUNK)):
+                fma += T.SHRINK_CHUNK * rank * skills  # mix: every (c, j) of the chunk, S FMAs
+                fma += sum(1 for n in tile if n // rows_per_group == g) * rank * T.SHRINK_CHUNK
+    return 2 * fma + rows * rank
+
+
+def walk_expand(rows, rank, skills, cols, rows_per_group):
+    fma = 0
+    for t0 in range(0, rows, T.EXPAND_ROWS):
+        tile = range(t0, min(rows, t0 + T.EXPAND_ROWS))
+        for _ct in range(math.ceil(cols / T.EXPAND_COLS)):
+            for g in sorted({n // rows_per_group for n in tile}):
+                for j0 in range(0, rank, T.EXPAND_RANK_CHUNK):
+                    fma += min(T.EXPAND_RANK_CHUNK, rank - j0) * T.EXPAND_COLS * skills
+                    fma += sum(1 for n in tile if n // rows_per_group == g) * T.EXPAND_COLS * T.EXPAND_RANK_CHUNK
+    col_tiles = math.ceil(cols / T.EXPAND_COLS)
+    return 2 * fma + col_tiles * rows * T.EXPAND_COLS * 3
+
+
+@pytest.mark.parametrize("rows,rank,skills,heads,d,rows_per_group", [(96, 16, 8, 2, 128, 40), (33, 1, 4, 4, 256, 1)])
+def test_simt_bounds_match_a_walk_of_the_loops(rows, rank, skills, heads, d, rows_per_group):
+    dk = d // heads
+    pairs = T.tile_group_pairs(rows, rows_per_group, 32)
+    assert T.shrink_simt_flops(rows, rank, skills, heads, dk, pairs) == walk_shrink(
+        rows, rank, skills, heads, dk, rows_per_group
+    )
+    assert T.expand_simt_flops(rows, rank, skills, d, pairs) == walk_expand(rows, rank, skills, d, rows_per_group)
+
+
+def test_gated_head_proj_bound_counts_open_heads_only():
+    all_open = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 8, 2 * 8)
+    three_quarters = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 6, 2 * 8)
+    assert all_open == 2 * 64 * 8 * 64 * 128 + 2 * 8 * 2 * 32 * 32 * 2 + 64 * 128
+    assert three_quarters < all_open
+    assert three_quarters - all_open == -2 * 64 * 2 * 64 * 128
+
+
+def test_ideal_bytes_at_gpu_train():
+    s = T.LinearShape(
+        rows=8192, d_in=4096, d_out=4096, rank=16, skills=8, heads=8, groups=16, rows_per_group=512, x_bytes=2
+    )
+    nbytes, flops = T.adapter_fwd_ideal(s)
+    x, y = 8192 * 4096 * 2, 2 * 8192 * 4096 * 2
+    assert nbytes == x + y + 8 * 16 * 8192 * 4 + (16 * 8 * 8 * 4 + 16 * 8) + 8192 * 16 * 4
+    assert flops == 2 * 8192 * 16 * 8192 + 2 * 16 * 8 * 16 * 8192
+    assert T.roofline_us(nbytes, flops) == pytest.approx(nbytes / 3.35e12 * 1e6)  # memory-bound: ~61.5 us
+    bwd_bytes, bwd_flops = T.adapter_bwd_ideal(s)
+    assert bwd_bytes > nbytes and bwd_flops == 2 * (flops - s.mixing_flops) + 3 * s.mixing_flops
+    assert T.base_gemm_ideal(s)[1] == 2 * 8192 * 4096 * 4096
+
+
+def test_dense_projection_is_compute_bound_at_moh():
+    s = T.MohShape(rows=8192, heads=32, head_dim=128, out_features=4096, n_shared=16, top_k=8, elem_bytes=2)
+    nbytes, flops = T.dense_proj_ideal(s)
+    assert flops == 2 * 8192 * 4096 * 4096
+    assert T.roofline_us(nbytes, flops) == pytest.approx(flops / 989e12 * 1e6)  # ~278 us
+    g_bytes, g_flops = T.gated_head_proj_ideal(s, open_pairs=8192 * 24)
+    assert g_flops == 0.75 * flops and g_bytes < nbytes
+
+
+def fake_record(kernel, n, fixed=1000, per_row=10, tc=0):
+    """A launch record whose counts are fixed + per_row * n (as a row-tiled kernel's)."""
+    r = {
+        "kernel": kernel,
+        "grid": (1, 1, 1),
+        "dram_bytes": fixed + per_row * n,
+        "tensor_core_flops": tc * n,
+    }
+    for kind in ("load", "store", "atomic"):
+        r[f"{kind}_bytes"] = 128 * n if kind == "load" else 0
+        r[f"{kind}_request_sectors"] = 4 * n if kind == "load" else 0
+    return r
+
+
+def test_evaluate_extrapolates_checks_the_plan_and_the_targets():
+    def run(n):
+        return [
+            fake_record("(shrink_kernel<xt, mt>)", n),
+            fake_record("cudaMemset", n, 0, 1),
+            fake_record("expand_kernel<xt, mt>", n, 0, 20, tc=7),
+        ]
+
+    case = emulated.Case(
+        "fake routed_lora fwd",
+        "shrink + expand",
+        n_full=100,
+        sizes=(2, 4),
+        run=run,
+        ideal=(1000 + 30 * 100, 0),
+        plan=[("shrink_kernel", 67_000_000_000), ("expand_kernel", 0)],
+        targets=[lambda c: emulated.target("counted_bytes / ideal_bytes", c["counted_over_ideal_bytes"], "<=", 1.3)],
+    )
+    out = emulated.evaluate(case)
+    assert out["counted_bytes"] == 1000 + 31 * 100  # memset included
+    assert out["tc_flops"] == 700
+    assert out["sectors_per_request"] == 4.0
+    assert out["modeled_us"] == pytest.approx(1000.0)  # the SIMT bound binds: 67e9 flops at 67e12/s
+    assert out["modeled_lsu_us"] == pytest.approx(8000.0)
+    assert out["counts"] == "extrapolated" and out["n_emulated"] == [2, 4]
+    assert [k["kernel"] for k in out["launches"]] == ["shrink_kernel", "expand_kernel", "cudaMemset"]
+    assert out["targets"][0]["met"] is True
+    text = emulated.format_case(out)
+    assert "fake routed_lora fwd" in text and "1.00 ms" in text and "(met)" in text
+    case.plan = [("shrink_kernel", 0)]
+    with pytest.raises(RuntimeError, match="kernels launched changed"):
+        emulated.evaluate(case)
+
+
+def test_bench_emulated_without_the_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mhr_ops._emulated_cuda", None)  # import fails as if never built
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--emulated"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "mhr_ops._emulated_cuda is not built" in err and "MHR_OPS_EMULATED_CUDA=1 python setup.py build_ext" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--device", "cuda"], "--emulated runs the CUDA kernels on the CPU"),
+        (["--shapes", "cpu-small"], "no emulated cases for cpu-small"),
+    ],
+)
+def test_bench_emulated_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--emulated", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_committed_record_is_consistent():
+    """bench/results/emulated.json: the issue's fields, the forward case, and modeled / roofline
+    times that follow from the record's own numbers."""
+    record = json.loads((ROOT / "bench" / "results" / "emulated.json").read_text())
+    assert len(record["commit"]) >= 40
+    names = {c["name"] for c in record["cases"]}
+    for shape_set in emulated.EMULATED_SHAPES:
+        assert any(n.startswith(shape_set + " ") for n in names), shape_set
+    fwd = [c for c in record["cases"] if "routed_lora" in c["name"] + c["kernel"] and "fwd" in c["name"] + c["kernel"]]
+    assert fwd
+    for c in record["cases"]:
+        for key in ("ideal_bytes", "counted_bytes", "sectors_per_request", "tc_flops", "modeled_us", "roofline_us"):
+            assert key in c, (c["name"], key)
+        assert c["modeled_us"] == pytest.approx(
+            T.modeled_us(c["counted_bytes"], c["tc_flops"], c["simt_flops"]), rel=1e-3
+        )
+        assert c["modeled_lsu_us"] == pytest.approx(
+            T.modeled_lsu_us(c["counted_bytes"], c["tc_flops"], c["simt_flops"]), rel=1e-3
+        )
+        assert c["roofline_us"] == pytest.approx(T.roofline_us(c["ideal_bytes"], c["ideal_flops"]), rel=1e-3)
+        assert all(t["met"] in (True, False) for t in c["targets"])
+        assert c["counts"] in ("full", "extrapolated") and c["n_full"] >= max(c["n_emulated"])
