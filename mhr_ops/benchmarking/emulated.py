@@ -260,7 +260,8 @@ def linear_cases(module, s: ShapeSet) -> list[Case]:
             mhr_ops.mhr_linear(x, W, bias, a, b, wl, groups, scale=1.0 / r, check_ids=False).backward(gy)
 
         records = count_launches(module, call, sms_for(n, bs))
-        check_wgrad_grids(records, n)
+        if not tensor_cores:  # the tensor-core wgrad's grid does not depend on the SM count
+            check_wgrad_grids(records, n)
         return records
 
     def route_fwd(n: int) -> list[dict]:
@@ -287,14 +288,28 @@ def linear_cases(module, s: ShapeSet) -> list[Case]:
     shape = T.LinearShape(rows, d_in, d_out, r, S, h, bs, L, xb)
     pairs_in = T.tile_group_pairs(rows, L, T.SHRINK_ROWS)
     pairs_out = T.tile_group_pairs(rows, L, T.EXPAND_ROWS)
-    shrink_fwd = ("shrink_kernel", T.shrink_simt_flops(rows, r, S, h, dk_in, pairs_in))
-    expand_fwd = ("expand_kernel", T.expand_simt_flops(rows, r, S, d_out, pairs_out))
-    bwd_plan = [
-        ("shrink_kernel", T.shrink_simt_flops(rows, r, S, h, dk_out, pairs_in)),  # gz = grad_y B_g^T
-        ("expand_kernel", T.expand_simt_flops(rows, r, S, d_in, pairs_out)),  # dx += gz A_g^T
-        ("wgrad_kernel", T.wgrad_simt_flops(rows, r, S, h, dk_in, L)),  # dA, dweights
-        ("wgrad_kernel", T.wgrad_simt_flops(rows, r, S, h, dk_out, L)),  # dB, dweights
-    ]
+    # The emulated sizes must take the full size's path (tensor cores or SIMT).
+    tensor_cores = T.uses_tensor_cores(8 * xb, rows)
+    if any(T.uses_tensor_cores(8 * xb, n * L) != tensor_cores for n in sizes):
+        raise ValueError(f"{s.name}: emulated sizes {sizes} x {L} rows would not take the full size's kernels")
+    if tensor_cores:
+        shrink_fwd = ("tc_shrink_kernel", T.tc_shrink_simt_flops(rows, r, S, h, dk_in))
+        expand_fwd = ("tc_expand_kernel", T.tc_expand_simt_flops(rows, r, S, h, dk_out))
+        bwd_plan = [
+            ("tc_shrink_kernel", T.tc_shrink_simt_flops(rows, r, S, h, dk_out)),  # gz = grad_y B_g^T
+            ("tc_expand_kernel", T.tc_expand_simt_flops(rows, r, S, h, dk_in)),  # dx = gz A_g^T
+            ("tc_wgrad_kernel", T.tc_wgrad_simt_flops(rows, r, S, h, dk_in)),  # dA, dweights
+            ("tc_wgrad_kernel", T.tc_wgrad_simt_flops(rows, r, S, h, dk_out)),  # dB, dweights
+        ]
+    else:
+        shrink_fwd = ("shrink_kernel", T.shrink_simt_flops(rows, r, S, h, dk_in, pairs_in))
+        expand_fwd = ("expand_kernel", T.expand_simt_flops(rows, r, S, d_out, pairs_out))
+        bwd_plan = [
+            ("shrink_kernel", T.shrink_simt_flops(rows, r, S, h, dk_out, pairs_in)),  # gz = grad_y B_g^T
+            ("expand_kernel", T.expand_simt_flops(rows, r, S, d_in, pairs_out)),  # dx += gz A_g^T
+            ("wgrad_kernel", T.wgrad_simt_flops(rows, r, S, h, dk_in, L)),  # dA, dweights
+            ("wgrad_kernel", T.wgrad_simt_flops(rows, r, S, h, dk_out, L)),  # dB, dweights
+        ]
     fb, ff = T.adapter_fwd_ideal(shape)
     bb, bf = T.adapter_bwd_ideal(shape)
     base = T.roofline_us(*T.base_gemm_ideal(shape))
@@ -303,7 +318,8 @@ def linear_cases(module, s: ShapeSet) -> list[Case]:
     cases = [
         Case(
             f"{s.name} routed_lora fwd",
-            "routed_lora fwd (mhr_linear's adapter): shrink_kernel + expand_kernel, accumulating into the base output",
+            f"routed_lora fwd (mhr_linear's adapter): {shrink_fwd[0]} + {expand_fwd[0]}, accumulating into the base "
+            "output",
             bs,
             sizes,
             fwd,

@@ -37,6 +37,9 @@ WGRAD_ROWS, WGRAD_COLS = 32, 32  # kWgradRows, kWgradCols
 KERNEL_THREADS = 256  # kThreads of the routed_lora and gated_head_proj kernels
 GHP_ROWS, GHP_COLS, GHP_CHUNK = 32, 64, 32  # gated_head_proj_cuda.cu kRows, kCols, kChunk
 H100_SMS = 132
+# Tiles of the tensor-core kernels (routed_lora_tc_cuda.cu): kTileRows, kProjCols, kExpandCols, kChunk.
+TC_ROWS, TC_PROJ_COLS, TC_EXPAND_COLS, TC_WGRAD_COLS, TC_CHUNK = 64, 128, 64, 64, 32
+TC_MIN_ROWS = 64  # kRoutedLoraTensorCoreMinRows: more rows than this run on tensor cores (fp16 / bf16 data)
 
 
 def roofline_us(ideal_bytes: float, ideal_flops: float) -> float:
@@ -123,6 +126,43 @@ def wgrad_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int, row
     multiply = rows * WGRAD_COLS * rank * 2
     flush = flushes * skills * (WGRAD_COLS * rank * 4 + KERNEL_THREADS * 5)
     return col_tiles * heads * (multiply + flush)
+
+
+def uses_tensor_cores(dtype_bits: int, rows: int) -> bool:
+    """routed_lora_uses_tensor_cores: fp16 / bf16 activations and more than TC_MIN_ROWS rows."""
+    return dtype_bits == 16 and rows > TC_MIN_ROWS
+
+
+# The tensor-core kernels' SIMT work is staging and epilogues (their products are tc_flops): each
+# staged operand element costs at most 4 flops (convert, round to tf32, weight multiply).
+def tc_shrink_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int) -> int:
+    """tc_shrink_kernel: per row tile, head and S*r column pass, the x chunk and the Mcat_k chunk
+    are staged (4 flops an element), and every (row, j) sums its skills' columns (an FMA each)
+    plus the z_scale multiply-add."""
+    tiles, sr = cdiv(rows, TC_ROWS), skills * rank
+    passes = heads * cdiv(sr, TC_PROJ_COLS)
+    stage = cdiv(dk, TC_CHUNK) * TC_CHUNK * (TC_ROWS + TC_PROJ_COLS) * 4
+    epilogue = TC_ROWS * rank * (2 * cdiv(min(sr, TC_PROJ_COLS), rank) + 2)
+    return tiles * passes * (stage + epilogue)
+
+
+def tc_expand_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int) -> int:
+    """tc_expand_kernel: per row tile, head and 64-column tile, w z (2 multiplies and the rounding)
+    and the Mcat_k^T chunk are staged over the S*r reduction, then scale and accumulate (3 flops)
+    per output."""
+    blocks = cdiv(rows, TC_ROWS) * heads * cdiv(dk, TC_EXPAND_COLS)
+    k = cdiv(skills * rank, TC_CHUNK) * TC_CHUNK
+    return blocks * (k * (TC_ROWS + TC_EXPAND_COLS) * 4 + TC_ROWS * TC_EXPAND_COLS * 3)
+
+
+def tc_wgrad_simt_flops(rows: int, rank: int, skills: int, heads: int, dk: int) -> int:
+    """tc_wgrad_kernel: per (64-column tile of dk, 64-column tile of S*r, head) block and 32-row
+    chunk, the X^T and w Q tiles are staged (4 flops an element) and dw takes one FMA per (row,
+    column of the tile) against Q; dM's read-add-write (2 flops an element) at the end."""
+    blocks = cdiv(dk, TC_ROWS) * cdiv(skills * rank, TC_WGRAD_COLS) * heads
+    chunks = cdiv(rows, TC_CHUNK)
+    per_chunk = TC_CHUNK * (TC_ROWS + TC_WGRAD_COLS) * 4 + TC_CHUNK * TC_WGRAD_COLS * 2
+    return blocks * (chunks * per_chunk + TC_ROWS * (TC_WGRAD_COLS + TC_ROWS) * 4 + TC_ROWS * TC_WGRAD_COLS * 2)
 
 
 def route_fwd_simt_flops(groups: int, heads: int, skills: int) -> int:
