@@ -352,21 +352,38 @@ def test_nan_propagates_to_its_row_only(device):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all() and torch.isfinite(y[1, 6:]).all()
 
 
-def test_unchecked_out_of_range_group_ids_give_nan_rows():
-    """SPEC section 7: with validation skipped, a row whose group id is out of range (here -3, -2,
-    7 and -1) gets a NaN row and every other row its own value. The CPU kernels check each id
-    anyway (free on the host) and raise."""
-    x, A, B, w = make(2, 3, 4, 3, 5, 4, (8,), device="cpu")
-    ids = torch.tensor([1, -3, 0, 7, -2, 2, -1, 1])
-    if not EMULATED_CUDA:
-        with pytest.raises(RuntimeError, match=r"group_ids: expected ids in \[0, 4\), got -3"):
-            mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
-        return
-    y = mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
+# (lead, ids): rows in the forward's and backward's CPU paths: few rows (row tiles / row backward),
+# long runs (runs paths), many rows in short runs (gathered row tiles / project-then-mix)
+BAD_ID_LAYOUTS = {
+    "few_rows": ((8,), [1, -3, 0, 7, -2, 2, -1, 1]),
+    "runs": ((4, 256), [1, 9, -1, 2]),
+    "short_runs": ((2048,), [5, 0, 1, -4, 2, 3] * 341 + [0, 1]),
+}
+
+
+@pytest.mark.parametrize("layout", list(BAD_ID_LAYOUTS))
+def test_unchecked_out_of_range_group_ids_give_nan_rows(layout):
+    """SPEC section 7: with validation skipped, a row whose group id is out of range gets a NaN
+    row (y, and dx in the backward) and adds nothing to the other gradients; every other row gets
+    its own value. The range check itself is the Python layer's (check_ids), on every backend."""
+    lead, ids = BAD_ID_LAYOUTS[layout]
+    r, dk = (8, 32) if layout == "runs" else (3, 16)
+    x, A, B, w = make(2, 3, dk, r, dk // 2, 4, lead, device="cpu", seed=31)
+    ids = torch.tensor(ids)
     bad = (ids < 0) | (ids >= 4)
-    ref = reference.routed_lora(x[~bad], A, B, w, ids[~bad], scale=0.5)
+    ins = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    y = mhr_ops.routed_lora(*ins, ids, scale=0.5, check_ids=False)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(gy)
+    refs = [t.clone().double().requires_grad_() for t in (x[~bad], A, B, w)]
+    ref = reference.routed_lora(*refs, ids[~bad], scale=0.5)
+    ref.backward(gy[~bad].double())
     assert_close(y[~bad], ref, atol=2e-5, rtol=2e-5, what="rows with valid ids")
     assert y[bad].isnan().all(), f"rows with ids {ids[bad].tolist()}: {y[bad]}"
+    assert ins[0].grad[bad].isnan().all() and not ins[0].grad[~bad].isnan().any()
+    assert_close(ins[0].grad[~bad], refs[0].grad, atol=2e-5, rtol=2e-5, what="dx of rows with valid ids")
+    for name, a, b in zip(("A", "B", "weights"), ins[1:], refs[1:], strict=True):
+        assert_close(a.grad, b.grad, atol=5e-5 * max(1.0, b.grad.abs().max().item()), rtol=5e-5, what=f"d{name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -515,12 +532,9 @@ def test_bad_input_mhr_linear_and_devices():
 def test_op_level_checks_name_the_argument():
     kw = _good()
     x2 = kw["x"].reshape(10, 8)
-    if EMULATED_CUDA:  # ids stay on the device: an out-of-range one gives NaN rows (SPEC section 7)
-        y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
-        assert y[5:].isnan().all() and not y[:5].isnan().any()
-    else:  # the CPU kernels check every id on the host anyway
-        with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
-            torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    # the op never reads an out-of-range id: its rows come out NaN (SPEC section 7)
+    y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    assert y[5:].isnan().all() and not y[:5].isnan().any()
     with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
         torch.ops.mhr_ops.routed_lora_backward(
             torch.randn(10, 6),

@@ -13,7 +13,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> mhr_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
                       const at::Tensor& group_ids, int64_t rows_per_group_id, double scale) {
-  check_mhr_linear_base(x, weight);
+  check_mhr_linear_base(x, weight, bias, check_routed_lora(x, A, B, weights, group_ids, rows_per_group_id));
   at::Tensor out = at::linear(x, weight, bias);
   static const auto add = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("mhr_ops::routed_lora_add_", "")

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 #include "../kernels/common.h"
 
 namespace mhr_ops {
@@ -30,6 +32,15 @@ inline IndexType kernel_index_type(const at::Tensor& t, const char* arg) {
               ": expected an int64 or int32 tensor, got ", t.scalar_type());
   return t.scalar_type() == at::kInt ? IndexType::kInt32 : IndexType::kInt64;
 }
+
+// How Python prints a shape, (2, 3) or (6,), and a dtype, torch.float32: the op's errors read as
+// the Python layer's did when it owned the checks.
+inline std::string py_shape(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
 inline void check_same_device(const at::Tensor& t, const char* arg, const at::Tensor& ref, const char* ref_arg) {
   TORCH_CHECK(t.device() == ref.device(), arg, ": expected a tensor on ", ref.device(), " (the device of ", ref_arg,
