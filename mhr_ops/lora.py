@@ -1,5 +1,6 @@
 """`routed_lora` and `mhr_linear` (docs/API.md), with fake kernels and autograd registration
-for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear."""
+for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear /
+mhr_linear_backward."""
 
 from __future__ import annotations
 
@@ -182,24 +183,31 @@ def _routed_lora_add_fake(out, x, A, B, weights, group_ids, rows_per_group_id, s
     return _bottleneck_like(x, A)
 
 
-@torch.library.register_fake("mhr_ops::routed_lora_backward")
-def _routed_lora_backward_fake(
-    grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, output_mask
-):
+def _grads_like(tensors, output_mask):
     return tuple(
-        t.new_empty(t.shape) if needed else t.new_empty((0,))
-        for t, needed in zip((x, A, B, weights), output_mask, strict=True)
+        t.new_empty(t.shape) if needed else t.new_empty((0,)) for t, needed in zip(tensors, output_mask, strict=True)
     )
+
+
+@torch.library.register_fake("mhr_ops::routed_lora_backward")
+def _routed_lora_backward_fake(grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, output_mask):
+    return _grads_like((x, A, B, weights), output_mask)
+
+
+@torch.library.register_fake("mhr_ops::mhr_linear_backward")
+def _mhr_linear_backward_fake(
+    grad_y, x, weight, has_bias, A, B, weights, group_ids, rows_per_group_id, scale, z, output_mask
+):
+    bias_like = x.new_empty((weight.shape[0],) if has_bias else (0,))
+    mask = list(output_mask)
+    mask[2] = mask[2] and has_bias
+    return _grads_like((x, weight, bias_like, A, B, weights), mask)
 
 
 # ---- autograd: the forward's z is saved, so the backward reads x once less ----
 
 
-def _lora_grads(grad_y, saved, rows_per_group_id, scale, mask, base_weight=None):
-    x, A, B, weights, group_ids, z = saved
-    grads = torch.ops.mhr_ops.routed_lora_backward(
-        grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, list(mask)
-    )
+def _needed(grads, mask):
     return [g if needed else None for g, needed in zip(grads, mask, strict=True)]
 
 
@@ -211,36 +219,34 @@ def _routed_lora_setup(ctx, inputs, output):
 
 def _routed_lora_backward(ctx, grad_y, grad_z):
     mask = ctx.needs_input_grad[:4]
-    grads = _lora_grads(grad_y, ctx.saved_tensors, ctx.rows_per_group_id, ctx.scale, mask) if any(mask) else [None] * 4
-    return *grads, None, None, None
+    if not any(mask):
+        return (None,) * 7
+    x, A, B, weights, group_ids, z = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.routed_lora_backward(
+        grad_y, x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
+    )
+    return *_needed(grads, mask), None, None, None
 
 
 def _mhr_linear_setup(ctx, inputs, output):
     x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, A, B, weights, group_ids, output[1], weight)
+    ctx.save_for_backward(x, weight, A, B, weights, group_ids, output[1])
 
 
 def _mhr_linear_backward(ctx, grad_y, grad_z):
-    # One layout for grad_y (autograd passes `y.sum()`'s gradient expanded, AOT dispatch a
-    # contiguous one): the GEMMs below then sum in the same order, bit for bit.
-    grad_y = grad_y.contiguous()
-    needs = ctx.needs_input_grad
-    *saved, weight = ctx.saved_tensors
-    x = saved[0]
-    mask = (needs[0], needs[3], needs[4], needs[5])
-    # dx comes back with the base layer's grad_y @ weight already in it.
-    dx, dA, dB, dw = (
-        _lora_grads(grad_y, saved, ctx.rows_per_group_id, ctx.scale, mask, base_weight=weight)
-        if any(mask)
-        else [None] * 4
+    mask = ctx.needs_input_grad[:6]
+    if not any(mask):
+        return (None,) * 9
+    x, weight, A, B, weights, group_ids, z = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.mhr_linear_backward(
+        grad_y, x, weight, ctx.has_bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
     )
-    d_weight = grad_y.t() @ x if needs[1] else None
-    d_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-    return dx, d_weight, d_bias, dA, dB, dw, None, None, None
+    return *_needed(grads, mask), None, None, None
 
 
 torch.library.register_autograd("mhr_ops::routed_lora", _routed_lora_backward, setup_context=_routed_lora_setup)
 torch.library.register_autograd("mhr_ops::mhr_linear", _mhr_linear_backward, setup_context=_mhr_linear_setup)
 register_no_double_backward("mhr_ops::routed_lora_backward", "routed_lora")
+register_no_double_backward("mhr_ops::mhr_linear_backward", "mhr_linear")

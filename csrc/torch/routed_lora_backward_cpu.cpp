@@ -1,6 +1,6 @@
-// CPU registration of routed_lora_backward: argument mapping and dispatch over one plan per call
-// (csrc/kernels/routed_lora_plan_cpu.h). With base_weight (mhr_linear) the backward is fused: in
-// the runs paths the adapter writes its part of dx first and the base layer's
+// CPU registration of routed_lora_backward and mhr_linear_backward: argument mapping and dispatch
+// over one plan per call (csrc/kernels/routed_lora_plan_cpu.h). mhr_linear's backward is fused
+// here: in the runs paths the adapter writes its part of dx first and the base layer's
 // grad_y @ weight accumulates into it inside the GEMM (beta = 1), which saves a read-modify-write
 // pass over dx.
 #include <ATen/ATen.h>
@@ -212,14 +212,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
-    const std::optional<at::Tensor>& base_weight, std::array<bool, 4> mask) {
+    std::array<bool, 4> mask) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, d);
-  const bool has_base = base_weight.has_value() && base_weight->defined();
-  if (has_base)
-    TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == d.d_out && base_weight->size(1) == d.d_in,
-                "base_weight: expected shape [", d.d_out, ", ", d.d_in, "], got ", base_weight->sizes());
-  return lora_backward(grad_y, x, A, B, weights, group_ids, d, scale, z, has_base ? &*base_weight : nullptr, mask);
+  return lora_backward(grad_y, x, A, B, weights, group_ids, d, scale, z, nullptr, mask);
+}
+
+// mask: x, weight, bias, A, B, weights. d_weight = grad_y^T x and d_bias = sum_n grad_y in x's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhr_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale,
+    const at::Tensor& z, std::array<bool, 6> mask) {
+  const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
+  check_mhr_linear_base(x, weight, std::nullopt, d);
+  check_rows_output(grad_y, "grad_y", x, d);
+  // One layout for grad_y (autograd passes `y.sum()`'s gradient expanded, AOT dispatch a
+  // contiguous one): the GEMMs below then sum in the same order, bit for bit.
+  const at::Tensor gy = rows_layout(grad_y);
+  at::Tensor dx, dA, dB, dw;
+  const std::array<bool, 4> lora_mask{mask[0], mask[3], mask[4], mask[5]};
+  if (mask[0] || mask[3] || mask[4] || mask[5])
+    std::tie(dx, dA, dB, dw) = lora_backward(gy, x, A, B, weights, group_ids, d, scale, z, &weight, lora_mask);
+  const at::Tensor d_weight = mask[1] ? at::mm(gy.t(), x) : at::Tensor();
+  const at::Tensor d_bias = mask[2] && has_bias ? gy.sum(0) : at::Tensor();
+  // A gradient not asked for comes back empty (a tensor of its own: outputs must not alias).
+  const auto or_empty = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() ? t : at::empty({0}, like.options());
+  };
+  return {or_empty(dx, x), or_empty(d_weight, x), or_empty(d_bias, x),
+          or_empty(dA, A), or_empty(dB, B), or_empty(dw, weights)};
 }
 
 }  // namespace
@@ -227,4 +248,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
 
 TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
   m.impl("routed_lora_backward", &mhr_ops::routed_lora_backward_cpu);
+  m.impl("mhr_linear_backward", &mhr_ops::mhr_linear_backward_cpu);
 }
