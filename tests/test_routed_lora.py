@@ -217,9 +217,9 @@ def test_out_with_internal_overlap_is_refused(device):
     x, A, B, w = make(2, 3, 4, 3, 5, 4, (6,), device=device)
     ids = torch.tensor([1, 3, 0, 2, 1, 1], device=device)
     out = torch.zeros(1, 10, device=device).expand(6, 10)
-    with pytest.raises(RuntimeError, match=r"out: expected a tensor without internal overlap .*strides \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"out: expected a tensor without internal overlap .*strides \[0, 1\]"):
         torch.ops.mhr_ops.routed_lora_add_(out, x, A, B, w, ids, 1, 0.5)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="out: expected a tensor without internal overlap"):
+    with torch.no_grad(), pytest.raises(ValueError, match="out: expected a tensor without internal overlap"):
         mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=out)
     assert torch.equal(out, torch.zeros(6, 10, device=device))  # refused before anything was written
 
@@ -499,6 +499,13 @@ BAD = [
     (dict(weights=torch.rand(4, 2)), ValueError, "weights: expected a 3-D"),
     (dict(A=torch.randn(2, 3, 4, 2, dtype=torch.float64)), ValueError, "A: expected dtype"),
     (dict(B=torch.randn(2, 3, 2, 3, dtype=torch.float64)), ValueError, "B: expected dtype"),
+    (dict(A=torch.randn(2, 3, 4, 0)), ValueError, r"A: expected a non-empty \[h, S, d_in/h, r\], got shape"),
+    (
+        dict(x=torch.randn(2, 5, 8).half(), A=torch.randn(2, 3, 4, 2, dtype=torch.float64)),
+        ValueError,
+        r"A: expected dtype torch.float16 or torch.float32 for x of dtype torch.float16, got torch.float64",
+    ),
+    (dict(A=torch.randn(2, 3, 4, 2).tolist()), TypeError, "A: expected a torch.Tensor, got list"),
     (dict(group_ids=torch.tensor([0, 4])), ValueError, r"group_ids: expected group ids in \[0, 4\), got 4"),
     (dict(group_ids=torch.tensor([-1, 0])), ValueError, r"group_ids: expected group ids in \[0, 4\), got -1"),
     (dict(group_ids=torch.tensor([0, 1, 2])), ValueError, r"group_ids: expected shape \(2, 5\)"),
@@ -538,7 +545,7 @@ def test_op_level_checks_name_the_argument():
     # the op never reads an out-of-range id: its rows come out NaN (SPEC section 7)
     y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
     assert y[5:].isnan().all() and not y[:5].isnan().any()
-    with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
+    with pytest.raises(ValueError, match=r"z: expected the forward's bottleneck \(10, 2\) of dtype torch.float32"):
         torch.ops.mhr_ops.routed_lora_backward(
             torch.randn(10, 6),
             x2,
@@ -551,9 +558,9 @@ def test_op_level_checks_name_the_argument():
             torch.randn(10, 3),
             [True] * 4,
         )
-    with pytest.raises(RuntimeError, match="group_ids: expected 10 / 5 ids"):
+    with pytest.raises(ValueError, match="group_ids: expected 10 / 5 ids"):
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1, 2]), 5, 1.0)
-    with pytest.raises(RuntimeError, match="x: expected d_in"):
+    with pytest.raises(ValueError, match=r"x: expected last dim d_in = h \* A.shape\[2\] = 8 \(d_in must split"):
         torch.ops.mhr_ops.routed_lora(x2[:, :7], kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1]), 5, 1.0)
 
 
@@ -842,9 +849,9 @@ def test_mhr_linear_backward_bad_input():
         op(gy, x2, torch.randn(6, 7), True, A, B, w, ids, 5, 1.0, z, [True] * 6)
     with pytest.raises(ValueError, match=r"weight: expected dtype torch.float32 \(x's dtype\), got torch.float64"):
         op(gy, x2, weight.double(), True, A, B, w, ids, 5, 1.0, z, [True] * 6)
-    with pytest.raises(RuntimeError, match=r"grad_y: expected shape \[10, 6\]"):
+    with pytest.raises(ValueError, match=r"grad_y: expected shape \(10, 6\), got \(10, 5\)"):
         op(torch.randn(10, 5), x2, weight, True, A, B, w, ids, 5, 1.0, z, [True] * 6)
-    with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
+    with pytest.raises(ValueError, match="z: expected the forward's bottleneck"):
         op(gy, x2, weight, True, A, B, w, ids, 5, 1.0, torch.randn(10, 3), [True] * 6)
     xg = kw["x"].double().requires_grad_()
     y = mhr_ops.mhr_linear(xg, weight.double(), None, A.double(), B.double(), w.double(), kw["group_ids"], scale=1.0)

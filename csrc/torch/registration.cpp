@@ -4,14 +4,14 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mhr_ops, m) {
-  // SPEC section 2. top_k = 0 keeps every skill; noise is the relaxed-Bernoulli uniforms [G, h, S].
+  // SPEC section 2. top_k = None keeps every skill; noise is the relaxed-Bernoulli uniforms [G, h, S].
   m.def(
       "route(Tensor logits, Tensor task_ids, Tensor? noise, int n_skills, str mode, float temperature, "
-      "int top_k, float eps) -> Tensor");
+      "int? top_k, float eps) -> Tensor");
   // Gradient of route with respect to logits, [T, h*S] in the logits dtype.
   m.def(
       "route_backward(Tensor grad_weights, Tensor logits, Tensor task_ids, Tensor? noise, int n_skills, "
-      "str mode, float temperature, int top_k, float eps) -> Tensor");
+      "str mode, float temperature, int? top_k, float eps) -> Tensor");
 
   // SPEC section 3, on rows: x [N, d_in], row n uses group group_ids[n / rows_per_group_id].
   // Returns y [N, d_out] in x's dtype, and the rank bottleneck z = x @ A_g [N, r] in fp32 (fp64

@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA registrations of routed_lora, its backward and
-// mhr_linear.
+// Argument checks shared by the CPU and CUDA registrations of routed_lora, mhr_linear and their
+// backwards: the ops' contract. Failures raise ValueError in Python (TORCH_CHECK_VALUE) and name
+// the argument; the Python layer checks only what the op cannot see (docs/API.md, Errors).
 #pragma once
 
 #include <ATen/core/Tensor.h>
