@@ -9,8 +9,8 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_op, register_no_double_backward
-from ._checks import as_index_tensor, check_id_range, check_out, check_same_device, check_tensor
+from ._autograd import call_op, needed_grads, register_bottleneck_autograd, register_no_double_backward
+from ._checks import as_index_tensor, check_id_range, check_out, check_same_device, check_scale, check_tensor
 
 
 def _check_tensors(x, named) -> None:
@@ -56,12 +56,6 @@ def _n_groups(weights) -> int | None:
     return weights.shape[0] if weights.dim() > 0 else None
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    return float(scale)
-
-
 def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_ids: bool = True):
     """Routed LoRA update ``scale * (x_row @ A_g) @ B_g`` for every row of ``x``.
 
@@ -90,7 +84,7 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
         ``y [..., d_out]`` in ``x``'s dtype (or ``out``), accumulated in fp32.
     """
     _check_tensors(x, (("A", A), ("B", B), ("weights", weights)))
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, _n_groups(weights), check_ids)
     if out is None:
@@ -121,7 +115,7 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
     """
     base = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
     _check_tensors(x, (("A", A), ("B", B), ("weights", weights), *base))
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     lead = tuple(x.shape[:-1])
     x2, ids, rows_per_id = _rows(x, group_ids, _n_groups(weights), check_ids)
     args = (x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
@@ -186,27 +180,6 @@ def _mhr_linear_backward_fake(
 # ---- autograd: the forward's z is saved, so the backward reads x once less ----
 
 
-def _needed(grads, mask):
-    return [g if needed else None for g, needed in zip(grads, mask, strict=True)]
-
-
-def _routed_lora_setup(ctx, inputs, output):
-    x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, A, B, weights, group_ids, output[1])
-
-
-def _routed_lora_backward(ctx, grad_y, grad_z):
-    mask = ctx.needs_input_grad[:4]
-    if not any(mask):
-        return (None,) * 7
-    x, A, B, weights, group_ids, z = ctx.saved_tensors
-    grads = torch.ops.mhr_ops.routed_lora_backward(
-        grad_y, x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
-    )
-    return *_needed(grads, mask), None, None, None
-
-
 def _mhr_linear_setup(ctx, inputs, output):
     x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
     ctx.has_bias = bias is not None
@@ -222,10 +195,11 @@ def _mhr_linear_backward(ctx, grad_y, grad_z):
     grads = torch.ops.mhr_ops.mhr_linear_backward(
         grad_y, x, weight, ctx.has_bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
     )
-    return *_needed(grads, mask), None, None, None
+    return *needed_grads(grads, mask), None, None, None
 
 
-torch.library.register_autograd("mhr_ops::routed_lora", _routed_lora_backward, setup_context=_routed_lora_setup)
+# routed_lora (x, A, B, weights, group_ids, rows_per_group_id, scale): gradients for the first four
+register_bottleneck_autograd("mhr_ops::routed_lora", torch.ops.mhr_ops.routed_lora_backward, n_tensors=5, n_grads=4)
 torch.library.register_autograd("mhr_ops::mhr_linear", _mhr_linear_backward, setup_context=_mhr_linear_setup)
 register_no_double_backward("mhr_ops::routed_lora_backward", "routed_lora")
 register_no_double_backward("mhr_ops::mhr_linear_backward", "mhr_linear")

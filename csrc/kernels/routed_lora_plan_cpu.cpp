@@ -94,10 +94,9 @@ LoraRowGroups routed_lora_row_groups(const LoraDims& d, const LoraGroupIds& ids)
 LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& ids, DType x_type, DType y_type,
                                          CpuIsa max_isa, int64_t threads) {
   LoraForwardPlan plan;
-  if (d.rows == 0) return plan;
   plan.groups = routed_lora_row_groups(d, ids);
+  if (plan.groups.runs.empty()) return plan;  // no row, or no group
   std::vector<LoraRun> runs = plan.groups.runs;
-  if (runs.empty()) return plan;
   threads = std::max<int64_t>(1, threads);
   const CpuIsa isa = x_type == DType::kFloat32 && y_type == DType::kFloat32
                          ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, max_isa)
@@ -139,21 +138,19 @@ LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& 
 
 LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds& ids, DType x_type, CpuIsa max_isa,
                                            int64_t threads) {
-  LoraBackwardPlan plan;
-  if (d.rows == 0) return plan;
-  plan.groups = routed_lora_row_groups(d, ids);
-  std::vector<LoraRun> runs = plan.groups.runs;
-  if (runs.empty()) return plan;
-  threads = std::max<int64_t>(1, threads);
   const DType ct = compute_dtype(x_type);
   // The fused kernel: fp32, unit column strides (the binding lays x and grad_y out so).
   const CpuIsa isa = ct == DType::kFloat32 ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, 1, 1, max_isa)
                                            : CpuIsa::kNone;
-  if (use_runs(runs, d, isa != CpuIsa::kNone)) {
+  LoraBackwardPlan plan;
+  plan.groups = routed_lora_row_groups(d, ids);
+  if (plan.groups.runs.empty()) return plan;  // no row, or no group
+  if (use_runs(plan.groups.runs, d, isa != CpuIsa::kNone)) {
     plan.path = isa != CpuIsa::kNone ? LoraBackwardPath::kFusedRuns : LoraBackwardPath::kBlasRuns;
     plan.isa = isa;
+    std::vector<LoraRun> runs = plan.groups.runs;
     plan.slot_groups = assign_slots(runs, d.groups);
-    plan.pieces = split_runs(runs, d.rows, threads);
+    plan.pieces = split_runs(runs, d.rows, std::max<int64_t>(1, threads));
   } else if (x_type == ct && d.rows * d.skills <= 256) {
     // Few rows in short runs (a training step on a few short sequences, one task each): the row
     // kernel re-projects each row onto every skill (~4 S times LoRA's arithmetic per row) but

@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include "adapter_dtypes.h"
 #include "tensor_utils.h"
 
 namespace mhr_ops {
@@ -14,9 +15,9 @@ LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::T
                       py_shape(t.sizes()));
   };
   dims(x, "x", 2, "[N, d_in]");
-  const DType xd = kernel_dtype(x, "x");
+  kernel_dtype(x, "x");
   dims(A, "A", 4, "[h, S, d_in/h, r]");
-  const DType ad = kernel_dtype(A, "A");
+  kernel_dtype(A, "A");
   dims(B, "B", 4, "[h, S, r, d_out/h]");
   kernel_dtype(B, "B");
   dims(weights, "weights", 3, "[G, h, S]");
@@ -42,13 +43,7 @@ LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::T
                     " (d_in must split into h=", d.heads, " heads), got ", d.d_in);
   TORCH_CHECK_VALUE(weights.size(1) == d.heads && weights.size(2) == d.skills, "weights: expected shape (G, ",
                     d.heads, ", ", d.skills, ") [G, h, S], got ", py_shape(weights.sizes()));
-  // fp32 adapters with fp16 / bf16 activations: PEFT's default keeps adapters in fp32.
-  const bool half_x = xd == DType::kFloat16 || xd == DType::kBFloat16;
-  TORCH_CHECK_VALUE(A.scalar_type() == x.scalar_type() || (half_x && ad == DType::kFloat32), "A: expected dtype ",
-                    py_dtype(x.scalar_type()), (half_x ? " or torch.float32" : ""), " for x of dtype ",
-                    py_dtype(x.scalar_type()), ", got ", py_dtype(A.scalar_type()));
-  TORCH_CHECK_VALUE(B.scalar_type() == A.scalar_type(), "B: expected dtype ", py_dtype(A.scalar_type()),
-                    " (A's dtype), got ", py_dtype(B.scalar_type()));
+  check_adapter_dtypes(x, A, B);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"}, {weights, "weights"},
                                 {group_ids, "group_ids"}})
     check_same_device(t, name, x, "x");
