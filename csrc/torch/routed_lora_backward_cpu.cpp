@@ -46,13 +46,11 @@ void rows_backward(LoraGrads& g, const LoraOperands& o, const at::Tensor& gy, co
   p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills, p.rank = d.rank, p.scale = scale;
   const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
   AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "routed_lora_rows_backward", [&] {
-    const auto part = [](const at::Tensor& t, int64_t i) {
-      return t.defined() ? t.data_ptr<scalar_t>() + i * t.size(1) : nullptr;
-    };
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    const auto size = [](const at::Tensor& t) { return t.defined() ? t.size(1) : int64_t(0); };
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        routed_lora_rows_backward_cpu<scalar_t>(p, i * d.rows / parts, (i + 1) * d.rows / parts, part(dA_parts, i),
-                                                part(dB_parts, i), part(dw_parts, i), avx2);
+      routed_lora_rows_backward_parts_cpu<scalar_t>(p, d.rows, parts, b, e, ptr(dA_parts), size(dA_parts),
+                                                    ptr(dB_parts), size(dB_parts), ptr(dw_parts), size(dw_parts), avx2);
     });
   });
   const auto reduce = [&](const at::Tensor& out, const at::Tensor& parts_t) {
@@ -114,9 +112,7 @@ void runs_backward(LoraGrads& g, const LoraOperands& o, const at::Tensor& gy, co
   // Through the mixing, A_g[k] = sum_s w[g,k,s] A[k,s] (B likewise), batched over heads:
   //   dA[k] = W_k^T dA_g[k],  dw[g,k,s] = A[k,s] . dA_g[k] + B[k,s] . dB_g[k]
   // with W_k [pieces, S] each piece's group weights and dA_g[k] [pieces, dk_in * r].
-  std::vector<int64_t> piece_groups(n_pieces);
-  for (int64_t i = 0; i < n_pieces; ++i) piece_groups[i] = plan.pieces[i].group;
-  const at::Tensor piece_ids = at::tensor(piece_groups, at::kLong);
+  const at::Tensor piece_ids = at::tensor(plan.piece_groups(), at::kLong);
   const at::Tensor w_used = o.w.index_select(0, piece_ids).permute({1, 0, 2});  // [h, n, S]
   const at::Tensor dag_h = dag_all.view({n_pieces, d.heads, d.dk_in * d.rank}).transpose(0, 1);  // [h, n, .]
   const at::Tensor dbg_h = swap_pairs(dbgt_all.view({n_pieces, d.heads, d.dk_out, d.rank}), 1.0)
