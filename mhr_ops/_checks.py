@@ -33,6 +33,13 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
     return value
 
 
+def check_scale(scale) -> float:
+    """A Python number (the ops take ``scale`` as a float)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    return float(scale)
+
+
 def as_index_tensor(ids, name: str, device: torch.device) -> torch.Tensor:
     """A tensor of ids (int32/int64) as given, or a Python sequence of ints moved to `device`."""
     if not isinstance(ids, torch.Tensor):

@@ -1,5 +1,6 @@
 """`routed_lora` and `mhr_linear` (docs/API.md), with fake kernels and autograd registration
-for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear."""
+for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear /
+mhr_linear_backward."""
 
 from __future__ import annotations
 
@@ -8,45 +9,29 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_op, register_no_double_backward
-from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_out, check_same_device, check_tensor
-
-_HALF = (torch.float16, torch.bfloat16)
+from ._autograd import call_op, needed_grads, register_bottleneck_autograd, register_no_double_backward
+from ._checks import as_index_tensor, check_id_range, check_out, check_same_device, check_scale, check_tensor
 
 
-def _check_adapter(x, A, B, weights) -> tuple[int, int, int, int, int]:
-    """Validates x / A / B / weights; returns (h, S, r, d_in, d_out)."""
-    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+def _check_tensors(x, named) -> None:
+    """What the op cannot see: arguments that are not tensors, x's leading dims, and tensors off
+    x's device (a meta or fake tensor among them sends the call to the fake kernel, where no C++
+    check runs). Shapes and dtypes are the op's contract (csrc/torch/routed_lora_args.cpp): it
+    raises ValueError naming the argument."""
+    check_tensor(x, "x")
     if x.dim() < 1:
         raise ValueError(f"x: expected a tensor [..., d_in], got shape {tuple(x.shape)}")
-    check_tensor(A, "A", ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor(B, "B", ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor(weights, "weights", ndim=3, dtypes=FLOAT_DTYPES)
-    h, S, dk_in, r = A.shape
-    if min(h, S, dk_in, r) < 1:
-        raise ValueError(f"A: expected a non-empty [h, S, d_in/h, r], got shape {tuple(A.shape)}")
-    if tuple(B.shape[:3]) != (h, S, r) or B.shape[3] < 1:
-        raise ValueError(
-            f"B: expected shape ({h}, {S}, {r}, d_out/h) to match A {tuple(A.shape)}, got {tuple(B.shape)}"
-        )
-    if x.shape[-1] != h * dk_in:
-        raise ValueError(
-            f"x: expected last dim d_in = h * A.shape[2] = {h * dk_in} (d_in must split into h={h} heads), "
-            f"got {x.shape[-1]}"
-        )
-    if tuple(weights.shape[1:]) != (h, S):
-        raise ValueError(f"weights: expected shape (G, {h}, {S}) [G, h, S], got {tuple(weights.shape)}")
-    if A.dtype != x.dtype and not (x.dtype in _HALF and A.dtype == torch.float32):
-        allowed = f"{x.dtype} or torch.float32" if x.dtype in _HALF else f"{x.dtype}"
-        raise ValueError(f"A: expected dtype {allowed} for x of dtype {x.dtype}, got {A.dtype}")
-    if B.dtype != A.dtype:
-        raise ValueError(f"B: expected dtype {A.dtype} (A's dtype), got {B.dtype}")
-    for t, name in ((A, "A"), (B, "B"), (weights, "weights")):
+    for name, t in named:
+        check_tensor(t, name)
         check_same_device(t, name, x, "x")
-    return h, S, r, x.shape[-1], h * B.shape[3]
 
 
-def _rows(x, group_ids, n_groups: int, check_ids: bool):
+def _d_out(A, B) -> int | None:
+    """d_out for an ``out=`` shape check; None when A or B is not 4-D (the op then says how)."""
+    return A.shape[0] * B.shape[3] if A.dim() == 4 and B.dim() == 4 else None
+
+
+def _rows(x, group_ids, n_groups: int | None, check_ids: bool):
     """x as [N, d_in] and the group ids as the op takes them: (x2, ids, rows_per_group_id)."""
     lead = tuple(x.shape[:-1])
     ids = as_index_tensor(group_ids, "group_ids", x.device)
@@ -61,15 +46,14 @@ def _rows(x, group_ids, n_groups: int, check_ids: bool):
         raise ValueError(f"group_ids: expected shape {lead} (one id per row){per_batch}, got {tuple(ids.shape)}")
     if n_rows == 0:
         ids, rows_per_id = ids.reshape(-1)[:0], 1
-    if check_ids:
+    if check_ids and n_groups is not None:
         check_id_range(ids, "group_ids", n_groups, "group")
     return x.reshape(n_rows, x.shape[-1]), ids, rows_per_id
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    return float(scale)
+def _n_groups(weights) -> int | None:
+    """G for the opt-in id range check; None for a 0-d weights (the op refuses it)."""
+    return weights.shape[0] if weights.dim() > 0 else None
 
 
 def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_ids: bool = True):
@@ -99,18 +83,20 @@ def routed_lora(x, A, B, weights, group_ids, *, scale: float, out=None, check_id
     Returns:
         ``y [..., d_out]`` in ``x``'s dtype (or ``out``), accumulated in fp32.
     """
-    _, _, _, _, d_out = _check_adapter(x, A, B, weights)
-    scale = _check_scale(scale)
+    _check_tensors(x, (("A", A), ("B", B), ("weights", weights)))
+    scale = check_scale(scale)
     lead = tuple(x.shape[:-1])
-    x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
+    x2, ids, rows_per_id = _rows(x, group_ids, _n_groups(weights), check_ids)
     if out is None:
         args = (x2, A, B, weights, ids, rows_per_id, scale)
         y, _ = call_op(torch.ops.mhr_ops.routed_lora, args, (x, A, B, weights))
-        return y.view(*lead, d_out)
-    check_out(out, (*lead, d_out), x)
+        return y.view(*lead, y.shape[-1])
+    d_out = _d_out(A, B)
+    if d_out is not None:
+        check_out(out, (*lead, d_out), x)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, weights, out))
     try:
-        out2 = out.view(x2.shape[0], d_out)
+        out2 = out.view(x2.shape[0], d_out) if d_out is not None else None
     except RuntimeError:
         out2 = None  # leading dims of out cannot be flattened without a copy
     if needs_grad or out2 is None:
@@ -127,26 +113,14 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
     ``weight`` is ``[d_out, d_in]`` in ``x``'s dtype, ``bias`` ``[d_out]`` or None; the other
     arguments are as in :func:`routed_lora`. Autograd covers every tensor argument.
     """
-    _, _, _, d_in, d_out = _check_adapter(x, A, B, weights)
-    check_tensor(weight, "weight", ndim=2)
-    if tuple(weight.shape) != (d_out, d_in):
-        raise ValueError(f"weight: expected shape {(d_out, d_in)} [d_out, d_in], got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight: expected dtype {x.dtype} (x's dtype), got {weight.dtype}")
-    check_same_device(weight, "weight", x, "x")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != d_out or bias.dtype != x.dtype:
-            raise ValueError(
-                f"bias: expected shape ({d_out},) and dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
-            )
-        check_same_device(bias, "bias", x, "x")
-    scale = _check_scale(scale)
+    base = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
+    _check_tensors(x, (("A", A), ("B", B), ("weights", weights), *base))
+    scale = check_scale(scale)
     lead = tuple(x.shape[:-1])
-    x2, ids, rows_per_id = _rows(x, group_ids, weights.shape[0], check_ids)
+    x2, ids, rows_per_id = _rows(x, group_ids, _n_groups(weights), check_ids)
     args = (x2, weight, bias, A, B, weights, ids, rows_per_id, scale)
     y, _ = call_op(torch.ops.mhr_ops.mhr_linear, args, (x, weight, bias, A, B, weights))
-    return y.view(*lead, d_out)
+    return y.view(*lead, y.shape[-1])
 
 
 def adapted_linear(x, weight, bias, A, B, weights, group_ids, scale: float):
@@ -182,65 +156,50 @@ def _routed_lora_add_fake(out, x, A, B, weights, group_ids, rows_per_group_id, s
     return _bottleneck_like(x, A)
 
 
-@torch.library.register_fake("mhr_ops::routed_lora_backward")
-def _routed_lora_backward_fake(
-    grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, output_mask
-):
+def _grads_like(tensors, output_mask):
     return tuple(
-        t.new_empty(t.shape) if needed else t.new_empty((0,))
-        for t, needed in zip((x, A, B, weights), output_mask, strict=True)
+        t.new_empty(t.shape) if needed else t.new_empty((0,)) for t, needed in zip(tensors, output_mask, strict=True)
     )
+
+
+@torch.library.register_fake("mhr_ops::routed_lora_backward")
+def _routed_lora_backward_fake(grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, output_mask):
+    return _grads_like((x, A, B, weights), output_mask)
+
+
+@torch.library.register_fake("mhr_ops::mhr_linear_backward")
+def _mhr_linear_backward_fake(
+    grad_y, x, weight, has_bias, A, B, weights, group_ids, rows_per_group_id, scale, z, output_mask
+):
+    bias_like = x.new_empty((weight.shape[0],) if has_bias else (0,))
+    mask = list(output_mask)
+    mask[2] = mask[2] and has_bias
+    return _grads_like((x, weight, bias_like, A, B, weights), mask)
 
 
 # ---- autograd: the forward's z is saved, so the backward reads x once less ----
-
-
-def _lora_grads(grad_y, saved, rows_per_group_id, scale, mask, base_weight=None):
-    x, A, B, weights, group_ids, z = saved
-    grads = torch.ops.mhr_ops.routed_lora_backward(
-        grad_y, x, A, B, weights, group_ids, rows_per_group_id, scale, z, base_weight, list(mask)
-    )
-    return [g if needed else None for g, needed in zip(grads, mask, strict=True)]
-
-
-def _routed_lora_setup(ctx, inputs, output):
-    x, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, A, B, weights, group_ids, output[1])
-
-
-def _routed_lora_backward(ctx, grad_y, grad_z):
-    mask = ctx.needs_input_grad[:4]
-    grads = _lora_grads(grad_y, ctx.saved_tensors, ctx.rows_per_group_id, ctx.scale, mask) if any(mask) else [None] * 4
-    return *grads, None, None, None
 
 
 def _mhr_linear_setup(ctx, inputs, output):
     x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, A, B, weights, group_ids, output[1], weight)
+    ctx.save_for_backward(x, weight, A, B, weights, group_ids, output[1])
 
 
 def _mhr_linear_backward(ctx, grad_y, grad_z):
-    # One layout for grad_y (autograd passes `y.sum()`'s gradient expanded, AOT dispatch a
-    # contiguous one): the GEMMs below then sum in the same order, bit for bit.
-    grad_y = grad_y.contiguous()
-    needs = ctx.needs_input_grad
-    *saved, weight = ctx.saved_tensors
-    x = saved[0]
-    mask = (needs[0], needs[3], needs[4], needs[5])
-    # dx comes back with the base layer's grad_y @ weight already in it.
-    dx, dA, dB, dw = (
-        _lora_grads(grad_y, saved, ctx.rows_per_group_id, ctx.scale, mask, base_weight=weight)
-        if any(mask)
-        else [None] * 4
+    mask = ctx.needs_input_grad[:6]
+    if not any(mask):
+        return (None,) * 9
+    x, weight, A, B, weights, group_ids, z = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.mhr_linear_backward(
+        grad_y, x, weight, ctx.has_bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
     )
-    d_weight = grad_y.t() @ x if needs[1] else None
-    d_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-    return dx, d_weight, d_bias, dA, dB, dw, None, None, None
+    return *needed_grads(grads, mask), None, None, None
 
 
-torch.library.register_autograd("mhr_ops::routed_lora", _routed_lora_backward, setup_context=_routed_lora_setup)
+# routed_lora (x, A, B, weights, group_ids, rows_per_group_id, scale): gradients for the first four
+register_bottleneck_autograd("mhr_ops::routed_lora", torch.ops.mhr_ops.routed_lora_backward, n_tensors=5, n_grads=4)
 torch.library.register_autograd("mhr_ops::mhr_linear", _mhr_linear_backward, setup_context=_mhr_linear_setup)
 register_no_double_backward("mhr_ops::routed_lora_backward", "routed_lora")
+register_no_double_backward("mhr_ops::mhr_linear_backward", "mhr_linear")

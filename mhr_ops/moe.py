@@ -9,10 +9,8 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_op, register_no_double_backward
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_out, check_same_device, check_tensor
-
-_HALF = (torch.float16, torch.bfloat16)
+from ._autograd import call_op, register_bottleneck_autograd, register_no_double_backward
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_out, check_same_device, check_scale, check_tensor
 
 
 def _check_experts(x, A, B) -> tuple[int, int, int, int]:
@@ -33,11 +31,7 @@ def _check_experts(x, A, B) -> tuple[int, int, int, int]:
         raise ValueError(f"B: expected d_out >= 1, got shape {tuple(B.shape)}")
     if x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dim d_in = A.shape[1] = {d_in}, got {x.shape[-1]}")
-    if A.dtype != x.dtype and not (x.dtype in _HALF and A.dtype == torch.float32):
-        allowed = f"{x.dtype} or torch.float32" if x.dtype in _HALF else f"{x.dtype}"
-        raise ValueError(f"A: expected dtype {allowed} for x of dtype {x.dtype}, got {A.dtype}")
-    if B.dtype != A.dtype:
-        raise ValueError(f"B: expected dtype {A.dtype} (A's dtype), got {B.dtype}")
+    # The adapters' dtype rule (fp32 adapters with half activations) is the op's: adapter_dtypes.h.
     for t, name in ((A, "A"), (B, "B")):
         check_same_device(t, name, x, "x")
     return E, d_in, r, B.shape[2]
@@ -72,12 +66,6 @@ def _routing_rows(x, topk_weights, topk_ids, n_experts: int, check_ids: bool):
     return weights, ids
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    return float(scale)
-
-
 def moe_lora(x, A, B, topk_weights, topk_ids, *, scale: float, out=None, check_ids: bool = True):
     """Mixture of LoRA experts: ``y_n = scale * sum_j w_nj * (x_n @ A[e_nj]) @ B[e_nj]`` with
     ``e_nj = topk_ids[n, j]`` and ``w_nj = topk_weights[n, j]``, computing only the selected experts
@@ -101,7 +89,7 @@ def moe_lora(x, A, B, topk_weights, topk_ids, *, scale: float, out=None, check_i
     """
     E, _, _, d_out = _check_experts(x, A, B)
     weights, ids = _routing_rows(x, topk_weights, topk_ids, E, check_ids)
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(ids.shape[0], x.shape[-1])
     if out is None:
@@ -162,21 +150,5 @@ def _moe_lora_backward_fake(grad_y, x, A, B, topk_weights, topk_ids, scale, z, o
 
 # ---- autograd: the forward's per-slot z is saved, so the backward does not re-project x ----
 
-
-def _moe_lora_setup(ctx, inputs, output):
-    x, A, B, topk_weights, topk_ids, ctx.scale = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, A, B, topk_weights, topk_ids, output[1])
-
-
-def _moe_lora_backward(ctx, grad_y, grad_z):
-    mask = ctx.needs_input_grad[:4]
-    if not any(mask):
-        return (None,) * 6
-    x, A, B, topk_weights, topk_ids, z = ctx.saved_tensors
-    grads = torch.ops.mhr_ops.moe_lora_backward(grad_y, x, A, B, topk_weights, topk_ids, ctx.scale, z, list(mask))
-    return *(g if needed else None for g, needed in zip(grads, mask, strict=True)), None, None
-
-
-torch.library.register_autograd("mhr_ops::moe_lora", _moe_lora_backward, setup_context=_moe_lora_setup)
+register_bottleneck_autograd("mhr_ops::moe_lora", torch.ops.mhr_ops.moe_lora_backward, n_tensors=5, n_grads=4)
 register_no_double_backward("mhr_ops::moe_lora_backward", "moe_lora")

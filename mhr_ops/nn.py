@@ -10,7 +10,7 @@ from torch import nn
 from ._autograd import needs_autograd
 from ._tasks import check_merged_task_once, resolve_task_ids
 from .lora import adapted_linear, routed_lora
-from .routing import ROUTE_MODES, route
+from .routing import check_route_options, route
 
 
 class MHRLinear(nn.Module):
@@ -62,11 +62,6 @@ class MHRLinear(nn.Module):
             raise ValueError(
                 f"n_splits: expected a divisor of in_features={d_in} and out_features={d_out}, got {n_splits}"
             )
-        for name, mode in (("train_mode", train_mode), ("eval_mode", eval_mode)):
-            if mode not in ROUTE_MODES:
-                raise ValueError(f"{name}: expected one of {ROUTE_MODES}, got {mode!r}")
-        if top_k is not None and not 1 <= top_k <= n_skills:
-            raise ValueError(f"top_k: expected in [1, {n_skills}], got {top_k}")
         if freeze_base:
             base.requires_grad_(False)
         self.base = base
@@ -79,6 +74,10 @@ class MHRLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(n_splits, n_skills, d_in // n_splits, r, **kw))
         self.B = nn.Parameter(torch.empty(n_splits, n_skills, r, d_out // n_splits, **kw))
         self.logits = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills, **kw))
+        for name, mode in (("train_mode", train_mode), ("eval_mode", eval_mode)):
+            check_route_options(
+                self.logits, n_skills=n_skills, mode=mode, top_k=top_k, temperature=temperature, eps=eps, name=name
+            )
         self.merged_task: int | None = None
         self._mhr_task_ids = None
         self.reset_parameters(init_weights)

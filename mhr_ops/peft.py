@@ -74,11 +74,7 @@ def accelerated_forward(self, x: torch.Tensor, *args, task_ids=None, **kwargs) -
     result = base(x, *args, **kwargs)
     for a in active:
         A, B = self.poly_lora_A[a], self.poly_lora_B[a]
-        xa = (
-            x
-            if x.dtype == A.dtype or (x.dtype in (torch.float16, torch.bfloat16) and A.dtype == torch.float32)
-            else x.to(A.dtype)
-        )
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
         out = result if result.dtype == xa.dtype else result.to(xa.dtype)
         result = routed_lora(
             xa, A, B, _routing_weights(self, a, ids), groups, scale=1.0 / self.r[a], out=out, check_ids=False

@@ -9,8 +9,6 @@ from . import _C  # noqa: F401  (loads the op registrations)
 from ._autograd import call_op, register_no_double_backward
 from ._checks import FLOAT_DTYPES, as_index_tensor, check_id_range, check_int, check_same_device, check_tensor
 
-ROUTE_MODES = ("sigmoid", "relaxed_bernoulli", "softmax", "average")
-
 
 def route(
     logits: torch.Tensor,
@@ -68,38 +66,43 @@ def route(
     if task_ids.dim() != 1:
         raise ValueError(f"task_ids: expected a 1-D tensor [G], got shape {tuple(task_ids.shape)}")
     check_same_device(task_ids, "task_ids", logits, "logits")
-    if mode not in ROUTE_MODES:
-        raise ValueError(f"mode: expected one of {ROUTE_MODES}, got {mode!r}")
+    # The mode, top_k's range, temperature > 0, eps >= 0 and noise are the op's contract
+    # (csrc/torch/route_args.cpp, ValueError naming the argument). Python checks the types the
+    # schema cannot take, and the logits / n_skills / task_ids shapes its noise draw needs.
     temperature = _as_number(temperature, "temperature")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-    if top_k is not None:
-        check_int(top_k, "top_k", low=1, high=n_skills, what=" (1..n_skills)")
     eps = _as_number(eps, "eps")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    n_groups, n_heads = task_ids.shape[0], logits.shape[1] // n_skills
-    if mode == "relaxed_bernoulli":
-        if noise is None:
-            # Under torch.compile with dynamic shapes, torch.rand's generator overload takes no
-            # symbolic sizes: pass generator only when there is one (the same draw either way).
-            extra = {} if generator is None else {"generator": generator}
-            noise = torch.rand((n_groups, n_heads, n_skills), dtype=logits.dtype, device=logits.device, **extra)
-        else:
-            check_tensor(noise, "noise", ndim=3)
-            if tuple(noise.shape) != (n_groups, n_heads, n_skills):
-                raise ValueError(
-                    f"noise: expected shape {(n_groups, n_heads, n_skills)} [G, h, S], got {tuple(noise.shape)}"
-                )
-            if noise.dtype != logits.dtype:
-                raise ValueError(f"noise: expected dtype {logits.dtype} (the logits dtype), got {noise.dtype}")
-            check_same_device(noise, "noise", logits, "logits")
-    elif noise is not None:
-        raise ValueError(f"noise: only mode 'relaxed_bernoulli' uses noise, got mode {mode!r}")
+    if top_k is not None:
+        check_int(top_k, "top_k")
+    if noise is not None:
+        check_tensor(noise, "noise")
+    elif mode == "relaxed_bernoulli":
+        # Under torch.compile with dynamic shapes, torch.rand's generator overload takes no
+        # symbolic sizes: pass generator only when there is one (the same draw either way).
+        extra = {} if generator is None else {"generator": generator}
+        shape = (task_ids.shape[0], logits.shape[1] // n_skills, n_skills)
+        noise = torch.rand(shape, dtype=logits.dtype, device=logits.device, **extra)
     if check_ids:
         check_id_range(task_ids, "task_ids", logits.shape[0], "task")
-    args = (logits, task_ids, noise, n_skills, mode, temperature, top_k or 0, eps)
+    args = (logits, task_ids, noise, n_skills, mode, temperature, top_k, eps)
     return call_op(torch.ops.mhr_ops.route, args, (logits,))
+
+
+def check_route_options(logits, *, n_skills: int, mode: str, top_k, temperature, eps, name: str = "mode") -> None:
+    """Asks the op, which owns these rules, whether it takes these routing options, by routing no
+    group (a module checks its options when it is built, not at its first forward). ``name``
+    names the option in the message (a module's ``train_mode`` / ``eval_mode``)."""
+    ids = torch.empty(0, dtype=torch.long, device=logits.device)
+    noise = None
+    if mode == "relaxed_bernoulli":  # an empty draw all the same: no random number is taken
+        noise = logits.new_empty((0, logits.shape[1] // n_skills, n_skills))
+    try:
+        with torch.no_grad():
+            route(logits, ids, n_skills=n_skills, mode=mode, temperature=temperature, top_k=top_k, eps=eps, noise=noise)
+    except ValueError as e:
+        message = str(e)
+        if message.startswith("mode:") and name != "mode":
+            raise ValueError(name + message[len("mode") :]) from None
+        raise
 
 
 def _as_number(value, name: str) -> float:

@@ -30,6 +30,7 @@ if EMULATED_CUDA:
         "routed_lora_add_",
         "routed_lora_backward",
         "mhr_linear",
+        "mhr_linear_backward",
         "head_gates",
         "head_gates_backward",
         "gated_head_proj",

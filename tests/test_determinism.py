@@ -130,11 +130,14 @@ def test_expanded_and_contiguous_grad_give_the_same_bits():
     gy = torch.ones(x2.shape[0], B.shape[0] * B.shape[3])
     expanded = torch.ones(1, 1).expand_as(gy)
     transposed = torch.ones(gy.shape[1], gy.shape[0]).t()
-    for base in (None, weight):
-        ref = torch.ops.mhr_ops.routed_lora_backward(gy, x2, A, B, w, task_ids, 64, 0.5, z, base, [True] * 4)
+    ops = torch.ops.mhr_ops
+    for op, args in (
+        (ops.routed_lora_backward, (x2, A, B, w, task_ids, 64, 0.5, z, [True] * 4)),
+        (ops.mhr_linear_backward, (x2, weight, True, A, B, w, task_ids, 64, 0.5, z, [True] * 6)),
+    ):
+        ref = op(gy, *args)
         for other in (expanded, transposed):
-            got = torch.ops.mhr_ops.routed_lora_backward(other, x2, A, B, w, task_ids, 64, 0.5, z, base, [True] * 4)
-            for a, b in zip(ref, got, strict=True):
+            for a, b in zip(ref, op(other, *args), strict=True):
                 assert torch.equal(a, b)
 
 

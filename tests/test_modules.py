@@ -210,8 +210,12 @@ def test_bad_module_arguments():
         MHRLinear(nn.Conv1d(2, 2, 1), r=1, n_skills=1, n_tasks=1)
     with pytest.raises(ValueError, match="n_splits: expected a divisor"):
         MHRLinear(nn.Linear(10, 8), r=1, n_skills=2, n_tasks=1, n_splits=4)
-    with pytest.raises(ValueError, match="train_mode: expected one of"):
+    with pytest.raises(ValueError, match=r"train_mode: expected one of \('sigmoid', .*got 'gumbel'"):
         MHRLinear(nn.Linear(8, 8), r=1, n_skills=2, n_tasks=1, train_mode="gumbel")
+    with pytest.raises(ValueError, match=r"eval_mode: expected one of \('sigmoid', .*got 'hard'"):
+        MHRLinear(nn.Linear(8, 8), r=1, n_skills=2, n_tasks=1, eval_mode="hard")
+    with pytest.raises(ValueError, match="temperature: expected a number > 0"):
+        MHRLinear(nn.Linear(8, 8), r=1, n_skills=2, n_tasks=1, temperature=0.0)
     with pytest.raises(ValueError, match=r"top_k: expected in \[1, 2\]"):
         MHRLinear(nn.Linear(8, 8), r=1, n_skills=2, n_tasks=1, top_k=3)
     with pytest.raises(ValueError, match="r: expected an int >= 1"):

@@ -240,8 +240,21 @@ BAD = [
     (dict(B=torch.randn(8, 5, 12)), ValueError, r"B: expected rank r = 4"),
     (dict(A=torch.randn(8, 15, 4)), ValueError, r"x: expected last dim d_in = A.shape\[1\] = 15, got 16"),
     (dict(A=torch.randn(8, 16)), ValueError, "A: expected a 3-D tensor"),
-    (dict(A=torch.randn(8, 16, 4, dtype=torch.float64)), ValueError, "A: expected dtype"),
-    (dict(B=torch.randn(8, 4, 12, dtype=torch.float64)), ValueError, "B: expected dtype"),
+    (
+        dict(A=torch.randn(8, 16, 4, dtype=torch.float64)),
+        ValueError,
+        r"A: expected dtype torch.float32 for x of dtype torch.float32, got torch.float64",
+    ),
+    (
+        dict(B=torch.randn(8, 4, 12, dtype=torch.float64)),
+        ValueError,
+        r"B: expected dtype torch.float32 \(A's dtype\), got torch.float64",
+    ),
+    (
+        dict(x=torch.randn(2, 5, 16).bfloat16(), A=torch.randn(8, 16, 4).half()),
+        ValueError,
+        r"A: expected dtype torch.bfloat16 or torch.float32 for x of dtype torch.bfloat16, got torch.float16",
+    ),
     (dict(topk_weights=torch.ones(2, 5, 2, dtype=torch.long)), ValueError, "topk_weights: expected dtype"),
     (dict(scale="0.5"), TypeError, "scale: expected a float"),
     (dict(out=torch.zeros(2, 5, 11)), ValueError, r"out: expected shape \(2, 5, 12\)"),

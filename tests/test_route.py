@@ -238,7 +238,7 @@ def test_unchecked_out_of_range_ids_give_nan_not_a_crash(device):
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(device, mode):
     logits, task_ids, noise = make_inputs(4, 2, 5, 6, device=device, mode=mode, seed=11)
-    for top_k in (0, 2):
+    for top_k in (None, 2):
         args = (logits, task_ids, noise, 5, mode, 0.9, top_k, 1e-12)
         torch.library.opcheck(torch.ops.mhr_ops.route, (logits.clone().requires_grad_(), *args[1:]))
         grad = torch.randn(6, 2, 5, device=device)
@@ -313,13 +313,16 @@ def test_bad_input_device_mismatch():
 
 
 def test_op_level_checks_name_the_argument():
-    """Direct torch.ops calls (no Python validation) still get argument-naming errors from C++."""
-    with pytest.raises(RuntimeError, match="top_k: expected"):
-        torch.ops.mhr_ops.route(torch.randn(2, 4), torch.tensor([0]), None, 2, "sigmoid", 1.0, 3, 1e-12)
-    with pytest.raises(RuntimeError, match="noise: mode 'relaxed_bernoulli' needs"):
-        torch.ops.mhr_ops.route(torch.randn(2, 4), torch.tensor([0]), None, 2, "relaxed_bernoulli", 1.0, 0, 1e-12)
-    with pytest.raises(RuntimeError, match="mode: expected one of"):
-        torch.ops.mhr_ops.route(torch.randn(2, 4), torch.tensor([0]), None, 2, "nope", 1.0, 0, 1e-12)
+    """Direct torch.ops calls get the same argument-naming ValueErrors: the op owns its contract."""
+    route = torch.ops.mhr_ops.route
+    with pytest.raises(ValueError, match=r"top_k: expected in \[1, 2\] \(1..n_skills\), got 3"):
+        route(torch.randn(2, 4), torch.tensor([0]), None, 2, "sigmoid", 1.0, 3, 1e-12)
+    with pytest.raises(ValueError, match=r"top_k: expected in \[1, 2\] \(1..n_skills\), got 0"):
+        route(torch.randn(2, 4), torch.tensor([0]), None, 2, "sigmoid", 1.0, 0, 1e-12)
+    with pytest.raises(ValueError, match="noise: mode 'relaxed_bernoulli' needs"):
+        route(torch.randn(2, 4), torch.tensor([0]), None, 2, "relaxed_bernoulli", 1.0, None, 1e-12)
+    with pytest.raises(ValueError, match=r"mode: expected one of \('sigmoid', 'relaxed_bernoulli', 'softmax', 'av"):
+        route(torch.randn(2, 4), torch.tensor([0]), None, 2, "nope", 1.0, None, 1e-12)
 
 
 def test_temperature_as_0d_tensor():

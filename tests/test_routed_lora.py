@@ -217,9 +217,9 @@ def test_out_with_internal_overlap_is_refused(device):
     x, A, B, w = make(2, 3, 4, 3, 5, 4, (6,), device=device)
     ids = torch.tensor([1, 3, 0, 2, 1, 1], device=device)
     out = torch.zeros(1, 10, device=device).expand(6, 10)
-    with pytest.raises(RuntimeError, match=r"out: expected a tensor without internal overlap .*strides \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"out: expected a tensor without internal overlap .*strides \[0, 1\]"):
         torch.ops.mhr_ops.routed_lora_add_(out, x, A, B, w, ids, 1, 0.5)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="out: expected a tensor without internal overlap"):
+    with torch.no_grad(), pytest.raises(ValueError, match="out: expected a tensor without internal overlap"):
         mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, out=out)
     assert torch.equal(out, torch.zeros(6, 10, device=device))  # refused before anything was written
 
@@ -258,12 +258,12 @@ def test_deterministic_algorithms_alert_where_cuda_uses_atomics(deterministic_al
     x, A, B, w = whole
     y, z = ops.routed_lora(x, A, B, w, ids, 1, 0.5)  # no split: deterministic on every backend
     gy = torch.randn(6, 5)
-    dx = ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [True, False, False, False])[0]
+    dx = ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, [True, False, False, False])[0]
     assert dx.shape == x.shape  # dx alone: unsplit shrink and expand, no atomics
     with alert("routed_lora_backward"):
-        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [False, True, False, False])
+        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, [False, True, False, False])
     with alert("routed_lora_backward"):
-        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, None, [False, False, False, True])
+        ops.routed_lora_backward(gy, x, A, B, w, ids, 1, 0.5, z, [False, False, False, True])
     with alert("routed_lora_add_"):  # mhr_linear: on CUDA the composite over routed_lora_add_
         ops.mhr_linear(split[0], torch.randn(10, 8), None, *split[1:], ids, 1, 0.5)
 
@@ -352,21 +352,38 @@ def test_nan_propagates_to_its_row_only(device):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all() and torch.isfinite(y[1, 6:]).all()
 
 
-def test_unchecked_out_of_range_group_ids_give_nan_rows():
-    """SPEC section 7: with validation skipped, a row whose group id is out of range (here -3, -2,
-    7 and -1) gets a NaN row and every other row its own value. The CPU kernels check each id
-    anyway (free on the host) and raise."""
-    x, A, B, w = make(2, 3, 4, 3, 5, 4, (8,), device="cpu")
-    ids = torch.tensor([1, -3, 0, 7, -2, 2, -1, 1])
-    if not EMULATED_CUDA:
-        with pytest.raises(RuntimeError, match=r"group_ids: expected ids in \[0, 4\), got -3"):
-            mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
-        return
-    y = mhr_ops.routed_lora(x, A, B, w, ids, scale=0.5, check_ids=False)
+# (lead, ids): rows in the forward's and backward's CPU paths: few rows (row tiles / row backward),
+# long runs (runs paths), many rows in short runs (gathered row tiles / project-then-mix)
+BAD_ID_LAYOUTS = {
+    "few_rows": ((8,), [1, -3, 0, 7, -2, 2, -1, 1]),
+    "runs": ((4, 256), [1, 9, -1, 2]),
+    "short_runs": ((2048,), [5, 0, 1, -4, 2, 3] * 341 + [0, 1]),
+}
+
+
+@pytest.mark.parametrize("layout", list(BAD_ID_LAYOUTS))
+def test_unchecked_out_of_range_group_ids_give_nan_rows(layout):
+    """SPEC section 7: with validation skipped, a row whose group id is out of range gets a NaN
+    row (y, and dx in the backward) and adds nothing to the other gradients; every other row gets
+    its own value. The range check itself is the Python layer's (check_ids), on every backend."""
+    lead, ids = BAD_ID_LAYOUTS[layout]
+    r, dk = (8, 32) if layout == "runs" else (3, 16)
+    x, A, B, w = make(2, 3, dk, r, dk // 2, 4, lead, device="cpu", seed=31)
+    ids = torch.tensor(ids)
     bad = (ids < 0) | (ids >= 4)
-    ref = reference.routed_lora(x[~bad], A, B, w, ids[~bad], scale=0.5)
+    ins = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    y = mhr_ops.routed_lora(*ins, ids, scale=0.5, check_ids=False)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(gy)
+    refs = [t.clone().double().requires_grad_() for t in (x[~bad], A, B, w)]
+    ref = reference.routed_lora(*refs, ids[~bad], scale=0.5)
+    ref.backward(gy[~bad].double())
     assert_close(y[~bad], ref, atol=2e-5, rtol=2e-5, what="rows with valid ids")
     assert y[bad].isnan().all(), f"rows with ids {ids[bad].tolist()}: {y[bad]}"
+    assert ins[0].grad[bad].isnan().all() and not ins[0].grad[~bad].isnan().any()
+    assert_close(ins[0].grad[~bad], refs[0].grad, atol=2e-5, rtol=2e-5, what="dx of rows with valid ids")
+    for name, a, b in zip(("A", "B", "weights"), ins[1:], refs[1:], strict=True):
+        assert_close(a.grad, b.grad, atol=5e-5 * max(1.0, b.grad.abs().max().item()), rtol=5e-5, what=f"d{name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -387,11 +404,14 @@ def test_opcheck(device, kind):
     gy = torch.randn(n, 6, device=device)
     weight, bias = torch.randn(6, 8, device=device), torch.randn(6, device=device)
     _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, rows_per_id, 0.5)
-    for mask, base in (([True] * 4, None), ([False, True, False, True], None), ([True] * 4, weight)):
-        args = (gy, x2, A, B, w, ids, rows_per_id, 0.5, z, base, mask)
+    for mask in ([True] * 4, [False, True, False, True]):
+        args = (gy, x2, A, B, w, ids, rows_per_id, 0.5, z, mask)
         torch.library.opcheck(torch.ops.mhr_ops.routed_lora_backward, args)
     req_lin = [t.clone().requires_grad_() for t in (x2, weight, bias, A, B, w)]
     torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, rows_per_id, 0.5))
+    for has_bias, mask in ((True, [True] * 6), (False, [True, False, True, False, True, False])):
+        args = (gy, x2, weight, has_bias, A, B, w, ids, rows_per_id, 0.5, z, mask)
+        torch.library.opcheck(torch.ops.mhr_ops.mhr_linear_backward, args)
 
 
 def test_torch_compile_fullgraph():
@@ -479,6 +499,13 @@ BAD = [
     (dict(weights=torch.rand(4, 2)), ValueError, "weights: expected a 3-D"),
     (dict(A=torch.randn(2, 3, 4, 2, dtype=torch.float64)), ValueError, "A: expected dtype"),
     (dict(B=torch.randn(2, 3, 2, 3, dtype=torch.float64)), ValueError, "B: expected dtype"),
+    (dict(A=torch.randn(2, 3, 4, 0)), ValueError, r"A: expected a non-empty \[h, S, d_in/h, r\], got shape"),
+    (
+        dict(x=torch.randn(2, 5, 8).half(), A=torch.randn(2, 3, 4, 2, dtype=torch.float64)),
+        ValueError,
+        r"A: expected dtype torch.float16 or torch.float32 for x of dtype torch.float16, got torch.float64",
+    ),
+    (dict(A=torch.randn(2, 3, 4, 2).tolist()), TypeError, "A: expected a torch.Tensor, got list"),
     (dict(group_ids=torch.tensor([0, 4])), ValueError, r"group_ids: expected group ids in \[0, 4\), got 4"),
     (dict(group_ids=torch.tensor([-1, 0])), ValueError, r"group_ids: expected group ids in \[0, 4\), got -1"),
     (dict(group_ids=torch.tensor([0, 1, 2])), ValueError, r"group_ids: expected shape \(2, 5\)"),
@@ -515,13 +542,10 @@ def test_bad_input_mhr_linear_and_devices():
 def test_op_level_checks_name_the_argument():
     kw = _good()
     x2 = kw["x"].reshape(10, 8)
-    if EMULATED_CUDA:  # ids stay on the device: an out-of-range one gives NaN rows (SPEC section 7)
-        y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
-        assert y[5:].isnan().all() and not y[:5].isnan().any()
-    else:  # the CPU kernels check every id on the host anyway
-        with pytest.raises(RuntimeError, match="group_ids: expected ids in"):
-            torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
-    with pytest.raises(RuntimeError, match="z: expected the forward's bottleneck"):
+    # the op never reads an out-of-range id: its rows come out NaN (SPEC section 7)
+    y, _ = torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 9]), 5, 1.0)
+    assert y[5:].isnan().all() and not y[:5].isnan().any()
+    with pytest.raises(ValueError, match=r"z: expected the forward's bottleneck \(10, 2\) of dtype torch.float32"):
         torch.ops.mhr_ops.routed_lora_backward(
             torch.randn(10, 6),
             x2,
@@ -532,12 +556,11 @@ def test_op_level_checks_name_the_argument():
             5,
             1.0,
             torch.randn(10, 3),
-            None,
             [True] * 4,
         )
-    with pytest.raises(RuntimeError, match="group_ids: expected 10 / 5 ids"):
+    with pytest.raises(ValueError, match="group_ids: expected 10 / 5 ids"):
         torch.ops.mhr_ops.routed_lora(x2, kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1, 2]), 5, 1.0)
-    with pytest.raises(RuntimeError, match="x: expected d_in"):
+    with pytest.raises(ValueError, match=r"x: expected last dim d_in = h \* A.shape\[2\] = 8 \(d_in must split"):
         torch.ops.mhr_ops.routed_lora(x2[:, :7], kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1]), 5, 1.0)
 
 
@@ -694,9 +717,9 @@ def test_opcheck_grouped_cpu_path():
     torch.library.opcheck(torch.ops.mhr_ops.routed_lora, (*req, ids, 100, 0.5))
     _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, 100, 0.5)
     gy = torch.randn(300, h * dk_out)
-    torch.library.opcheck(
-        torch.ops.mhr_ops.routed_lora_backward, (gy, x2, A, B, w, ids, 100, 0.5, z, weight, [True] * 4)
-    )
+    torch.library.opcheck(torch.ops.mhr_ops.routed_lora_backward, (gy, x2, A, B, w, ids, 100, 0.5, z, [True] * 4))
+    linear_args = (gy, x2, weight, True, A, B, w, ids, 100, 0.5, z, [True] * 6)
+    torch.library.opcheck(torch.ops.mhr_ops.mhr_linear_backward, linear_args)
     req_lin = [t.clone().requires_grad_() for t in (x2, weight, bias, A, B, w)]
     torch.library.opcheck(torch.ops.mhr_ops.mhr_linear, (*req_lin, ids, 100, 0.5))
     y, _ = torch.ops.mhr_ops.mhr_linear(x2, weight, bias, A, B, w, ids, 100, 0.5)
@@ -752,3 +775,86 @@ def test_cpu_build_runs_parallel_loops_on_threads():
     dropped and every parallel CPU loop of the extension runs on one thread (silently slow).
     Wherever torch itself runs on OpenMP (Linux builds), ours must be built with it too."""
     assert mhr_ops.build_info()["openmp"] is True
+
+
+# ---- mhr_linear_backward, the op ----
+
+# (lead, group ids, G): the CPU paths of the backward, chosen by size: few rows in short runs (row
+# kernel), long runs of one group (runs), many rows in short runs (project-then-mix)
+LINEAR_BACKWARD_LAYOUTS = {
+    "rows": ((7,), [2, 0, 2, 1, 1, 0, 2], 3),
+    "runs": ((4, 256), [1, 2, 1, 0], 3),
+    "project_then_mix": ((160,), None, 3),
+}
+LINEAR_BACKWARD_MASKS = [[True] * 6, [False, True, True, False, False, True], [True, False, False, True, True, False]]
+
+
+@pytest.mark.parametrize("layout", list(LINEAR_BACKWARD_LAYOUTS))
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_mhr_linear_backward_op_against_reference(layout, has_bias):
+    """torch.ops.mhr_ops.mhr_linear_backward called directly in float64 against the gradients of
+    the float64 reference (mhr_ops.reference.mhr_linear), on each CPU path; a gradient whose
+    output_mask entry is False comes back empty."""
+    lead, ids, G = LINEAR_BACKWARD_LAYOUTS[layout]
+    h, S, dk_in, r, dk_out = (2, 4, 48, 4, 48) if layout == "runs" else (2, 3, 4, 2, 3)
+    x, A, B, w = make(h, S, dk_in, r, dk_out, G, lead, device="cpu", dtype=torch.float64, seed=12)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.tensor(ids) if ids is not None else torch.randint(0, G, lead, generator=gen)
+    weight = torch.randn(h * dk_out, h * dk_in, dtype=torch.float64, generator=gen)
+    bias = torch.randn(h * dk_out, dtype=torch.float64, generator=gen) if has_bias else None
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias, A, B, w) if t is not None]
+    if not has_bias:
+        inputs.insert(2, None)
+    y = reference.mhr_linear(*inputs, ids, scale=0.5)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    wanted = torch.autograd.grad(y, [t for t in inputs if t is not None], gy)
+    if not has_bias:
+        wanted = (*wanted[:2], None, *wanted[2:])
+    x2, gy2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    rows_per_id = x2.shape[0] // ids.numel()
+    _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids.reshape(-1), rows_per_id, 0.5)
+    for mask in LINEAR_BACKWARD_MASKS:
+        got = torch.ops.mhr_ops.mhr_linear_backward(
+            gy2, x2, weight, has_bias, A, B, w, ids.reshape(-1), rows_per_id, 0.5, z, mask
+        )
+        for name, g, want, needed in zip(("x", "weight", "bias", "A", "B", "weights"), got, wanted, mask, strict=True):
+            if not needed or want is None:
+                assert g.numel() == 0, f"d{name}: not asked for, got shape {tuple(g.shape)}"
+                continue
+            assert_close(g.reshape(want.shape), want, atol=1e-10, rtol=1e-10, what=f"d{name} ({layout}, {mask})")
+
+
+def test_mhr_linear_gradcheck_project_then_mix():
+    """fp64 gradcheck of mhr_linear (autograd through mhr_linear_backward) where the CPU backward
+    takes project-then-mix (many rows in short runs); test_gradcheck_float64 covers the others."""
+    x, A, B, w = make(2, 3, 2, 2, 2, 3, (100,), device="cpu", dtype=torch.float64, seed=8)
+    ids = torch.randint(0, 3, (100,), generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(4, 4, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias, A, B, w))
+    assert torch.autograd.gradcheck(
+        lambda xx, W, b, a, bb, ww: mhr_ops.mhr_linear(xx, W, b, a, bb, ww, ids, scale=0.3), inputs, fast_mode=True
+    )
+
+
+def test_mhr_linear_backward_bad_input():
+    """The op checks its own arguments and names them; double backward is refused clearly."""
+    kw = _good()
+    x2 = kw["x"].reshape(10, 8)
+    A, B, w, ids = kw["A"], kw["B"], kw["weights"], torch.tensor([0, 1])
+    _, z = torch.ops.mhr_ops.routed_lora(x2, A, B, w, ids, 5, 1.0)
+    gy, weight = torch.randn(10, 6), torch.randn(6, 8)
+    op = torch.ops.mhr_ops.mhr_linear_backward
+    with pytest.raises(ValueError, match=r"weight: expected shape \(6, 8\) \[d_out, d_in\], got \(6, 7\)"):
+        op(gy, x2, torch.randn(6, 7), True, A, B, w, ids, 5, 1.0, z, [True] * 6)
+    with pytest.raises(ValueError, match=r"weight: expected dtype torch.float32 \(x's dtype\), got torch.float64"):
+        op(gy, x2, weight.double(), True, A, B, w, ids, 5, 1.0, z, [True] * 6)
+    with pytest.raises(ValueError, match=r"grad_y: expected shape \(10, 6\), got \(10, 5\)"):
+        op(torch.randn(10, 5), x2, weight, True, A, B, w, ids, 5, 1.0, z, [True] * 6)
+    with pytest.raises(ValueError, match="z: expected the forward's bottleneck"):
+        op(gy, x2, weight, True, A, B, w, ids, 5, 1.0, torch.randn(10, 3), [True] * 6)
+    xg = kw["x"].double().requires_grad_()
+    y = mhr_ops.mhr_linear(xg, weight.double(), None, A.double(), B.double(), w.double(), kw["group_ids"], scale=1.0)
+    (g,) = torch.autograd.grad(y.square().sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="mhr_linear: double backward"):
+        g.sum().backward()

@@ -19,6 +19,15 @@ namespace mhr_ops {
 
 constexpr int64_t kLoraRowTile = 8;
 
+// Rows [start, start + rows) of one group, and the slot of that group's mixed adapter in the
+// caller's per-slot buffers. For the gathered kernel, start indexes the grouped row list.
+struct LoraRun {
+  int64_t start = 0;
+  int64_t rows = 0;
+  int64_t group = 0;
+  int64_t slot = 0;
+};
+
 struct LoraRowsParams {
   const void* x = nullptr;  // [N, d_in] of T, unit column stride
   int64_t x_stride_n = 0;
@@ -55,10 +64,8 @@ struct LoraGatheredParams {
   void* z = nullptr;           // out: [N, r] of T, contiguous
   const void* a_mix = nullptr;  // [slots, d_in, r] of T, contiguous: A_g of each slot
   const void* b_mix = nullptr;  // [slots, r, d_out] of T, contiguous: scale * B_g of each slot
-  const int64_t* rows = nullptr;  // row indices, grouped: piece i is rows[piece_start[i] ...]
-  const int64_t* piece_start = nullptr;  // [pieces] offset into rows
-  const int64_t* piece_rows = nullptr;   // [pieces] number of rows
-  const int64_t* piece_slot = nullptr;   // [pieces] slot of the piece's group in a_mix / b_mix
+  const int64_t* rows = nullptr;  // row indices, grouped: piece i is rows[pieces[i].start ...]
+  const LoraRun* pieces = nullptr;  // [pieces]: offset into rows, number of rows, slot in a_mix / b_mix
   int64_t d_in = 0;
   int64_t d_out = 0;
   int64_t rank = 0;

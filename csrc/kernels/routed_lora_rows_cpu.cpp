@@ -193,10 +193,11 @@ MHR_ROWS_INLINE void gathered_forward(const LoraGatheredParams& p, int64_t piece
   T* yacc = z + kT * R;
   Tile<T> tile;
   for (int64_t i = piece_begin; i < piece_end; ++i) {
-    const T* a = static_cast<const T*>(p.a_mix) + p.piece_slot[i] * p.d_in * R;
-    const T* b = static_cast<const T*>(p.b_mix) + p.piece_slot[i] * R * p.d_out;
-    const int64_t* rows = p.rows + p.piece_start[i];
-    const int64_t count = p.piece_rows[i];
+    const LoraRun& piece = p.pieces[i];
+    const T* a = static_cast<const T*>(p.a_mix) + piece.slot * p.d_in * R;
+    const T* b = static_cast<const T*>(p.b_mix) + piece.slot * R * p.d_out;
+    const int64_t* rows = p.rows + piece.start;
+    const int64_t count = piece.rows;
     int64_t t0 = 0;
     for (; t0 + kT <= count; t0 += kT) {
       for (int t = 0; t < kT; ++t) {

@@ -4,6 +4,7 @@
 
 #include <utility>
 
+#include "adapter_dtypes.h"
 #include "tensor_utils.h"
 
 namespace mhr_ops {
@@ -38,12 +39,7 @@ MoeDims check_moe_lora(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   check_float(topk_weights, "topk_weights");
   TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt,
                    "topk_ids: expected an int64 or int32 tensor, got ", topk_ids.scalar_type());
-  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK_VALUE(A.scalar_type() == x.scalar_type() || (half_x && A.scalar_type() == at::kFloat),
-                    "A: expected dtype ", x.scalar_type(), (half_x ? " or float32" : ""), " for x of dtype ",
-                    x.scalar_type(), ", got ", A.scalar_type());
-  TORCH_CHECK_VALUE(B.scalar_type() == A.scalar_type(), "B: expected dtype ", A.scalar_type(), " (A's dtype), got ",
-                    B.scalar_type());
+  check_adapter_dtypes(x, A, B);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"},
                                 {topk_weights, "topk_weights"}, {topk_ids, "topk_ids"}})
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected a tensor on ", x.device(),

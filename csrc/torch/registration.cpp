@@ -4,14 +4,14 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mhr_ops, m) {
-  // SPEC section 2. top_k = 0 keeps every skill; noise is the relaxed-Bernoulli uniforms [G, h, S].
+  // SPEC section 2. top_k = None keeps every skill; noise is the relaxed-Bernoulli uniforms [G, h, S].
   m.def(
       "route(Tensor logits, Tensor task_ids, Tensor? noise, int n_skills, str mode, float temperature, "
-      "int top_k, float eps) -> Tensor");
+      "int? top_k, float eps) -> Tensor");
   // Gradient of route with respect to logits, [T, h*S] in the logits dtype.
   m.def(
       "route_backward(Tensor grad_weights, Tensor logits, Tensor task_ids, Tensor? noise, int n_skills, "
-      "str mode, float temperature, int top_k, float eps) -> Tensor");
+      "str mode, float temperature, int? top_k, float eps) -> Tensor");
 
   // SPEC section 3, on rows: x [N, d_in], row n uses group group_ids[n / rows_per_group_id].
   // Returns y [N, d_out] in x's dtype, and the rank bottleneck z = x @ A_g [N, r] in fp32 (fp64
@@ -23,17 +23,22 @@ TORCH_LIBRARY(mhr_ops, m) {
   m.def(
       "routed_lora_add_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
       "int rows_per_group_id, float scale) -> Tensor");
-  // Gradients (x, A, B, weights) of routed_lora, given the forward's z. With base_weight
-  // ([d_out, d_in], mhr_linear) the returned dx also holds the base layer's grad_y @ base_weight.
-  // output_mask skips the gradients not needed (returned empty).
+  // Gradients (x, A, B, weights) of routed_lora, given the forward's z; output_mask skips the
+  // gradients not needed (returned empty).
   m.def(
       "routed_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
-      "int rows_per_group_id, float scale, Tensor z, Tensor? base_weight, bool[4] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "int rows_per_group_id, float scale, Tensor z, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // F.linear(x, weight, bias) + routed_lora(...), one output allocation; returns (y, z).
   m.def(
       "mhr_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor weights, Tensor group_ids, "
       "int rows_per_group_id, float scale) -> (Tensor, Tensor)");
+  // Gradients (x, weight, bias, A, B, weights) of mhr_linear, given the forward's z; has_bias: the
+  // forward had a bias. output_mask skips the gradients not needed (returned empty). Fused on the
+  // CPU (routed_lora_backward_cpu.cpp), composite elsewhere (mhr_linear.cpp).
+  m.def(
+      "mhr_linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool has_bias, Tensor A, Tensor B, "
+      "Tensor weights, Tensor group_ids, int rows_per_group_id, float scale, Tensor z, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // SPEC section 4, on rows: x [N, d_in], A [E, d_in, r], B [E, r, d_out], topk_weights / topk_ids
   // [N, k]. Returns y [N, d_out] in x's dtype and the per-slot bottleneck z = x_n @ A_e [N, k, r]

@@ -21,7 +21,7 @@ at::Tensor optional_to(const std::optional<at::Tensor>& t, at::ScalarType dtype)
 }
 
 at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const std::optional<at::Tensor>& noise,
-                     int64_t n_skills, c10::string_view mode, double temperature, int64_t top_k, double eps) {
+                     int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   const auto dtype = compute_dtype(logits);
   const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);
@@ -41,7 +41,7 @@ at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const
 
 at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& task_ids,
                               const std::optional<at::Tensor>& noise, int64_t n_skills, c10::string_view mode,
-                              double temperature, int64_t top_k, double eps) {
+                              double temperature, std::optional<int64_t> top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   const auto dtype = compute_dtype(logits);
   const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);

@@ -1,24 +1,15 @@
-// Argument checks shared by the CPU and CUDA registrations of routed_lora, its backward and
-// mhr_linear.
+// Argument checks shared by the CPU and CUDA registrations of routed_lora, mhr_linear and their
+// backwards: the ops' contract. Failures raise ValueError in Python (TORCH_CHECK_VALUE) and name
+// the argument; the Python layer checks only what the op cannot see (docs/API.md, Errors).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-namespace mhr_ops {
+#include <optional>
 
-// Validated sizes of one routed_lora problem.
-struct LoraDims {
-  int64_t rows = 0;        // N
-  int64_t d_in = 0;
-  int64_t d_out = 0;
-  int64_t heads = 0;       // h
-  int64_t skills = 0;      // S
-  int64_t rank = 0;        // r
-  int64_t groups = 0;      // G
-  int64_t dk_in = 0;       // d_in / h
-  int64_t dk_out = 0;      // d_out / h
-  int64_t rows_per_id = 1;
-};
+#include "../kernels/routed_lora.h"
+
+namespace mhr_ops {
 
 // x [N, d_in]; A [h, S, d_in/h, r]; B [h, S, r, d_out/h]; weights [G, h, S];
 // group_ids [N / rows_per_group_id]. Every failure names the argument.
@@ -37,7 +28,9 @@ void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims
 // x), on x's device. Any strides.
 void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d);
 
-// mhr_linear's base layer: weight [d_out, d_in] in x's dtype, x [N, d_in].
-void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight);
+// mhr_linear's base layer: weight [d_out, d_in] and bias [d_out] (optional) in x's dtype, on x's
+// device.
+void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const LoraDims& d);
 
 }  // namespace mhr_ops

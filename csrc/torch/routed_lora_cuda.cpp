@@ -2,7 +2,6 @@
 // shrink / expand / wgrad kernels (csrc/kernels/routed_lora_cuda.cu) on the current stream.
 // No host synchronization: group segments are found by the kernels themselves.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include "../kernels/routed_lora.h"
@@ -149,21 +148,14 @@ at::Tensor routed_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
-    const std::optional<at::Tensor>& base_weight, std::array<bool, 4> mask) {
+    std::array<bool, 4> mask) {
   const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);
   const auto acc = x.options().dtype(acc_type(x));
   check_bottleneck(z, x, o.d);
   const at::Tensor zc = z.contiguous();  // the wgrad kernel reads it as [N, r] contiguous
-  // dx starts as the base layer's gradient grad_y @ base_weight (mhr_linear); the adapter adds into it.
-  const bool has_base = base_weight.has_value() && base_weight->defined();
-  if (has_base)
-    TORCH_CHECK(base_weight->dim() == 2 && base_weight->size(0) == o.d.d_out && base_weight->size(1) == o.d.d_in,
-                "base_weight: expected shape [", o.d.d_out, ", ", o.d.d_in, "], got ", base_weight->sizes());
-  at::Tensor dx = !mask[0]   ? at::empty({0}, x.options())
-                  : has_base ? at::mm(grad_y, *base_weight)
-                             : at::empty({o.d.rows, o.d.d_in}, x.options());
+  at::Tensor dx = mask[0] ? at::empty({o.d.rows, o.d.d_in}, x.options()) : at::empty({0}, x.options());
   // fp32 (fp64) accumulators in the skill matrices' own (contiguous) layout.
   at::Tensor dA = mask[1] ? at::zeros(o.A.sizes(), acc) : at::Tensor();
   at::Tensor dB = mask[2] ? at::zeros(o.B.sizes(), acc) : at::Tensor();
@@ -174,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
     // The wgrad sums dw with atomics, and dA / dB too on the SIMT path.
     const bool tensor_cores = routed_lora_uses_tensor_cores(o.data, o.matrix, o.d.rows);
     if (mask[3] || ((mask[1] || mask[2]) && !tensor_cores)) alert_not_deterministic(op);
-    if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/has_base);
+    if (mask[0]) expand(o, gz, skill_matrices(o.A, true), dx, o.d.dk_in, 1.0, /*accumulate=*/false);
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
     if (mask[2] || mask[3]) wgrad(o, grad_y, zc, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
   }

@@ -4,9 +4,21 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 #include "../kernels/common.h"
 
 namespace mhr_ops {
+
+// How Python prints a shape, (2, 3) or (6,), and a dtype, torch.float32 or float32: the op's
+// errors read as the Python layer's did when it held the checks.
+inline std::string py_shape(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+inline std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
+inline std::string py_dtype(at::ScalarType t) { return "torch." + dtype_name(t); }
 
 // The kernel layer's element type for a floating tensor; `arg` names it in the error.
 inline DType kernel_dtype(const at::Tensor& t, const char* arg) {
@@ -20,20 +32,21 @@ inline DType kernel_dtype(const at::Tensor& t, const char* arg) {
     case at::kDouble:
       return DType::kFloat64;
     default:
-      TORCH_CHECK(false, arg, ": expected a float16, bfloat16, float32 or float64 tensor, got ", t.scalar_type());
+      TORCH_CHECK_VALUE(false, arg, ": expected dtype in (float16, bfloat16, float32, float64), got ",
+                        dtype_name(t.scalar_type()));
   }
 }
 
 // The kernel layer's index type for an integer tensor; `arg` names it in the error.
 inline IndexType kernel_index_type(const at::Tensor& t, const char* arg) {
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, arg,
-              ": expected an int64 or int32 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, arg,
+                    ": expected dtype in (int32, int64), got ", dtype_name(t.scalar_type()));
   return t.scalar_type() == at::kInt ? IndexType::kInt32 : IndexType::kInt64;
 }
 
 inline void check_same_device(const at::Tensor& t, const char* arg, const at::Tensor& ref, const char* ref_arg) {
-  TORCH_CHECK(t.device() == ref.device(), arg, ": expected a tensor on ", ref.device(), " (the device of ", ref_arg,
-              "), got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), arg, ": expected a tensor on ", ref.device(), " (the device of ",
+                    ref_arg, "), got ", t.device());
 }
 
 // torch.finfo(dtype).eps and .tiny, as torch.distributions uses them.

@@ -121,22 +121,18 @@ void check_gathered(const Problem& p, bool accumulate, bool with_bias, bool avx2
     EXPECT_TRUE(ga < gb || (ga == gb && order[i] < order[i + 1]));
   }
   // pieces of at most 5 rows (partial tiles, several pieces per group), every group a slot
-  std::vector<int64_t> ps, pr, pslot;
+  std::vector<mhr_ops::LoraRun> pieces;
   for (int64_t g = 0; g < p.G; ++g)
-    for (int64_t o = start[g]; o < start[g + 1]; o += 5) {
-      ps.push_back(o);
-      pr.push_back(std::min<int64_t>(5, start[g + 1] - o));
-      pslot.push_back(g);
-    }
+    for (int64_t o = start[g]; o < start[g + 1]; o += 5) pieces.push_back({o, std::min<int64_t>(5, start[g + 1] - o), g, g});
   const auto x = as<T>(p.x), am = as<T>(a_mix), bm = as<T>(b_mix), bias = as<T>(p.bias);
   auto y = as<T>(p.y0);
   std::vector<T> z(p.N * p.R, T(-7));
   LoraGatheredParams q;
   q.x = x.data(), q.x_stride_n = p.x_stride, q.y = y.data(), q.y_stride_n = p.y_stride, q.accumulate = accumulate;
   q.bias = with_bias ? bias.data() : nullptr, q.z = z.data(), q.a_mix = am.data(), q.b_mix = bm.data();
-  q.rows = order.data(), q.piece_start = ps.data(), q.piece_rows = pr.data(), q.piece_slot = pslot.data();
+  q.rows = order.data(), q.pieces = pieces.data();
   q.d_in = d_in, q.d_out = d_out, q.rank = p.R;
-  mhr_ops::routed_lora_gathered_forward_cpu<T>(q, 0, static_cast<int64_t>(ps.size()), avx2);
+  mhr_ops::routed_lora_gathered_forward_cpu<T>(q, 0, static_cast<int64_t>(pieces.size()), avx2);
   for (int64_t n = 0; n < p.N; ++n) {
     for (int64_t j = 0; j < p.R; ++j) EXPECT_NEAR(z[n * p.R + j], z_ref[n * p.R + j], tol * (1 + std::fabs(z_ref[n * p.R + j])));
     for (int64_t c = 0; c < d_out; ++c) {
