@@ -217,3 +217,24 @@ def test_committed_record_is_consistent():
         assert c["roofline_us"] == pytest.approx(T.roofline_us(c["ideal_bytes"], c["ideal_flops"]), rel=1e-3, abs=1e-3)
         assert all(t["met"] in (True, False) for t in c["targets"])
         assert c["counts"] in ("full", "extrapolated") and c["n_full"] >= max(c["n_emulated"])
+
+
+@pytest.mark.parametrize(
+    "name, kernels",
+    [
+        ("gpu-train", ["tc_shrink_kernel", "tc_expand_kernel"]),
+        ("gpu-decode", ["tc_shrink_kernel", "tc_expand_kernel"]),
+        ("t0-mhr", ["tc_shrink_kernel", "tc_expand_kernel"]),
+    ],
+)
+def test_linear_plans_follow_the_kernels_path(name, kernels):
+    """The plans name the kernels routed_lora_uses_tensor_cores picks at the full size (fp16 / bf16,
+    more than 64 rows), and the emulated sizes take the same path (else the cases refuse to build)."""
+    from mhr_ops.benchmarking.shapes import SHAPE_SETS
+
+    assert T.uses_tensor_cores(16, T.TC_MIN_ROWS + 1) and not T.uses_tensor_cores(16, T.TC_MIN_ROWS)
+    assert not T.uses_tensor_cores(32, 10**6)
+    cases = emulated.linear_cases(None, SHAPE_SETS[name])
+    fwd = [c for c, _ in cases[0].plan]
+    assert fwd == kernels
+    assert all(f > 0 for _, f in cases[1].plan)
