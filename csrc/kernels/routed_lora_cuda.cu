@@ -388,26 +388,7 @@ bool shapes_ok(int64_t rows, int64_t rank, int64_t dk, const RowRouting& r) {
 // Binds xt / mt to a supported (data, matrix) type pair and returns the expression.
 #define MHR_DISPATCH_DATA_MATRIX(data, matrix, ...)                                   \
   do {                                                                                \
-    if ((data) == DType::kFloat16 && (matrix) == DType::kFloat16) {                   \
-      using xt = __half;                                                              \
-      using mt = __half;                                                              \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
-    if ((data) == DType::kFloat16 && (matrix) == DType::kFloat32) {                   \
-      using xt = __half;                                                              \
-      using mt = float;                                                               \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
-    if ((data) == DType::kBFloat16 && (matrix) == DType::kBFloat16) {                 \
-      using xt = __nv_bfloat16;                                                       \
-      using mt = __nv_bfloat16;                                                       \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
-    if ((data) == DType::kBFloat16 && (matrix) == DType::kFloat32) {                  \
-      using xt = __nv_bfloat16;                                                       \
-      using mt = float;                                                               \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
+    MHR_DISPATCH_16BIT_PAIRS(data, matrix, __VA_ARGS__)                               \
     if ((data) == DType::kFloat32 && (matrix) == DType::kFloat32) {                   \
       using xt = float;                                                               \
       using mt = float;                                                               \

@@ -17,7 +17,6 @@
 // convert exactly, fp32 adapters and the fp32 bottleneck round to nearest (cvt.rna). All global
 // accesses go through ld_global / st_global (counted by the emulation's traffic model), with
 // consecutive lanes on the unit-stride dimension of each operand.
-#include <algorithm>
 #include <cstdint>
 
 #include "cuda_utils.cuh"
@@ -469,31 +468,6 @@ int launch_wgrad(const WgradParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-#define MHR_DISPATCH_TC(data, matrix, ...)                                        \
-  do {                                                                            \
-    if ((data) == DType::kFloat16 && (matrix) == DType::kFloat16) {               \
-      using xt = __half;                                                          \
-      using mt = __half;                                                          \
-      return __VA_ARGS__;                                                         \
-    }                                                                             \
-    if ((data) == DType::kFloat16 && (matrix) == DType::kFloat32) {               \
-      using xt = __half;                                                          \
-      using mt = float;                                                           \
-      return __VA_ARGS__;                                                         \
-    }                                                                             \
-    if ((data) == DType::kBFloat16 && (matrix) == DType::kBFloat16) {             \
-      using xt = __nv_bfloat16;                                                   \
-      using mt = __nv_bfloat16;                                                   \
-      return __VA_ARGS__;                                                         \
-    }                                                                             \
-    if ((data) == DType::kBFloat16 && (matrix) == DType::kFloat32) {              \
-      using xt = __nv_bfloat16;                                                   \
-      using mt = float;                                                           \
-      return __VA_ARGS__;                                                         \
-    }                                                                             \
-    return static_cast<int>(cudaErrorInvalidValue);                               \
-  } while (0)
-
 }  // namespace
 
 bool routed_lora_uses_tensor_cores(DType data, DType matrix, int64_t num_rows) {
@@ -503,15 +477,18 @@ bool routed_lora_uses_tensor_cores(DType data, DType matrix, int64_t num_rows) {
 }
 
 int routed_lora_shrink_tc(const ShrinkParams& p, DType data, DType matrix, cudaStream_t stream) {
-  MHR_DISPATCH_TC(data, matrix, launch_shrink<xt, mt>(p, stream));
+  MHR_DISPATCH_16BIT_PAIRS(data, matrix, launch_shrink<xt, mt>(p, stream));
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int routed_lora_expand_tc(const ExpandParams& p, DType data, DType matrix, cudaStream_t stream) {
-  MHR_DISPATCH_TC(data, matrix, launch_expand<xt, mt>(p, stream));
+  MHR_DISPATCH_16BIT_PAIRS(data, matrix, launch_expand<xt, mt>(p, stream));
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int routed_lora_wgrad_tc(const WgradParams& p, DType data, DType matrix, cudaStream_t stream) {
-  MHR_DISPATCH_TC(data, matrix, launch_wgrad<xt, mt>(p, stream));
+  MHR_DISPATCH_16BIT_PAIRS(data, matrix, launch_wgrad<xt, mt>(p, stream));
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace mhr_ops
