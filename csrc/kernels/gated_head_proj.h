@@ -1,6 +1,7 @@
 // gated_head_proj: y[n] = sum_h gates[n,h] * o[n,h] @ W[:, h*Dh:(h+1)*Dh]^T + bias (SPEC section 5).
-// Torch-free. The CUDA kernel never writes the gated o and skips the arithmetic of a (row, head)
-// whose gate is exactly 0 (a whole head of a row tile when all its rows are closed).
+// Torch-free. The CUDA kernels never write the gated o and skip the arithmetic of a (row, head)
+// whose gate is exactly 0 (gated_head_proj_cuda.cu: tensor cores for fp16 / bf16, in units of 8
+// rows per head whatever the pattern of open heads; SIMT for fp32 / fp64).
 #pragma once
 
 #include <cstdint>
@@ -34,7 +35,8 @@ struct GatedHeadProjParams {
 };
 
 #if defined(MHR_OPS_WITH_CUDA)
-// SIMT, fp32 accumulation; fp16 / bf16 / fp32 / fp64. Returns a cudaError_t value.
+// fp16 / bf16 on tensor cores, fp32 / fp64 SIMT; fp32 accumulation (fp64 for fp64). Returns a
+// cudaError_t value.
 int gated_head_proj_fwd_cuda(const GatedHeadProjParams& p, DType dtype, void* stream);
 #endif
 

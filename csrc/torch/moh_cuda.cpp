@@ -1,5 +1,5 @@
 // CUDA registration of head_gates / head_gates_backward (one launch each) and gated_head_proj
-// (the head-skipping SIMT kernel). Host code only.
+// (the head-skipping kernels: tensor cores for 16-bit types, SIMT otherwise). Host code only.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 

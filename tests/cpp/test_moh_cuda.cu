@@ -1,9 +1,10 @@
 // The CUDA Mixture-of-Head kernels in every dtype (fp16, bf16, fp32, fp64): head_gates forward
 // and backward against the CPU kernel run in double, and gated_head_proj against a host sum in
-// double. Cases: N = 0, 1 and past a block, H = 1 and 64, strided inputs, top-k ties, NaN logits,
-// binary gates; closed heads (gate exactly 0) skipped even where o holds NaN or Inf (SPEC section
-// 5), a NaN gate counting as open, bias or none. Runs on a GPU or under the SIMT emulation; exits
-// 77 (ctest: skipped) on a real toolkit without a device.
+// double (16-bit types on tensor cores, the others SIMT). Cases: N = 0, 1 and past a block, H = 1
+// and 64, strided inputs, top-k ties, NaN logits, binary gates; closed heads (gate exactly 0)
+// skipped even where o holds NaN or Inf (SPEC section 5), a NaN gate counting as open, bias or
+// none. Runs on a GPU or under the SIMT emulation; exits 77 (ctest: skipped) on a real toolkit
+// without a device.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -143,7 +144,10 @@ void run_proj(const ProjCase& c) {
   const std::vector<double> b = rounded<T>(D, 0.29, 0.6, 1.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) {
-      const bool closed = (n * 3 + h) % 4 == 0 || (h == H - 1 && H > 1) || (n >= 32 && n < 64 && h == 0);
+      // Head 2 (of H > 3) is open in every row: a full 64-row block on tensor cores. Head 1 is
+      // closed for rows 64..127: a whole tensor-core block skips it.
+      const bool closed = ((n * 3 + h) % 4 == 0 && h != 2) || (h == H - 1 && H > 1) || (n >= 32 && n < 64 && h == 0) ||
+                          (n >= 64 && n < 128 && h == 1);
       if (closed) {
         gates[n * H + h] = 0.0;
         o[(n * H + h) * Dh] = (n + h) % 2 ? NAN : INFINITY;  // closed heads ignore what o holds
@@ -202,11 +206,16 @@ void all_cases(bool full) {
       {"proj-h1", 3, 1, 5, 4, true, 1},
       {"proj-n1", 1, 4, 3, 5, false, 1},
       {"proj-n0", 0, 2, 3, 5, true, 1},
+      // Tensor cores (16-bit): three 64-row blocks, the last partial; head_dim 80 = a 64-column
+      // chunk and a 16-column one; two 64-output blocks, the last partial.
+      {"proj-tc-chunks", 150, 5, 80, 70, true, 1},
+      // head_dim 33: three k16 steps, zero-filled past 33; strided o.
+      {"proj-tc-odd", 67, 4, 33, 9, false, 2},
   };
   for (const GateCase& c : gate_cases)
     if (full || c.N > 1) run_gates<T>(c);
   for (const ProjCase& c : proj_cases)
-    if (full || c.N > 60) run_proj<T>(c);
+    run_proj<T>(c);  // every case in every dtype: 16-bit types take the tensor-core kernel
 }
 
 }  // namespace
