@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 from mhr_ops.__main__ import main
 from mhr_ops.benchmarking import emulated
@@ -100,6 +101,17 @@ def test_gated_head_proj_bound_counts_open_heads_only():
     assert all_open == 2 * 64 * 8 * 64 * 128 + 2 * 8 * 2 * 32 * 32 * 2 + 64 * 128
     assert three_quarters < all_open
     assert three_quarters - all_open == -2 * 64 * 2 * 64 * 128
+
+
+def test_gated_head_proj_tc_bound_rounds_each_head_to_n8_tiles():
+    mask = torch.zeros(130, 3, dtype=torch.bool)
+    mask[:, 0] = True  # open everywhere: 64 + 64 + 2 rows -> 64 + 64 + 8 slots
+    mask[3:12, 1] = True  # 9 rows of the first block -> 16 slots; closed in the other blocks
+    slots = T.gated_head_proj_tc_slots(mask)
+    assert slots == (64 + 64 + 8) + 16
+    # 70 outputs -> two 64-output blocks; head_dim 33 -> three k16 steps
+    assert T.gated_head_proj_tc_flops(slots, 70, 33) == 2 * slots * 128 * 48
+    assert T.gated_head_proj_tc_simt_flops(130, 70, slots) == 2 * slots * 128 + 130 * 70
 
 
 def test_ideal_bytes_at_gpu_train():

@@ -404,8 +404,10 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
         lr, ls, lst = (rows_of(t, n).requires_grad_(requires_grad) for t in (routed, shared, stage))
         return mhr_ops.head_gates(lr, top_k=top_k, shared_logits=ls, stage_logits=lst, n_shared=n_shared), (lr, ls, lst)
 
-    if base_rows % T.GHP_ROWS:
-        raise ValueError(f"moh sizes: expected multiples of {T.GHP_ROWS} rows, got {base_rows}")
+    tensor_cores = eb == 2  # gated_head_proj_cuda.cu: fp16 / bf16 on tensor cores, else SIMT
+    tile_rows = T.GHP_TC_ROWS if tensor_cores else T.GHP_ROWS
+    if base_rows % tile_rows:
+        raise ValueError(f"moh sizes: expected multiples of {tile_rows} rows, got {base_rows}")
     with torch.no_grad():
         base_gates, _ = gates_of(base_rows)
     open_mask = base_gates != 0
@@ -415,6 +417,21 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
     )
     open_pairs = open_pairs_base * N // base_rows
     open_tile_heads = open_tile_heads_base * N // base_rows
+    slots = T.gated_head_proj_tc_slots(open_mask) * N // base_rows
+    if tensor_cores:
+        proj_kernel = "gated_head_proj_tc_kernel"
+        proj_simt = T.gated_head_proj_tc_simt_flops(N, D, slots)
+    else:
+        proj_kernel = "gated_head_proj_kernel"
+        proj_simt = T.gated_head_proj_simt_flops(N, D, Dh, open_pairs, open_tile_heads)
+
+    def check_tc_flops(records: list[dict], n: int) -> None:  # the bound replays the kernel's packing
+        if not tensor_cores:
+            return
+        expected = T.gated_head_proj_tc_flops(T.gated_head_proj_tc_slots(open_mask) * n // base_rows, D, Dh)
+        counted = sum(r["tensor_core_flops"] for r in records)
+        if counted != expected:
+            raise RuntimeError(f"gated_head_proj_tc_kernel ran {counted} tensor-core flops, the model says {expected}")
     shape = T.MohShape(N, H, Dh, D, n_shared, top_k, eb)
     dense = T.roofline_us(*T.dense_proj_ideal(shape))
     open_fraction = open_pairs_base / (base_rows * H)
@@ -423,7 +440,9 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
         o = rows_of(o_rows, n)
         with torch.no_grad():
             g, _ = gates_of(n)
-        return count_launches(module, lambda: mhr_ops.gated_head_proj(o, g, weight, bias), T.H100_SMS)
+        records = count_launches(module, lambda: mhr_ops.gated_head_proj(o, g, weight, bias), T.H100_SMS)
+        check_tc_flops(records, n)
+        return records
 
     def gates_fwd(n: int) -> list[dict]:
         def call():
@@ -445,15 +464,16 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
     return [
         Case(
             f"{s.name} gated_head_proj fwd",
-            "gated_head_proj fwd: gated_head_proj_kernel (SIMT)",
+            f"gated_head_proj fwd: {proj_kernel}" + ("" if tensor_cores else " (SIMT)"),
             N,
             sizes,
             proj,
             T.gated_head_proj_ideal(shape, open_pairs),
-            [("gated_head_proj_kernel", T.gated_head_proj_simt_flops(N, D, Dh, open_pairs, open_tile_heads))],
+            [(proj_kernel, proj_simt)],
             extra={
                 "shape": describe,
                 "open_head_fraction": round(open_fraction, 4),
+                "packed_slot_fraction": round(slots / (N * H), 4),
                 "dense_roofline_us": round(dense, 3),
             },
             targets=[

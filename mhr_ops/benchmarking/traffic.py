@@ -36,6 +36,8 @@ EXPAND_ROWS, EXPAND_COLS, EXPAND_RANK_CHUNK = 32, 64, 32  # kExpandRows, kExpand
 WGRAD_ROWS, WGRAD_COLS = 32, 32  # kWgradRows, kWgradCols
 KERNEL_THREADS = 256  # kThreads of the routed_lora and gated_head_proj kernels
 GHP_ROWS, GHP_COLS, GHP_CHUNK = 32, 64, 32  # gated_head_proj_cuda.cu kRows, kCols, kChunk
+# gated_head_proj_cuda.cu's tensor-core kernel (fp16 / bf16): kTcRows, kTcOut, kTcK; its mma is m16n8k16.
+GHP_TC_ROWS, GHP_TC_OUT, GHP_TC_K = 64, 64, 64
 H100_SMS = 132
 # Tiles of the tensor-core kernels (routed_lora_tc_cuda.cu): kTileRows, kProjCols, kExpandCols, kChunk.
 TC_ROWS, TC_PROJ_COLS, TC_EXPAND_COLS, TC_WGRAD_COLS, TC_CHUNK = 64, 128, 64, 64, 32
@@ -201,6 +203,28 @@ def gated_head_proj_simt_flops(
     multiply = open_pairs * chunks * GHP_CHUNK * 2 * col_tiles * GHP_COLS
     gate = open_tile_heads * chunks * GHP_ROWS * GHP_CHUNK * col_tiles
     return multiply + gate + rows * out_features
+
+
+def gated_head_proj_tc_slots(open_mask) -> int:
+    """Packed slots of gated_head_proj_tc_kernel: for each 64-row block and head, its open rows
+    rounded up to whole n8 tiles. open_mask: [rows, heads] bools (gate != 0)."""
+    total = 0
+    for r0 in range(0, open_mask.shape[0], GHP_TC_ROWS):
+        per_head = open_mask[r0 : r0 + GHP_TC_ROWS].sum(0).tolist()
+        total += sum(cdiv(int(c), 8) * 8 for c in per_head)
+    return total
+
+
+def gated_head_proj_tc_flops(slots: int, out_features: int, head_dim: int) -> int:
+    """Tensor-core flops of gated_head_proj_tc_kernel: per packed slot, every 64-output block, and
+    the head's columns in whole k16 steps (2 * 16 * 8 * 16 flops per m16n8k16)."""
+    return 2 * slots * cdiv(out_features, GHP_TC_OUT) * GHP_TC_OUT * cdiv(head_dim, 16) * 16
+
+
+def gated_head_proj_tc_simt_flops(rows: int, out_features: int, slots: int) -> int:
+    """gated_head_proj_tc_kernel outside the mma: one multiply-add per packed slot and output (the
+    gate times the head's product, into the accumulator), and the bias add per output."""
+    return 2 * slots * cdiv(out_features, GHP_TC_OUT) * GHP_TC_OUT + rows * out_features
 
 
 # --- ideal traffic and flops of each op ---------------------------------------------------------
