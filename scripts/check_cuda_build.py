@@ -21,9 +21,9 @@ print(json.dumps(info))
 ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mhr_ops::")]
 # An op is served on CUDA by a CUDA kernel, or by a composite kernel built on ops that have one.
 COVERING_KEYS = ("CUDA", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-# Ops with no CUDA kernel yet, by decision (README status table): moe_lora's CUDA side is the open
-# part of issue 15. Exactly these may be missing; one that gains a kernel must leave this set.
-CPU_ONLY = {"mhr_ops::moe_lora", "mhr_ops::moe_lora_add_", "mhr_ops::moe_lora_backward"}
+# Ops with no CUDA kernel, by decision (README status table): none today. Exactly these may be
+# missing; one that gains a kernel must leave this set.
+CPU_ONLY: set[str] = set()
 uncovered = {op for op in ops if not any(torch._C._dispatch_has_kernel_for_dispatch_key(op, k) for k in COVERING_KEYS)}
 missing = sorted(uncovered - CPU_ONLY)
 if uncovered != CPU_ONLY:

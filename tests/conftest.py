@@ -34,6 +34,9 @@ if EMULATED_CUDA:
         "head_gates",
         "head_gates_backward",
         "gated_head_proj",
+        "moe_lora",
+        "moe_lora_add_",
+        "moe_lora_backward",
     ):
         cpu = [line for line in torch._C._dispatch_dump_table(f"mhr_ops::{op}").splitlines() if line.startswith("CPU:")]
         if not cpu or not any(f in cpu[0] for f in ("_cuda.cpp", "mhr_linear.cpp")):

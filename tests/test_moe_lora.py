@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, max_diff, tiny_llama
+from conftest import DEVICES, assert_close, max_diff, tiny_llama
 
 import mhr_ops
 from mhr_ops import reference
@@ -67,7 +67,7 @@ def check_low_precision(out, ref, plain, what):
     assert err <= 2 * err_plain + 1e-2 * (ref.abs().max().item() * 2**-7 + 1e-6)
 
 
-@pytest.mark.parametrize("device", ["cpu"])  # no CUDA kernel yet: the GPU cases come with it
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,expert_dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("E", [1, 8, 64])
@@ -336,6 +336,7 @@ def test_bitwise_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.cpu_kernels("the CPU kernels' portable build under ATEN_CPU_CAPABILITY, in a subprocess")
 @pytest.mark.parametrize("capability", ["default"])
 def test_portable_kernels_under_capability_cap(capability):
     """ATEN_CPU_CAPABILITY=default caps the kernels to their portable build: rerun the reference

@@ -1,4 +1,5 @@
-// moe_lora: token-routed LoRA experts, output mixing (docs/API.md, moe_lora). Torch-free CPU kernels.
+// moe_lora: token-routed LoRA experts, output mixing (docs/API.md, moe_lora). Torch-free CPU
+// kernels, and the CUDA ones at the end (moe_lora_cuda.cu).
 //
 // Row n of x picks k experts (slots s = n*k + j, expert e = ids[n, j], weight w[n, j]):
 //   z_s = x_n @ A_e                                  [r]      (shrink, per slot)
@@ -116,5 +117,19 @@ int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out);
 template <typename T>
 void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end,
                         bool use_avx2);
+
+#if defined(MHR_OPS_WITH_CUDA)
+// CUDA (moe_lora_cuda.cu, SIMT): the same passes and contracts. `data` is the dtype of src and y
+// (rows pass) and of x and grad_y (wgrad); weights, matrices, v, z, gz, dw, dA and dB are of its
+// accumulation type (fp32; fp64 for fp64 data). Each returns a cudaError_t value.
+constexpr int64_t kMoeRowsMaxSmem = 48 * 1024;  // the rows pass's shared memory (grows with k and E)
+int64_t moe_lora_rows_cuda_smem(int64_t top_k, int64_t experts);
+int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream);
+// The weight gradients' slot plan on the device, no host sync: counts [E], start [E + 1] and order
+// [N * k] (valid slots by expert, each expert's ascending), all int64 device buffers.
+int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int64_t* order, void* stream);
+int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data,
+                        void* stream);
+#endif
 
 }  // namespace mhr_ops

@@ -1,0 +1,160 @@
+// CUDA registration of moe_lora, moe_lora_add_ and moe_lora_backward: checks, then the SIMT
+// kernels of csrc/kernels/moe_lora_cuda.cu. x, grad_y, y and dx stay in their dtype (the kernels
+// read and write them as is); the experts, weights and the bottleneck are in the accumulation
+// dtype (fp32; fp64 for fp64 x). The weight gradients' slot plan is built on the device: no host
+// sync, fixed grids (CUDA-graph safe). Deterministic: no atomics. Host code only.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "cuda_context.h"
+#include "moe_lora_args.h"
+#include "tensor_utils.h"
+#include "../kernels/moe_lora.h"
+
+namespace mhr_ops {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_smem(const MoeDims& d, const char* op) {
+  TORCH_CHECK_VALUE(moe_lora_rows_cuda_smem(d.top_k, d.experts) <= kMoeRowsMaxSmem, op,
+                    ": top_k ", d.top_k, " with ", d.experts, " experts needs ",
+                    moe_lora_rows_cuda_smem(d.top_k, d.experts), " bytes of shared memory per 64-row block, over the ",
+                    kMoeRowsMaxSmem, " the CUDA kernel has");
+}
+
+MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
+  MoeRouting r;
+  r.ids = ids.const_data_ptr();
+  r.index_type = kernel_index_type(ids, "topk_ids");
+  r.ids_stride_n = ids.stride(0);
+  r.ids_stride_j = ids.stride(1);
+  r.rows = d.rows;
+  r.top_k = d.top_k;
+  r.experts = d.experts;
+  return r;
+}
+
+MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w) {
+  MoeRowsParams p;
+  p.routing = routing, p.rank = d.rank, p.weights = w.const_data_ptr();
+  p.w_stride_n = w.stride(0), p.w_stride_j = w.stride(1);
+  return p;
+}
+
+// y [N, d_out] (x's dtype, unit column stride) = or += the update; returns z [N, k, r].
+at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+                        const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
+                        bool accumulate) {
+  const auto ct = compute_type(x_in);
+  at::Tensor z = at::empty({d.rows, d.top_k, d.rank}, x_in.options().dtype(ct));
+  if (d.rows == 0) return z;
+  const at::Tensor x = rows_layout(x_in), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
+  const at::Tensor w = w_in.to(ct);
+  MoeRowsParams p = rows_params(routing_of(ids, d), d, w);
+  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
+  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
+  p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
+  check_launch(moe_lora_rows_cuda(p, kernel_dtype(x, "x"), current_stream()), "moe_lora");
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_lora_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                                 const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                                 double scale) {
+  const CudaDeviceGuard guard(x.device());
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  check_smem(d, "moe_lora (CUDA)");
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
+  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
+  return {y, z};
+}
+
+at::Tensor moe_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale) {
+  const CudaDeviceGuard guard(x.device());
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  check_smem(d, "moe_lora_add_ (CUDA)");
+  check_moe_rows(out, "out", x, d, /*dtype_of_x=*/true);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                    "out: expected a tensor without internal overlap (each element written once), got strides ",
+                    out.strides());
+  if (rows_layout(out).is_same(out))
+    return forward_into(out, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/true);
+  // column-strided out: the update, added once
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
+  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
+  out.add_(y);
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale, const at::Tensor& z_in,
+    std::array<bool, 4> mask) {
+  const CudaDeviceGuard guard(x_in.device());
+  const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
+  check_smem(d, "moe_lora_backward (CUDA)");
+  check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
+  const auto ct = compute_type(x_in);
+  check_moe_bottleneck(z_in, d, ct);
+  // The kernels read x and grad_y in one dtype: theirs when they agree, else the compute dtype.
+  const bool same = grad_y.scalar_type() == x_in.scalar_type();
+  const at::Tensor x = rows_layout(same ? x_in : x_in.to(ct)), gy = rows_layout(same ? grad_y : grad_y.to(ct));
+  const auto opts = x_in.options().dtype(ct);
+  at::Tensor dx = mask[0] ? at::empty({d.rows, d.d_in}, x.options()) : at::Tensor();
+  at::Tensor dA = mask[1] ? at::empty({d.experts, d.d_in, d.rank}, opts) : at::Tensor();
+  at::Tensor dB = mask[2] ? at::empty({d.experts, d.rank, d.d_out}, opts) : at::Tensor();
+  at::Tensor dw = mask[3] ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
+  if (d.rows == 0) {  // the weight gradients of no slot
+    if (dA.defined()) dA.zero_();
+    if (dB.defined()) dB.zero_();
+  } else if (mask[0] || mask[1] || mask[2] || mask[3]) {
+    const at::Tensor z = z_in.contiguous(), w = topk_weights.to(ct);
+    const MoeRouting routing = routing_of(topk_ids, d);
+    const DType data = kernel_dtype(x, "x");
+    const bool need_gz = mask[0] || mask[1] || mask[3];
+    at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
+    at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
+    if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
+      const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                          // [E, d_out, r]
+      const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
+      MoeRowsParams p = rows_params(routing, d, w);
+      p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
+      p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
+      p.dw = dw_all.data_ptr();
+      if (mask[0]) p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
+      check_launch(moe_lora_rows_cuda(p, data, current_stream()), "moe_lora_backward");
+    }
+    if (mask[1] || mask[2]) {
+      const auto iopts = x_in.options().dtype(at::kLong);
+      at::Tensor counts = at::empty({d.experts}, iopts), start = at::empty({d.experts + 1}, iopts);
+      at::Tensor order = at::empty({d.rows * d.top_k}, iopts);
+      check_launch(moe_lora_plan_cuda(routing, counts.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                                      order.data_ptr<int64_t>(), current_stream()),
+                   "moe_lora_backward (slot plan)");
+      MoeWgradParams wp;
+      wp.x = x.const_data_ptr(), wp.x_stride_n = x.stride(0), wp.grad_y = gy.const_data_ptr();
+      wp.gy_stride_n = gy.stride(0), wp.z = z.const_data_ptr(), wp.gz = need_gz ? gz.const_data_ptr() : nullptr;
+      wp.weights = w.const_data_ptr(), wp.w_stride_n = w.stride(0), wp.w_stride_j = w.stride(1);
+      wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
+      wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
+      check_launch(moe_lora_wgrad_cuda(wp, order.const_data_ptr<int64_t>(), start.const_data_ptr<int64_t>(), data,
+                                       current_stream()),
+                   "moe_lora_backward (weight gradients)");
+    }
+  }
+  const auto cast = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  return {cast(dx, x_in), cast(dA, A_in), cast(dB, B_in), cast(dw, topk_weights)};
+}
+
+}  // namespace
+}  // namespace mhr_ops
+
+MHR_OPS_CUDA_KERNELS(m) {
+  m.impl("moe_lora", &mhr_ops::moe_lora_cuda);
+  m.impl("moe_lora_add_", &mhr_ops::moe_lora_add_cuda);
+  m.impl("moe_lora_backward", &mhr_ops::moe_lora_backward_cuda);
+}
