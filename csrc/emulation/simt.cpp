@@ -307,7 +307,12 @@ class Watchdog {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       std::lock_guard<std::mutex> lk(m_);
       Block* b = block_;
-      if (b == nullptr || b->cancelled.load()) continue;
+      // A block whose threads have all exited cannot deadlock: under heavy load the launcher may
+      // take seconds to move on to the next block, which is not a hang.
+      if (b == nullptr || b->cancelled.load() || live_of(b->counts.load()) == 0) {
+        since = Clock::now();
+        continue;
+      }
       const uint64_t progress = b->progress.load(std::memory_order_relaxed);
       if (b != last || progress != seen || b->waiting.load(std::memory_order_relaxed) < live_of(b->counts.load())) {
         last = b;
