@@ -207,16 +207,25 @@ def test_bench_emulated_argument_errors(args, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_committed_record_is_consistent():
-    """bench/results/emulated.json: the issue's fields, the forward case, and modeled / roofline
-    times that follow from the record's own numbers."""
+RECORDS = sorted((ROOT / "bench" / "results").glob("emulated*.json"))
+
+
+def test_full_record_covers_every_emulated_shape():
+    """bench/results/emulated.json: every shape set, and the forward case under the issue's names."""
     record = json.loads((ROOT / "bench" / "results" / "emulated.json").read_text())
-    assert len(record["commit"]) >= 40
     names = {c["name"] for c in record["cases"]}
     for shape_set in emulated.EMULATED_SHAPES:
         assert any(n.startswith(shape_set + " ") for n in names), shape_set
     fwd = [c for c in record["cases"] if "routed_lora" in c["name"] + c["kernel"] and "fwd" in c["name"] + c["kernel"]]
     assert fwd
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
+def test_committed_record_is_consistent(path):
+    """Every committed record: the issue's fields, and modeled / roofline times that follow from
+    the record's own numbers."""
+    record = json.loads(path.read_text())
+    assert len(record["commit"]) >= 40 and record["cases"]
     for c in record["cases"]:
         for key in ("ideal_bytes", "counted_bytes", "sectors_per_request", "tc_flops", "modeled_us", "roofline_us"):
             assert key in c, (c["name"], key)

@@ -544,12 +544,6 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
             f"shape set(s) {', '.join(unknown)} have no emulated cases; emulated: {', '.join(EMULATED_SIZES)}"
         )
     cases = []
-    for name in names:
-        s = SHAPE_SETS[name]
-        for case in CASE_BUILDERS[s.kind](module, s):
-            log(f"emulating {case.name} at n = {', '.join(map(str, case.sizes))} (full: {case.n_full}) ...")
-            cases.append(evaluate(case))
-            log(format_case(cases[-1]))
     record = {
         "commit": mhr_ops.build_info()["commit"],
         "command": "python -m mhr_ops bench --emulated" + (f" --shapes {','.join(names)}" if shapes else ""),
@@ -565,9 +559,22 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
         },
         "cases": cases,
     }
+
+    def write(complete: bool) -> None:  # after every case: an interrupted run keeps what it measured
+        if json_path:
+            record["complete"] = complete
+            with open(json_path, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+
+    for name in names:
+        s = SHAPE_SETS[name]
+        for case in CASE_BUILDERS[s.kind](module, s):
+            log(f"emulating {case.name} at n = {', '.join(map(str, case.sizes))} (full: {case.n_full}) ...")
+            cases.append(evaluate(case))
+            log(format_case(cases[-1]))
+            write(complete=False)
+    write(complete=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
         log(f"wrote {json_path}")
     return record
