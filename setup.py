@@ -182,12 +182,26 @@ def openmp_backend():
     return sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+KERNELS = os.path.join(ROOT, "csrc", "kernels")
+BINDING = os.path.join(ROOT, "csrc", "torch")
+
+
+def binding_sources(*folders):
+    """The binding layer's C++ sources in these folders of csrc/torch ("" is its root: schemas and
+    build info; args/: each op's argument contract; cpu/, cuda/: one backend's registrations;
+    composite/: kernels written over other ops, for every backend)."""
+    return sorted(p for folder in folders for p in glob.glob(os.path.join(BINDING, folder, "*.cpp")))
+
+
+# cuda/moh_cuda.cpp names the binding headers bare ("moh_args.h", "tensor_utils.h"): it moved to
+# cuda/ unedited while it changes on main. Drop these once it includes them by relative path.
+BARE_INCLUDE_DIRS = [BINDING, os.path.join(BINDING, "args")]
+
+
 def make_extension():
     with_cuda = want_cuda()
-    kernels = os.path.join(ROOT, "csrc", "kernels")
-    binding = os.path.join(ROOT, "csrc", "torch")
-    sources = glob.glob(os.path.join(kernels, "*.cpp"))
-    sources += [p for p in glob.glob(os.path.join(binding, "*.cpp")) if not p.endswith("_cuda.cpp")]
+    sources = glob.glob(os.path.join(KERNELS, "*.cpp"))
+    sources += binding_sources("", "args", "cpu", "composite")
     cxx_flags = ["-O3", "-DMHR_OPS_BUILD_CONFIG"]
     link_flags = []
     if openmp_backend():
@@ -196,13 +210,13 @@ def make_extension():
         # resolves to the copy torch already loaded, so there is one OpenMP runtime.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    include_dirs = []
+    include_dirs = list(BARE_INCLUDE_DIRS)
     archs = ""
     cutlass_version = None
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        sources += glob.glob(os.path.join(kernels, "*.cu"))
-        sources += glob.glob(os.path.join(binding, "*_cuda.cpp"))
+        sources += glob.glob(os.path.join(KERNELS, "*.cu"))
+        sources += binding_sources("cuda")
         cxx_flags.append("-DMHR_OPS_WITH_CUDA")
         include_dirs += cuda_library_includes()
         cutlass_inc, cutlass_version = find_cutlass()
@@ -236,23 +250,23 @@ def find_cuda_include():
 
 
 def make_emulated_extension():
-    """mhr_ops._emulated_cuda: the CUDA registrations (csrc/torch/*_cuda.cpp, with their argument
-    checks and mhr_linear's composite) and kernels (csrc/kernels/*.cu) compiled as C++ through the
-    SIMT emulation, against this (CPU) torch. Importing it registers the CUDA code for the CPU
-    dispatch key, over the CPU kernels (csrc/torch/cuda_context.h). Test builds only.
+    """mhr_ops._emulated_cuda: the CUDA registrations (csrc/torch/cuda/, with the argument checks
+    of csrc/torch/args/ and the composites that stand in for a CPU kernel) and kernels
+    (csrc/kernels/*.cu) compiled as C++ through the SIMT emulation, against this (CPU) torch.
+    Importing it registers the CUDA code for the CPU dispatch key, over the CPU kernels
+    (csrc/torch/cuda/cuda_context.h). Test builds only.
 
     Every shared source is compiled through a one-line wrapper under build/emulated/, so that its
     object (other flags) never shares a path with mhr_ops._C's."""
     cuda_include = find_cuda_include()
     if cuda_include is None:
         raise RuntimeError("MHR_OPS_EMULATED_CUDA=1 needs the CUDA toolkit headers (cuda_fp16.h): set CUDA_HOME")
-    kernels = os.path.join(ROOT, "csrc", "kernels")
-    binding = os.path.join(ROOT, "csrc", "torch")
     emulation = os.path.join(ROOT, "csrc", "emulation")
-    shared = sorted(glob.glob(os.path.join(kernels, "*.cu")))
-    shared += sorted(glob.glob(os.path.join(binding, "*_cuda.cpp")))
-    shared += sorted(glob.glob(os.path.join(binding, "*_args.cpp")))
-    shared.append(os.path.join(binding, "mhr_linear.cpp"))
+    shared = sorted(glob.glob(os.path.join(KERNELS, "*.cu")))
+    shared += binding_sources("cuda", "args")
+    # The one composite the CPU backend overrides with a kernel of its own: under emulation it
+    # registers for the CPU key (composite/mhr_linear.cpp), as CUDA tensors take it.
+    shared.append(os.path.join(BINDING, "composite", "mhr_linear.cpp"))
     wrapper_dir = os.path.join(ROOT, "build", "emulated")
     os.makedirs(wrapper_dir, exist_ok=True)
     sources = [os.path.join(emulation, "simt.cpp"), os.path.join(emulation, "torch_module.cpp")]
@@ -269,7 +283,7 @@ def make_emulated_extension():
     return CppExtension(
         "mhr_ops._emulated_cuda",
         rel(sources),
-        include_dirs=[emulation, cuda_include],
+        include_dirs=[emulation, cuda_include, *BARE_INCLUDE_DIRS],
         extra_compile_args={"cxx": flags},
         extra_link_args=["-pthread"],
     )

@@ -6,6 +6,14 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the ops compute and accumulate in for data of ``dtype``: fp32, fp64 for fp64 (the C++
+    side of the rule: csrc/torch/torch_to_kernel.h, csrc/kernels/common.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

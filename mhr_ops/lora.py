@@ -10,13 +10,21 @@ import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
 from ._autograd import call_op, needed_grads, register_bottleneck_autograd, register_no_double_backward
-from ._checks import as_index_tensor, check_id_range, check_out, check_same_device, check_scale, check_tensor
+from ._checks import (
+    accumulation_dtype,
+    as_index_tensor,
+    check_id_range,
+    check_out,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 
 def _check_tensors(x, named) -> None:
     """What the op cannot see: arguments that are not tensors, x's leading dims, and tensors off
     x's device (a meta or fake tensor among them sends the call to the fake kernel, where no C++
-    check runs). Shapes and dtypes are the op's contract (csrc/torch/routed_lora_args.cpp): it
+    check runs). Shapes and dtypes are the op's contract (csrc/torch/args/routed_lora_args.cpp): it
     raises ValueError naming the argument."""
     check_tensor(x, "x")
     if x.dim() < 1:
@@ -142,8 +150,7 @@ def adapted_linear(x, weight, bias, A, B, weights, group_ids, scale: float):
 
 
 def _bottleneck_like(x, A):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((x.shape[0], A.shape[3]), dtype=dtype)
+    return x.new_empty((x.shape[0], A.shape[3]), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.register_fake("mhr_ops::routed_lora")

@@ -10,7 +10,16 @@ import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
 from ._autograd import call_op, register_bottleneck_autograd, register_no_double_backward
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_id_range, check_out, check_same_device, check_scale, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    accumulation_dtype,
+    check_id_range,
+    check_out,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 
 def _check_experts(x, A, B) -> tuple[int, int, int, int]:
@@ -31,7 +40,7 @@ def _check_experts(x, A, B) -> tuple[int, int, int, int]:
         raise ValueError(f"B: expected d_out >= 1, got shape {tuple(B.shape)}")
     if x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dim d_in = A.shape[1] = {d_in}, got {x.shape[-1]}")
-    # The adapters' dtype rule (fp32 adapters with half activations) is the op's: adapter_dtypes.h.
+    # The adapters' dtype rule (fp32 adapters with half activations) is the op's: csrc/torch/args/adapter_dtypes.h.
     for t, name in ((A, "A"), (B, "B")):
         check_same_device(t, name, x, "x")
     return E, d_in, r, B.shape[2]
@@ -126,8 +135,7 @@ def switch_balance_loss(router_probs: torch.Tensor, topk_ids: torch.Tensor, n_ex
 
 
 def _bottleneck_like(x, A, k):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((x.shape[0], k, A.shape[2]), dtype=dtype)
+    return x.new_empty((x.shape[0], k, A.shape[2]), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.register_fake("mhr_ops::moe_lora")

@@ -7,10 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ._autograd import needs_autograd
-from ._tasks import check_merged_task_once, resolve_task_ids
-from .lora import adapted_linear, routed_lora
-from .routing import check_route_options, route
+from ._adapted import RoutedAdapter, adapted_forward
+from .routing import check_route_options
 
 
 class MHRLinear(nn.Module):
@@ -101,6 +99,9 @@ class MHRLinear(nn.Module):
     def _mhr_n_tasks(self) -> int:
         return self.logits.shape[0]
 
+    def _adapter(self) -> _MHRLinearAdapter:
+        return _MHRLinearAdapter(self)
+
     @torch.no_grad()
     def reset_parameters(self, init_weights: bool = True) -> None:
         """PEFT's poly init: A per (split, skill) like an nn.Linear weight (Kaiming-uniform,
@@ -119,20 +120,11 @@ class MHRLinear(nn.Module):
         self.logits.uniform_(-1e-3, 1e-3)
 
     def routing_mode(self) -> str:
-        return self.train_mode if self.training else self.eval_mode
+        return self._adapter().routing_mode()
 
     def routing_weights(self, task_ids: torch.Tensor, *, mode: str | None = None) -> torch.Tensor:
         """``[len(task_ids), h, S]`` mixing weights for these tasks (ids assumed in range)."""
-        return route(
-            self.logits,
-            task_ids,
-            n_skills=self.A.shape[1],
-            mode=mode or self.routing_mode(),
-            temperature=self.temperature,
-            top_k=self.top_k,
-            eps=self.eps,
-            check_ids=False,
-        )
+        return self._adapter().routing_weights(task_ids, mode=mode)
 
     def routing_groups(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights [G, h, S], group_ids [len(ids)])`` for examples of tasks ``ids``.
@@ -142,63 +134,15 @@ class MHRLinear(nn.Module):
         over few tasks costs what few groups cost, with no host sync. Relaxed-Bernoulli routing
         draws its noise per example (PEFT's stream): one group per example. With far more tasks
         than examples (``T > max(256, len(ids))``), per-example routing is cheaper and is used."""
-        mode = self.routing_mode()
-        n_tasks = self.logits.shape[0]
-        if mode != "relaxed_bernoulli" and n_tasks <= max(256, ids.shape[0]):
-            return self._task_weights(mode), ids
-        return self.routing_weights(ids, mode=mode), torch.arange(ids.shape[0], device=device)
-
-    def _task_weights(self, mode: str) -> torch.Tensor:
-        """Weights of every task ``[T, h, S]``. Without autograd (serving) they are kept between
-        calls while the logits and the routing options are unchanged (the logits' version
-        counter moves with every in-place update, e.g. an optimizer step)."""
-        logits = self.logits
-        if needs_autograd(logits):
-            return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
-        # .to() / .half() swap the Parameter's data without bumping its version: data_ptr and dtype
-        key = (
-            id(logits),
-            logits.data_ptr(),
-            logits._version,
-            logits.dtype,
-            logits.device,
-            mode,
-            self.temperature,
-            self.top_k,
-            self.eps,
-        )
-        cached = self.__dict__.get("_mhr_task_weights")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            weights = self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
-        if not torch.is_inference_mode_enabled():  # an inference tensor could not serve later no_grad calls
-            self.__dict__["_mhr_task_weights"] = (key, weights)
-        return weights
+        return self._adapter().routing_groups(ids, device)
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        if self.merged_task is not None:
-            if task_ids is not None or self._mhr_task_ids is not None:
-                ids = resolve_task_ids(self, task_ids, x, self.logits.shape[0])
-                check_merged_task_once(ids, self.merged_task, "MHRLinear")
-            return self.base(x)
-        ids = resolve_task_ids(self, task_ids, x, self.logits.shape[0])
-        weights, groups = self.routing_groups(ids, x.device)
-        if x.dim() == 1:
-            groups = groups.reshape(())
-        if self.base.weight.dtype == x.dtype:
-            return adapted_linear(x, self.base.weight, self.base.bias, self.A, self.B, weights, groups, self.scale)
-        return routed_lora(x, self.A, self.B, weights, groups, scale=self.scale, out=self.base(x), check_ids=False)
+        return adapted_forward((self._adapter(),), x, task_ids)
 
-    @torch.no_grad()
     def task_delta(self, task_id: int) -> torch.Tensor:
         """The task's adapter as a dense ``[d_out, d_in]`` fp32 matrix: ``scale * (A_t @ B_t)^T``
         with the eval-mode routing weights."""
-        w = self.routing_weights(torch.tensor([task_id], device=self.logits.device), mode=self.eval_mode)
-        h, S, dk_in, r = self.A.shape
-        a = torch.einsum("ks,ksdr->kdr", w[0].float(), self.A.float()).reshape(h * dk_in, r)
-        b = torch.einsum("ks,ksrd->krd", w[0].float(), self.B.float()).transpose(0, 1).reshape(r, -1)
-        return (self.scale * (a @ b)).T
+        return self._adapter().task_delta(task_id)
 
     def extra_repr(self) -> str:
         h, S, _, r = self.A.shape
@@ -209,6 +153,47 @@ class MHRLinear(nn.Module):
             f"n_splits={h}, n_tasks={self.logits.shape[0]}, scale={self.scale:g}, "
             f"routing={self.train_mode}/{self.eval_mode}{top}{merged}"
         )
+
+
+class _MHRLinearAdapter(RoutedAdapter):
+    """MHRLinear's view for the shared adapted-layer flow: its own attributes."""
+
+    __slots__ = ()
+    label = "MHRLinear"
+
+    def where(self, what: str) -> tuple[nn.Module, str]:
+        return self.layer, what
+
+    # direct attribute reads: the flow reads these on every call
+    A = property(lambda self: self.layer.A)
+    B = property(lambda self: self.layer.B)
+    logits = property(lambda self: self.layer.logits)
+    scale = property(lambda self: self.layer.scale)
+    training = property(lambda self: self.layer.training)
+    base_layer = property(lambda self: self.layer.base)
+    train_mode = property(lambda self: self.layer.train_mode)
+    eval_mode = property(lambda self: self.layer.eval_mode)
+    top_k = property(lambda self: self.layer.top_k)
+    temperature = property(lambda self: self.layer.temperature)
+    eps = property(lambda self: self.layer.eps)
+
+    @property
+    def merged_task(self) -> int | None:
+        return self.layer.merged_task
+
+    @merged_task.setter
+    def merged_task(self, task_id: int | None) -> None:
+        self.layer.merged_task = task_id
+
+    def set_counts(self, *, n_skills: int | None = None, n_tasks: int | None = None) -> None:
+        if n_skills is not None:
+            self.layer.n_skills = n_skills
+        if n_tasks is not None:
+            self.layer.n_tasks = n_tasks
+
+    def use_average_routing(self) -> None:
+        self.layer.train_mode = self.layer.eval_mode = "average"
+        self.layer.top_k = None
 
 
 class MoHGate(nn.Module):

@@ -10,8 +10,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from ._adapted import RoutedAdapter
 from .nn import GatedOutputProjection, MHRLinear, MoELoRALinear, MoHGate
-from .peft import peft_task_delta
+from .peft import _poly_adapters
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -99,7 +100,7 @@ def _freeze_like_peft(model: nn.Module, targets, saved: list[nn.Module], freeze_
     """PEFT's freezing: only adapter parameters (MHRLinear / PEFT Poly: A, B, logits;
     MoELoRALinear: A, B, router), the swapped layers' base weights when ``freeze_base`` is False,
     and the modules to save keep requires_grad."""
-    keep = {id(p) for view in adapted_layers(model) for p in (view.get("A"), view.get("B"), view.get("logits"))}
+    keep = {id(p) for view in adapted_layers(model) for p in (view.A, view.B, view.logits)}
     for module in model.modules():
         if isinstance(module, MoELoRALinear):
             keep.update(id(p) for p in (module.A, module.B, *module.router.parameters()))
@@ -155,68 +156,9 @@ def _freeze_all_but(model: nn.Module, keep: set[int]) -> None:
             param.requires_grad_(False)
 
 
-class _Adapted:
-    """Uniform access to one adapted layer: an MHRLinear, or a PEFT Poly Linear (active adapter)."""
-
-    def __init__(self, layer: nn.Module, adapter: str | None = None):
-        self.layer, self.adapter = layer, adapter
-
-    @property
-    def is_peft(self) -> bool:
-        return self.adapter is not None
-
-    def get(self, what: str) -> nn.Parameter:
-        if not self.is_peft:
-            return getattr(self.layer, what)
-        if what == "logits":
-            return self.layer.poly_router[self.adapter].module_logits
-        return getattr(self.layer, f"poly_lora_{what}")[self.adapter]
-
-    def set(self, what: str, value: torch.Tensor) -> None:
-        param = nn.Parameter(value, requires_grad=self.get(what).requires_grad)
-        if not self.is_peft:
-            setattr(self.layer, what, param)
-        elif what == "logits":
-            self.layer.poly_router[self.adapter].module_logits = param
-        else:
-            getattr(self.layer, f"poly_lora_{what}")[self.adapter] = param
-
-    def set_skills(self, n_skills: int) -> None:
-        if self.is_peft:
-            self.layer.n_skills[self.adapter] = n_skills
-            self.layer.poly_router[self.adapter].n_skills = n_skills
-        else:
-            self.layer.n_skills = n_skills
-
-    def set_tasks(self, n_tasks: int) -> None:
-        if self.is_peft:
-            self.layer.n_tasks[self.adapter] = n_tasks
-            self.layer.poly_router[self.adapter].n_tasks = n_tasks
-        else:
-            self.layer.n_tasks = n_tasks
-
-    @property
-    def merged_task(self) -> int | None:
-        return self.layer.merged_task if not self.is_peft else self.layer.__dict__.get("_mhr_merged_task")
-
-    @merged_task.setter
-    def merged_task(self, task_id: int | None) -> None:
-        if self.is_peft:
-            self.layer._mhr_merged_task = task_id
-        else:
-            self.layer.merged_task = task_id
-
-    def base(self) -> nn.Linear:
-        return self.layer.get_base_layer() if self.is_peft else self.layer.base
-
-    def task_delta(self, task_id: int) -> torch.Tensor:
-        if not self.is_peft:
-            return self.layer.task_delta(task_id)
-        return peft_task_delta(self.layer, self.adapter, task_id)
-
-
-def adapted_layers(model: nn.Module) -> Iterator[_Adapted]:
-    """Every adapted layer of ``model``: MHRLinear modules and PEFT Poly Linear layers."""
+def adapted_layers(model: nn.Module) -> Iterator[RoutedAdapter]:
+    """A view onto every adapter of ``model``: MHRLinear modules, and the active adapters of PEFT
+    Poly Linear layers."""
     peft_linear = None
     try:
         from peft.tuners.poly.layer import Linear as peft_linear
@@ -224,14 +166,12 @@ def adapted_layers(model: nn.Module) -> Iterator[_Adapted]:
         pass
     for module in model.modules():
         if isinstance(module, MHRLinear):
-            yield _Adapted(module)
+            yield module._adapter()
         elif peft_linear is not None and isinstance(module, peft_linear):
-            for adapter in module.active_adapters:
-                if adapter in module.poly_lora_A:
-                    yield _Adapted(module, adapter)
+            yield from _poly_adapters(module)
 
 
-def _layers_or_raise(model: nn.Module) -> list[_Adapted]:
+def _layers_or_raise(model: nn.Module) -> list[RoutedAdapter]:
     layers = list(adapted_layers(model))
     if not layers:
         raise ValueError("model: no adapted layers (MHRLinear or PEFT Poly) found")
@@ -248,12 +188,12 @@ def routing_only(model: nn.Module, n_tasks: int | None = None) -> nn.Module:
     layers = _layers_or_raise(model)
     _freeze_all_but(model, set())
     for view in layers:
-        logits = view.get("logits")
+        logits = view.logits
         if n_tasks is not None:
             fresh = torch.empty(n_tasks, logits.shape[1], device=logits.device, dtype=logits.dtype)
-            view.set("logits", fresh.uniform_(-1e-3, 1e-3))
-            view.set_tasks(n_tasks)
-        view.get("logits").requires_grad_(True)
+            view.replace("logits", fresh.uniform_(-1e-3, 1e-3))
+            view.set_counts(n_tasks=n_tasks)
+        view.logits.requires_grad_(True)
     return model
 
 
@@ -265,15 +205,13 @@ def average_skills(model: nn.Module) -> nn.Module:
     PEFT layers keep their router, whose normalized weight over one skill is 1 up to eps."""
     for view in _layers_or_raise(model):
         for what in ("A", "B"):
-            view.set(what, view.get(what).mean(dim=1, keepdim=True).contiguous())
-            view.get(what).requires_grad_(True)
-        logits = view.get("logits")
-        view.set("logits", logits.new_zeros(logits.shape[0], view.get("A").shape[0]))
-        view.get("logits").requires_grad_(False)
-        view.set_skills(1)
-        if not view.is_peft:
-            view.layer.train_mode = view.layer.eval_mode = "average"
-            view.layer.top_k = None
+            view.replace(what, view.param(what).mean(dim=1, keepdim=True).contiguous())
+            view.param(what).requires_grad_(True)
+        logits = view.logits
+        view.replace("logits", logits.new_zeros(logits.shape[0], view.A.shape[0]))
+        view.logits.requires_grad_(False)
+        view.set_counts(n_skills=1)
+        view.use_average_routing()
     return model
 
 
@@ -285,12 +223,12 @@ def merge_task(model: nn.Module, task_id: int) -> nn.Module:
     for view in layers:
         if view.merged_task is not None:
             raise RuntimeError("merge_task: a task is already merged; call mhr_ops.unmerge(model) first")
-        n_tasks = view.get("logits").shape[0]
+        n_tasks = view.logits.shape[0]
         if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < n_tasks:
             raise ValueError(f"task_id: expected an int in [0, {n_tasks}), got {task_id!r}")
     with torch.no_grad():
         for view in layers:
-            weight = view.base().weight
+            weight = view.base_layer.weight
             weight.copy_((weight.float() + view.task_delta(task_id)).to(weight.dtype))
             view.merged_task = task_id
     return model
@@ -304,7 +242,7 @@ def unmerge(model: nn.Module) -> nn.Module:
             task_id = view.merged_task
             if task_id is None:
                 continue
-            weight = view.base().weight
+            weight = view.base_layer.weight
             weight.copy_((weight.float() - view.task_delta(task_id)).to(weight.dtype))
             view.merged_task = None
     return model

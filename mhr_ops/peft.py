@@ -17,9 +17,7 @@ import types
 import torch
 from torch import nn
 
-from ._tasks import check_merged_task_once, resolve_task_ids
-from .lora import mhr_linear, routed_lora
-from .routing import route
+from ._adapted import RoutedAdapter, adapted_forward, n_tasks
 
 _original_forward = None
 
@@ -32,54 +30,69 @@ def _poly_linear_cls():
     return Linear
 
 
+class _PolyAdapter(RoutedAdapter):
+    """One active adapter of a PEFT Poly layer, as a view for the shared adapted-layer flow: its
+    Parameters stay in PEFT's dicts (same state-dict keys), its router has PEFT's fixed options."""
+
+    __slots__ = ("name",)
+    label = "PEFT Poly layer"
+
+    def __init__(self, layer, name: str):
+        super().__init__(layer)
+        self.name = name
+
+    def where(self, what: str) -> tuple[nn.Module, str]:
+        if what == "logits":
+            return self.layer.poly_router[self.name], "module_logits"
+        return getattr(self.layer, f"poly_lora_{what}"), self.name
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.layer.r[self.name]
+
+    @property
+    def training(self) -> bool:
+        return self.layer.poly_router[self.name].training
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.layer.base_layer
+
+    @property
+    def merged_task(self) -> int | None:
+        return self.layer.__dict__.get("_mhr_merged_task")
+
+    @merged_task.setter
+    def merged_task(self, task_id: int | None) -> None:
+        self.layer._mhr_merged_task = task_id
+
+    def set_counts(self, *, n_skills: int | None = None, n_tasks: int | None = None) -> None:
+        router = self.layer.poly_router[self.name]
+        if n_skills is not None:
+            self.layer.n_skills[self.name] = router.n_skills = n_skills
+        if n_tasks is not None:
+            self.layer.n_tasks[self.name] = router.n_tasks = n_tasks
+
+    @property
+    def _cache_slot(self) -> str:
+        return self.name
+
+
+def _poly_adapters(layer) -> list[_PolyAdapter]:
+    """Views onto a PEFT Poly layer's active adapters."""
+    return [_PolyAdapter(layer, a) for a in layer.active_adapters if a in layer.poly_lora_A]
+
+
 def _n_tasks(self) -> int:
-    return min(self.poly_router[a].module_logits.shape[0] for a in self.active_adapters if a in self.poly_router)
-
-
-def _routing_weights(layer, adapter: str, ids: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:
-    router = layer.poly_router[adapter]
-    mode = "relaxed_bernoulli" if router.training and not eval_mode else "sigmoid"
-    return route(router.module_logits, ids, n_skills=layer.poly_lora_A[adapter].shape[1], mode=mode, check_ids=False)
+    return n_tasks(_poly_adapters(self))
 
 
 def accelerated_forward(self, x: torch.Tensor, *args, task_ids=None, **kwargs) -> torch.Tensor:
     """Drop-in for ``peft.tuners.poly.layer.Linear.forward`` running mhr_ops kernels."""
-    if self.disable_adapters:
+    adapters = [] if self.disable_adapters else _poly_adapters(self)
+    if not adapters:
         return self.base_layer(x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.poly_lora_A]
-    if not active:
-        return self.base_layer(x, *args, **kwargs)
-    previous_dtype = x.dtype
-    merged = self.__dict__.get("_mhr_merged_task")
-    if merged is not None:
-        if task_ids is not None or getattr(self, "_mhr_task_ids", None) is not None:
-            check_merged_task_once(resolve_task_ids(self, task_ids, x, _n_tasks(self)), merged, "PEFT Poly layer")
-        return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-    ids = resolve_task_ids(self, task_ids, x, _n_tasks(self))
-    groups = torch.arange(ids.shape[0], device=x.device)
-    base = self.base_layer
-    fused = (
-        len(active) == 1
-        and type(base) is nn.Linear
-        and not args
-        and not kwargs
-        and base.weight.dtype == x.dtype
-        and x.dim() > 1
-    )
-    if fused:
-        a = active[0]
-        w = _routing_weights(self, a, ids)
-        A, B = self.poly_lora_A[a], self.poly_lora_B[a]
-        return mhr_linear(x, base.weight, base.bias, A, B, w, groups, scale=1.0 / self.r[a], check_ids=False)
-    result = base(x, *args, **kwargs)
-    for a in active:
-        A, B = self.poly_lora_A[a], self.poly_lora_B[a]
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        out = result if result.dtype == xa.dtype else result.to(xa.dtype)
-        result = routed_lora(
-            xa, A, B, _routing_weights(self, a, ids), groups, scale=1.0 / self.r[a], out=out, check_ids=False
-        )
-    return result.to(previous_dtype)
+    return adapted_forward(adapters, x, task_ids, args, kwargs)
 
 
 def _accelerate_layer(layer) -> None:
@@ -130,16 +143,3 @@ def disable() -> None:
 
 def is_enabled() -> bool:
     return _original_forward is not None
-
-
-@torch.no_grad()
-def peft_task_delta(layer, adapter: str, task_id: int) -> torch.Tensor:
-    """A PEFT Poly layer's adapter for one task as a dense ``[d_out, d_in]`` fp32 matrix
-    (eval-mode routing, scale 1/r)."""
-    ids = torch.tensor([task_id], device=layer.poly_router[adapter].module_logits.device)
-    w = _routing_weights(layer, adapter, ids, eval_mode=True)[0].float()
-    A, B = layer.poly_lora_A[adapter].float(), layer.poly_lora_B[adapter].float()
-    h, _, dk_in, r = A.shape
-    a = torch.einsum("ks,ksdr->kdr", w, A).reshape(h * dk_in, r)
-    b = torch.einsum("ks,ksrd->krd", w, B).transpose(0, 1).reshape(r, -1)
-    return ((a @ b) / layer.r[adapter]).T

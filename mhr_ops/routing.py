@@ -67,7 +67,7 @@ def route(
         raise ValueError(f"task_ids: expected a 1-D tensor [G], got shape {tuple(task_ids.shape)}")
     check_same_device(task_ids, "task_ids", logits, "logits")
     # The mode, top_k's range, temperature > 0, eps >= 0 and noise are the op's contract
-    # (csrc/torch/route_args.cpp, ValueError naming the argument). Python checks the types the
+    # (csrc/torch/args/route_args.cpp, ValueError naming the argument). Python checks the types the
     # schema cannot take, and the logits / n_skills / task_ids shapes its noise draw needs.
     temperature = _as_number(temperature, "temperature")
     eps = _as_number(eps, "eps")

@@ -5,7 +5,7 @@
 // driver enforces them, and the few runtime calls the launchers use. Half and bfloat16 come from
 // the toolkit's own cuda_fp16.h / cuda_bf16.h host code.
 //
-// Kernel code reaches it only through project-wide macros (cuda_utils.cuh): MHR_LAUNCH instead of
+// Kernel code reaches it only through project-wide macros (cuda_primitives.cuh): MHR_LAUNCH instead of
 // <<<...>>>, MHR_SHARED / MHR_DYNAMIC_SHARED instead of __shared__ declarations, and the
 // tensor-core / async-copy wrappers. Everything else (threadIdx, __syncthreads, __shfl_xor_sync,
 // atomicAdd, ...) keeps its CUDA spelling. Errors inside a kernel (divergent barrier, deadlock,

@@ -1,6 +1,6 @@
 // The Python module mhr_ops._emulated_cuda (test builds: setup.py with MHR_OPS_EMULATED_CUDA=1).
 // Importing it loads the CUDA registrations compiled through the SIMT emulation, which register
-// for the CPU dispatch key (csrc/torch/cuda_context.h): from then on, in this process, CPU tensors
+// for the CPU dispatch key (csrc/torch/cuda/cuda_context.h): from then on, in this process, CPU tensors
 // run the CUDA binding layer and kernels instead of the CPU kernels. Import mhr_ops first, so that
 // these registrations come after (and win over) the CPU ones.
 //

@@ -1,6 +1,6 @@
 // Counted global-memory traffic of emulated kernel launches (the traffic model of bench/NOTES.md).
 // Kernels reach global memory through ld_global / st_global (common.h), atomic_add_global
-// (cuda_utils.cuh) and the cp.async wrappers (mma.cuh), which report each access here before
+// (cuda_primitives.cuh) and the cp.async wrappers (mma.cuh), which report each access here before
 // performing it; the mma wrappers report their tensor-core flops. Included by simt.h, and by
 // common.h in emulation builds (shared host/device code counts its accesses too).
 //

@@ -22,6 +22,21 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 // Integer type of an index tensor (task ids, group ids, expert ids).
 enum class IndexType : int { kInt32 = 0, kInt64 = 1 };
 
+// x86 instruction sets the CPU kernels have variants for, in increasing order.
+enum class CpuIsa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The accumulation rule of every kernel: fp32 for fp16 / bf16 / fp32 data, fp64 for fp64. As a
+// type (AccType<T>::type) and as a DType; the binding's side: csrc/torch/torch_to_kernel.h.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+inline DType accumulation_dtype(DType data) { return data == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
 // Float math overloaded on the accumulation type (float or double), callable on host and device.
 MHR_HD float mhr_exp(float x) { return expf(x); }
 MHR_HD double mhr_exp(double x) { return exp(x); }
@@ -42,7 +57,7 @@ MHR_HD acc_t mhr_clamp(acc_t x, acc_t lo, acc_t hi) {
 }
 
 // Element conversion usable in code shared by host and device. The CUDA layer specializes it for
-// __half / __nv_bfloat16 (cuda_utils.cuh), whose implicit conversions torch builds switch off.
+// __half / __nv_bfloat16 (cuda_primitives.cuh), whose implicit conversions torch builds switch off.
 template <typename To, typename From>
 struct Convert {
   MHR_HD static To apply(From v) { return static_cast<To>(v); }
@@ -64,7 +79,7 @@ MHR_HD bool ranks_before(acc_t a, int64_t ia, acc_t b, int64_t ib) {
 // Global-memory loads and stores of kernel code (CUDA kernels, and the per-row code that CPU and
 // CUDA kernels share): plain accesses, reported first to the emulation's traffic counters
 // (traffic.h) in emulation builds, where host code outside a counted launch is ignored.
-// Atomics: atomic_add_global (cuda_utils.cuh).
+// Atomics: atomic_add_global (cuda_primitives.cuh).
 template <typename T>
 MHR_HD T ld_global(const T* p) {
 #if defined(MHR_OPS_CUDA_EMULATION)

@@ -1,5 +1,5 @@
 // CUDA kernels for head_gates (see head_gates.h): one thread per row, the shared per-row math.
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "head_gates.h"
 
 namespace mhr_ops {

@@ -2,7 +2,7 @@
 // in shared memory, one launch per direction.
 #include <limits>
 
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "route.h"
 
 namespace mhr_ops {

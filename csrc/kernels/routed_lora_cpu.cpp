@@ -7,7 +7,7 @@
 //    of kP consecutive grad_y / x values feeds a whole vector), or r / 16 vectors per column.
 //  - AVX2 + FMA: ranks 8 and 16, one column's rank vector in one or two 8-lane vectors.
 // Other ranks, CPUs or layouts: the caller runs its BLAS path.
-#include "routed_lora.h"
+#include "routed_lora_cpu.h"
 
 #include "cpu_scratch.h"
 

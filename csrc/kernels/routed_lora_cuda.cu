@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cuda_utils.cuh"
-#include "routed_lora.h"
+#include "cuda_primitives.cuh"
+#include "routed_lora_cuda.h"
 #include "routed_lora_tc_cuda.h"
 
 namespace mhr_ops {

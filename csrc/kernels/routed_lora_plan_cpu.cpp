@@ -63,8 +63,6 @@ std::vector<LoraRun> split_runs(const std::vector<LoraRun>& runs, int64_t rows, 
   return pieces;
 }
 
-DType compute_dtype(DType x_type) { return x_type == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
-
 void extend(std::vector<LoraRun>& runs, int64_t start, int64_t rows, int64_t group) {
   if (!runs.empty() && runs.back().group == group && runs.back().start + runs.back().rows == start)
     runs.back().rows += rows;
@@ -101,7 +99,7 @@ LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& 
   const CpuIsa isa = x_type == DType::kFloat32 && y_type == DType::kFloat32
                          ? routed_lora_group_forward_isa(d.rank, d.d_in, d.d_out, max_isa)
                          : CpuIsa::kNone;
-  const bool direct = y_type == compute_dtype(x_type);
+  const bool direct = y_type == accumulation_dtype(x_type);
   plan.slot_groups = assign_slots(runs, d.groups);
   if (isa != CpuIsa::kNone && use_runs(runs, d, /*fused=*/true)) {
     plan.path = LoraForwardPath::kFusedRuns;
@@ -138,7 +136,7 @@ LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& 
 
 LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds& ids, DType x_type, CpuIsa max_isa,
                                            int64_t threads) {
-  const DType ct = compute_dtype(x_type);
+  const DType ct = accumulation_dtype(x_type);
   // The fused kernel: fp32, unit column strides (the binding lays x and grad_y out so).
   const CpuIsa isa = ct == DType::kFloat32 ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, 1, 1, max_isa)
                                            : CpuIsa::kNone;

@@ -1,6 +1,6 @@
 // routed_lora on the CPU: which kernels compute one problem and how its rows are cut for the
 // threads, decided once per call from the group ids (host-visible on the CPU), the sizes and the
-// dtypes. Torch-free; the binding (csrc/torch/routed_lora_cpu.cpp) maps tensors and runs the plan.
+// dtypes. Torch-free; the binding (csrc/torch/cpu/routed_lora_cpu.cpp) maps tensors and runs the plan.
 //
 // Forward paths:
 //  - fused runs: rows come in runs of one group (a training batch: one task per example). Each
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "common.h"
-#include "routed_lora.h"
+#include "routed_lora_cpu.h"
 #include "routed_lora_rows.h"
 
 namespace mhr_ops {

@@ -19,9 +19,8 @@
 // consecutive lanes on the unit-stride dimension of each operand.
 #include <cstdint>
 
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "mma.cuh"
-#include "routed_lora.h"
 #include "routed_lora_tc_cuda.h"
 
 namespace mhr_ops {

@@ -9,7 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "routed_lora.h"
+#include "routed_lora_cuda.h"
 
 // Returns the expression with xt / mt bound to the (data, matrix) pair if it is one of the four
 // 16-bit-data pairs the tensor-core kernels take (fp16 or bf16 data; adapters of the same type or

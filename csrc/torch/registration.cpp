@@ -1,5 +1,5 @@
 // Schemas of every mhr_ops op, declared once. Backends register their kernels in their own files
-// (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered from Python (mhr_ops/routing.py,
+// (TORCH_LIBRARY_IMPL: cpu/, cuda/, composite/, one file per op and backend); fake kernels and autograd are registered from Python (mhr_ops/routing.py,
 // mhr_ops/lora.py, mhr_ops/moh.py).
 #include <torch/library.h>
 
@@ -34,7 +34,7 @@ TORCH_LIBRARY(mhr_ops, m) {
       "int rows_per_group_id, float scale) -> (Tensor, Tensor)");
   // Gradients (x, weight, bias, A, B, weights) of mhr_linear, given the forward's z; has_bias: the
   // forward had a bias. output_mask skips the gradients not needed (returned empty). Fused on the
-  // CPU (routed_lora_backward_cpu.cpp), composite elsewhere (mhr_linear.cpp).
+  // CPU (cpu/routed_lora_backward_cpu.cpp), composite elsewhere (composite/mhr_linear.cpp).
   m.def(
       "mhr_linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool has_bias, Tensor A, Tensor B, "
       "Tensor weights, Tensor group_ids, int rows_per_group_id, float scale, Tensor z, bool[6] output_mask) -> "

@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 
 template <typename T>
 T* to_device(const std::vector<T>& v) {

@@ -14,7 +14,7 @@
 
 #include "check.h"
 #include "cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "mma.cuh"
 
 using mhr_ops::FragCoord;

@@ -13,7 +13,7 @@
 
 #include "check.h"
 #include "cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "gated_head_proj.h"
 #include "head_gates.h"
 

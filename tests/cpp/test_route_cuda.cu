@@ -11,7 +11,7 @@
 
 #include "check.h"
 #include "cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "route.h"
 
 using mhr_ops::DType;

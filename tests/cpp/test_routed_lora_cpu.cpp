@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "check.h"
-#include "routed_lora.h"
+#include "routed_lora_cpu.h"
 
 using mhr_ops::CpuIsa;
 using mhr_ops::LoraGroupForwardParams;

@@ -9,17 +9,17 @@
 // 77 (ctest: skipped) on a real toolkit without a device.
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "check.h"
 #include "cuda_check.cuh"
-#include "cuda_utils.cuh"
-#include "routed_lora.h"
+#include "cuda_primitives.cuh"
+#include "routed_lora_cuda.h"
 
 using namespace mhr_ops;
 

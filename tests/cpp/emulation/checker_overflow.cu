@@ -4,7 +4,7 @@
 
 #include "../check.h"
 #include "../cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 
 __global__ void shift_kernel(const float* x, float* y, int n) {
   const int i = threadIdx.x + blockIdx.x * blockDim.x;

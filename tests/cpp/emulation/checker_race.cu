@@ -5,7 +5,7 @@
 
 #include "../check.h"
 #include "../cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 
 __global__ void neighbour_kernel(float* out) {
   MHR_SHARED(float, buf, [128]);

@@ -9,7 +9,7 @@
 
 #include "../check.h"
 #include "../cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 
 namespace {
 

@@ -9,7 +9,7 @@
 
 #include "../check.h"
 #include "../cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "mma.cuh"
 
 #define EXPECT_EQ_U64(a, b)                                                                             \

@@ -5,22 +5,10 @@
 
 #include <string>
 
-#include "../kernels/routed_lora_mix_cpu.h"
-#include "tensor_utils.h"
+#include "../../kernels/routed_lora_mix_cpu.h"
+#include "../torch_to_kernel.h"
 
 namespace mhr_ops {
-
-at::ScalarType lora_compute_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-CpuIsa allowed_cpu_isa() {
-  static const CpuIsa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? CpuIsa::kAvx512 : cap == "AVX2" ? CpuIsa::kAvx2 : CpuIsa::kNone;
-  }();
-  return isa;
-}
 
 LoraGroupIds lora_group_ids(const at::Tensor& group_ids) {
   LoraGroupIds ids;
@@ -32,7 +20,7 @@ LoraGroupIds lora_group_ids(const at::Tensor& group_ids) {
 
 LoraOperands lora_operands(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
                            const LoraDims& d) {
-  const auto ct = lora_compute_type(x);
+  const auto ct = accumulation_dtype(x.scalar_type());
   return {rows_layout(x.to(ct)), weights.to(ct), A.to(ct).contiguous().view({d.heads, d.skills, d.dk_in * d.rank}),
           B.to(ct).contiguous().view({d.heads, d.skills, d.rank * d.dk_out})};
 }

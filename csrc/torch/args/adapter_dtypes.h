@@ -6,7 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "tensor_utils.h"
+#include "../torch_to_kernel.h"
 
 namespace mhr_ops {
 

@@ -4,8 +4,8 @@
 
 #include <utility>
 
+#include "../torch_to_kernel.h"
 #include "adapter_dtypes.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {

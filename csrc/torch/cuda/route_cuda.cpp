@@ -2,9 +2,9 @@
 // stream. Host code only; the kernels are in csrc/kernels/route_cuda.cu.
 #include <ATen/ops/empty.h>
 
+#include "../args/route_args.h"
+#include "../torch_to_kernel.h"
 #include "cuda_context.h"
-#include "route_args.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
@@ -41,7 +41,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
   if (P.num_groups > 1 && P.num_heads > 0 && P.num_skills > 0 && P.mode != RouteMode::kAverage)
     alert_not_deterministic("route_backward (CUDA)");
   // Accumulate across groups that share a task in fp32 (fp64 for fp64 logits), then cast.
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_dtype(logits.scalar_type());
   at::Tensor grad_logits = at::empty({P.num_tasks, P.num_heads * P.num_skills}, logits.options().dtype(acc));
   P.grad_logits = grad_logits.data_ptr();
   const int err = route_bwd_cuda(P, kernel_dtype(logits, "logits"), current_stream());

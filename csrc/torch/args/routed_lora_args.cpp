@@ -3,8 +3,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include "../torch_to_kernel.h"
 #include "adapter_dtypes.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 
@@ -71,7 +71,7 @@ void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims
 }
 
 void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_dtype(x.scalar_type());
   TORCH_CHECK_VALUE(z.dim() == 2 && z.size(0) == d.rows && z.size(1) == d.rank && z.scalar_type() == acc,
                     "z: expected the forward's bottleneck (", d.rows, ", ", d.rank, ") of dtype ", py_dtype(acc),
                     ", got ", py_shape(z.sizes()), " ", py_dtype(z.scalar_type()));

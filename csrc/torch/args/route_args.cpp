@@ -2,7 +2,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "tensor_utils.h"
+#include "../torch_to_kernel.h"
 
 namespace mhr_ops {
 
@@ -44,7 +44,7 @@ RouteParams make_route_params(const at::Tensor& logits, const at::Tensor& task_i
   P.clamp_eps = finfo_eps(logits.scalar_type());
   P.clamp_tiny = finfo_tiny(logits.scalar_type());
 
-  const bool has_noise = noise.has_value() && noise->defined();
+  const bool has_noise = is_present(noise);
   if (P.mode == RouteMode::kRelaxedBernoulli) {
     TORCH_CHECK_VALUE(has_noise, "noise: mode 'relaxed_bernoulli' needs the uniform noise tensor [G, h, S]");
     const at::Tensor& u = *noise;

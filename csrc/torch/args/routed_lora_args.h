@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "../kernels/routed_lora.h"
+#include "../../kernels/routed_lora.h"
 
 namespace mhr_ops {
 

@@ -12,10 +12,10 @@
 #include <atomic>
 #include <limits>
 
-#include "../kernels/routed_lora_rows.h"
-#include "routed_lora_args.h"
+#include "../../kernels/routed_lora_rows.h"
+#include "../args/routed_lora_args.h"
+#include "../torch_to_kernel.h"
 #include "routed_lora_cpu_operands.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
@@ -108,7 +108,7 @@ void runs_forward(at::Tensor& y, at::Tensor& z, const LoraOperands& o, const Lor
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& weights, const LoraDims& d, double scale, bool accumulate,
                         const LoraForwardPlan& plan, const void* bias = nullptr) {
-  at::Tensor z = at::empty({d.rows, d.rank}, x.options().dtype(lora_compute_type(x)));
+  at::Tensor z = at::empty({d.rows, d.rank}, x.options().dtype(accumulation_dtype(x.scalar_type())));
   TORCH_INTERNAL_ASSERT(bias == nullptr || (plan.takes_bias() && !accumulate));
   if (plan.path != LoraForwardPath::kNone) {
     const LoraOperands o = lora_operands(x, A, B, weights, d);
@@ -170,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor> mhr_linear_cpu(const at::Tensor& x_in, const 
   const at::Tensor x = rows_layout(x_in);  // the base GEMM and the kernel choice see one layout
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_mhr_linear_base(x, weight, bias, d);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = is_present(bias);
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
   const LoraForwardPlan plan = plan_forward(x, y, group_ids, d);
-  const auto ct = lora_compute_type(x);
+  const auto ct = accumulation_dtype(x.scalar_type());
   if (plan.takes_bias() && x.scalar_type() == ct && (!has_bias || bias->scalar_type() == ct)) {
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     at::Tensor z = forward_into(y, x, A, B, weights, d, scale, /*accumulate=*/false, plan,

@@ -8,16 +8,10 @@
 #include <utility>
 #include <vector>
 
-#include "../kernels/routed_lora_plan_cpu.h"
+#include "../../kernels/routed_lora_plan_cpu.h"
+#include "cpu_isa.h"
 
 namespace mhr_ops {
-
-// fp64 for fp64 x, else fp32: the dtype every CPU path computes in.
-at::ScalarType lora_compute_type(const at::Tensor& x);
-
-// The instruction sets ATen itself is allowed (ATEN_CPU_CAPABILITY caps it, e.g. "avx2" or
-// "default"): the fused CPU kernels follow the same switch.
-CpuIsa allowed_cpu_isa();
 
 // group_ids [N / rows_per_id] (int32 or int64, any stride) for the planner.
 LoraGroupIds lora_group_ids(const at::Tensor& group_ids);

@@ -1,4 +1,4 @@
-// What the CUDA registrations (*_cuda.cpp) need from CUDA beyond the kernels: the current stream,
+// What the CUDA registrations (cuda/*_cuda.cpp) need from CUDA beyond the kernels: the current stream,
 // a device guard, one launch check, the non-determinism alert and the registration itself.
 //
 // Two builds use it:

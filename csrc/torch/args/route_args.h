@@ -7,7 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../kernels/route.h"
+#include "../../kernels/route.h"
 
 namespace mhr_ops {
 

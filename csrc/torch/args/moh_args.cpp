@@ -2,11 +2,9 @@
 
 #include <c10/util/Exception.h>
 
-#include "tensor_utils.h"
+#include "../torch_to_kernel.h"
 
 namespace mhr_ops {
-
-static bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<at::Tensor>& shared,
                                  const std::optional<at::Tensor>& stage, int64_t top_k, int64_t n_shared) {
@@ -21,7 +19,7 @@ HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<a
   p.top_k = top_k;
   TORCH_CHECK(n_shared >= 0, "n_shared: expected >= 0, got ", n_shared);
   p.num_shared = n_shared;
-  if (present(shared)) {
+  if (is_present(shared)) {
     TORCH_CHECK(shared->dim() == 2 && shared->size(0) == p.num_rows, "shared_logits: expected shape [", p.num_rows,
                 ", Hs], got ", shared->sizes());
     TORCH_CHECK(n_shared == 0 || n_shared == shared->size(1), "n_shared: expected 0 or ", shared->size(1),
@@ -31,7 +29,7 @@ HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<a
     check_same_device(*shared, "shared_logits", routed, "routed_logits");
     p.num_shared = shared->size(1);
   }
-  if (present(stage)) {
+  if (is_present(stage)) {
     TORCH_CHECK(stage->dim() == 2 && stage->size(0) == p.num_rows && stage->size(1) == 2,
                 "stage_logits: expected shape [", p.num_rows, ", 2], got ", stage->sizes());
     TORCH_CHECK(stage->scalar_type() == routed.scalar_type(), "stage_logits: expected dtype ", routed.scalar_type(),
@@ -71,7 +69,7 @@ GatedHeadProjParams check_gated_head_proj(const at::Tensor& o, const at::Tensor&
                 t.scalar_type());
     check_same_device(t, name, o, "o");
   }
-  if (present(bias)) {
+  if (is_present(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape [", weight.size(0),
                 "], got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == o.scalar_type(), "bias: expected dtype ", o.scalar_type(), ", got ",

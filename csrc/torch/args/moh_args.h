@@ -6,8 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../kernels/gated_head_proj.h"
-#include "../kernels/head_gates.h"
+#include "../../kernels/gated_head_proj.h"
+#include "../../kernels/head_gates.h"
 
 namespace mhr_ops {
 

@@ -7,23 +7,16 @@
 
 #include <algorithm>
 
-#include "route_args.h"
+#include "../args/route_args.h"
+#include "../torch_to_kernel.h"
 
 namespace mhr_ops {
 namespace {
 
-at::ScalarType compute_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor optional_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return (t.has_value() && t->defined()) ? t->to(dtype) : at::Tensor();
-}
-
 at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const std::optional<at::Tensor>& noise,
                      int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
-  const auto dtype = compute_dtype(logits);
+  const auto dtype = accumulation_dtype(logits.scalar_type());
   const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);
   set_route_tensors(P, l, task_ids, u);
   at::Tensor weights = at::empty({P.num_groups, P.num_heads, P.num_skills}, logits.options().dtype(dtype));
@@ -43,7 +36,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& 
                               const std::optional<at::Tensor>& noise, int64_t n_skills, c10::string_view mode,
                               double temperature, std::optional<int64_t> top_k, double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
-  const auto dtype = compute_dtype(logits);
+  const auto dtype = accumulation_dtype(logits.scalar_type());
   const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);
   set_route_tensors(P, l, task_ids, u);
   set_route_grad(P, grad_weights, logits);

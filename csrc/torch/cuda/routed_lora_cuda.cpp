@@ -4,15 +4,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include "../kernels/routed_lora.h"
+#include "../../kernels/routed_lora_cuda.h"
+#include "../args/routed_lora_args.h"
+#include "../torch_to_kernel.h"
 #include "cuda_context.h"
-#include "routed_lora_args.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The problem's operands as the kernels take them: skill matrices contiguous (so a gradient
 // buffer shares their strides), weights in the accumulation type.
@@ -32,7 +31,7 @@ CudaOperands prepare(const at::Tensor& x, const at::Tensor& A, const at::Tensor&
   TORCH_CHECK(o.d.heads <= 65535, "A: the CUDA kernels take at most 65535 heads, got ", o.d.heads);
   o.A = A.contiguous();
   o.B = B.contiguous();
-  o.w = weights.to(acc_type(x));
+  o.w = weights.to(accumulation_dtype(x.scalar_type()));
   o.data = kernel_dtype(x, "x");
   o.matrix = kernel_dtype(A, "A");
   RowRouting& r = o.routing;
@@ -66,7 +65,7 @@ SkillMatrices skill_matrices(const at::Tensor& M, bool transposed) {
 at::Tensor shrink(const CudaOperands& o, const at::Tensor& X, const SkillMatrices& m, int64_t dk, double z_scale,
                   const char* op) {
   if (routed_lora_shrink_splits_cuda(o.data, o.matrix, o.d.rows, o.d.heads, dk)) alert_not_deterministic(op);
-  at::Tensor z = at::empty({o.d.rows, o.d.rank}, X.options().dtype(acc_type(X)));
+  at::Tensor z = at::empty({o.d.rows, o.d.rank}, X.options().dtype(accumulation_dtype(X.scalar_type())));
   ShrinkParams p;
   p.x = X.data_ptr();
   p.x_stride_n = X.stride(0);
@@ -110,8 +109,8 @@ void wgrad(const CudaOperands& o, const at::Tensor& X, const at::Tensor& q, doub
   p.q_scale = q_scale;
   p.m = m;
   p.routing = o.routing;
-  p.dm = dm.defined() ? dm.data_ptr() : nullptr;
-  p.dw = dw.defined() ? dw.data_ptr() : nullptr;
+  p.dm = data_or_null(dm);
+  p.dw = data_or_null(dw);
   p.num_rows = o.d.rows;
   p.dk = dk;
   p.rank = o.d.rank;
@@ -152,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
   const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);
-  const auto acc = x.options().dtype(acc_type(x));
+  const auto acc = x.options().dtype(accumulation_dtype(x.scalar_type()));
   check_bottleneck(z, x, o.d);
   const at::Tensor zc = z.contiguous();  // the wgrad kernel reads it as [N, r] contiguous
   at::Tensor dx = mask[0] ? at::empty({o.d.rows, o.d.d_in}, x.options()) : at::empty({0}, x.options());
@@ -170,10 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_
     if (mask[1] || mask[3]) wgrad(o, x, gz, 1.0, skill_matrices(o.A, false), o.d.dk_in, dA, dw);
     if (mask[2] || mask[3]) wgrad(o, grad_y, zc, scale, skill_matrices(o.B, true), o.d.dk_out, dB, dw);
   }
-  auto finish = [](const at::Tensor& t, const at::Tensor& like) {
-    return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
-  };
-  return {dx, finish(dA, A), finish(dB, B), finish(dw, weights)};
+  return {dx, grad_or_empty(dA, A), grad_or_empty(dB, B), grad_or_empty(dw, weights)};
 }
 
 }  // namespace

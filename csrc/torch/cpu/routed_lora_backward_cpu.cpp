@@ -12,10 +12,10 @@
 #include <limits>
 #include <vector>
 
-#include "../kernels/routed_lora_rows.h"
-#include "routed_lora_args.h"
+#include "../../kernels/routed_lora_rows.h"
+#include "../args/routed_lora_args.h"
+#include "../torch_to_kernel.h"
 #include "routed_lora_cpu_operands.h"
-#include "tensor_utils.h"
 
 namespace mhr_ops {
 namespace {
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale, const at::Tensor& z,
     const at::Tensor* base_weight, std::array<bool, 4> mask) {
   check_bottleneck(z, x, d);
-  const auto ct = lora_compute_type(x);
+  const auto ct = accumulation_dtype(x.scalar_type());
   const auto opts = x.options().dtype(ct);
   const LoraBackwardPlan plan = plan_routed_lora_backward(d, lora_group_ids(group_ids), kernel_dtype(x, "x"),
                                                           allowed_cpu_isa(), at::get_num_threads());
@@ -199,10 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
       project_then_mix_backward(g, o, gy, zc, plan, d, scale);
   }
   if (g.dx.defined()) fill_rows(g.dx, plan.groups.bad, std::numeric_limits<double>::quiet_NaN());
-  const auto cast = [](const at::Tensor& t, const at::Tensor& like) {
-    return t.defined() ? t.to(like.scalar_type()).view(like.sizes()) : at::empty({0}, like.options());
-  };
-  return {cast(g.dx, x), cast(g.dA, A), cast(g.dB, B), cast(g.dw, weights)};
+  return {grad_or_empty(g.dx, x), grad_or_empty(g.dA, A), grad_or_empty(g.dB, B), grad_or_empty(g.dw, weights)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(

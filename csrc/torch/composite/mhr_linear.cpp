@@ -2,14 +2,14 @@
 // allocation, no extra pass. Composite over the backends: at::linear, then routed_lora_add_
 // through the dispatcher (each backend's kernel); its backward likewise over routed_lora_backward,
 // with the base layer's grad_y @ weight accumulated into dx by the GEMM. The CPU has its own
-// kernels for both (routed_lora_cpu.cpp, routed_lora_backward_cpu.cpp).
+// kernels for both (cpu/routed_lora_cpu.cpp, cpu/routed_lora_backward_cpu.cpp).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "routed_lora_args.h"
+#include "../args/routed_lora_args.h"
 
 namespace mhr_ops {
 namespace {
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace mhr_ops
 
 #if defined(MHR_OPS_CUDA_EMULATION)
-// The emulated test build (cuda_context.h) stands the CUDA kernels in for the CPU ones: CPU
+// The emulated test build (cuda/cuda_context.h) stands the CUDA kernels in for the CPU ones: CPU
 // tensors then take these composites, as CUDA tensors do, instead of the CPU's own kernels.
 TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
   m.impl("mhr_linear", &mhr_ops::mhr_linear);

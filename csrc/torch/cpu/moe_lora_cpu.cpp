@@ -12,20 +12,13 @@
 #include <algorithm>
 #include <string>
 
-#include "../kernels/moe_lora.h"
-#include "moe_lora_args.h"
-#include "tensor_utils.h"
+#include "../../kernels/moe_lora.h"
+#include "../args/moe_lora_args.h"
+#include "../torch_to_kernel.h"
+#include "cpu_isa.h"
 
 namespace mhr_ops {
 namespace {
-
-at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The kernels' AVX2 + FMA build where ATen itself may use AVX2 (ATEN_CPU_CAPABILITY caps both).
-bool allowed_avx2() {
-  static const bool yes = at::get_cpu_capability() != "DEFAULT";
-  return yes;
-}
 
 MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
   MoeRouting r;
@@ -42,7 +35,7 @@ MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
 // The row-block pass over all rows, blocks in parallel (each writes its own rows and slots).
 template <typename T>
 void rows_parallel(const MoeRowsParams& p, const MoeDims& d) {
-  const bool avx2 = allowed_avx2();
+  const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
   const int64_t blocks = (d.rows + kMoeRowBlock - 1) / kMoeRowBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
     moe_lora_rows_cpu<T>(p, b * kMoeRowBlock, std::min(d.rows, e * kMoeRowBlock), avx2);
@@ -60,7 +53,7 @@ MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at:
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                         const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
                         bool accumulate) {
-  const auto ct = compute_type(x_in);
+  const auto ct = accumulation_dtype(x_in.scalar_type());
   at::Tensor z = at::empty({d.rows, d.top_k, d.rank}, x_in.options().dtype(ct));
   if (d.rows == 0) return z;
   const at::Tensor x = rows_layout(x_in.to(ct)), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
@@ -77,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> moe_lora_cpu(const at::Tensor& x, const at::T
                                                 const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                                 double scale) {
   const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
-  const auto ct = compute_type(x);
+  const auto ct = accumulation_dtype(x.scalar_type());
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options().dtype(ct));
   at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
   return {y.to(x.scalar_type()), z};
@@ -90,7 +83,7 @@ at::Tensor moe_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
                     "out: expected a tensor without internal overlap (each element written once), got strides ",
                     out.strides());
-  const auto ct = compute_type(x);
+  const auto ct = accumulation_dtype(x.scalar_type());
   if (out.scalar_type() == ct && rows_layout(out).is_same(out))
     return forward_into(out, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/true);
   // half-precision or column-strided out: the update in the compute dtype, added once
@@ -106,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     std::array<bool, 4> mask) {
   const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
   check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
-  const auto ct = compute_type(x_in);
+  const auto ct = accumulation_dtype(x_in.scalar_type());
   check_moe_bottleneck(z_in, d, ct);
   const auto opts = x_in.options().dtype(ct);
   at::Tensor dx = mask[0] ? at::empty({d.rows, d.d_in}, opts) : at::Tensor();
@@ -117,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     const at::Tensor x = rows_layout(x_in.to(ct)), gy = rows_layout(grad_y.to(ct)), z = z_in.contiguous();
     const at::Tensor w = topk_weights.to(ct);
     const MoeRouting routing = routing_of(topk_ids, d);
-    const bool avx2 = allowed_avx2();
+    const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
     const bool need_gz = mask[0] || mask[1] || mask[3];
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
@@ -148,10 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
       }
     });
   }
-  const auto cast = [](const at::Tensor& t, const at::Tensor& like) {
-    return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
-  };
-  return {cast(dx, x_in), cast(dA, A_in), cast(dB, B_in), cast(dw, topk_weights)};
+  return {grad_or_empty(dx, x_in), grad_or_empty(dA, A_in), grad_or_empty(dB, B_in), grad_or_empty(dw, topk_weights)};
 }
 
 }  // namespace

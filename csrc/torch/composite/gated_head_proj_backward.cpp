@@ -6,7 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "moh_args.h"
+#include "../args/moh_args.h"
 
 namespace mhr_ops {
 namespace {
