@@ -193,11 +193,6 @@ def binding_sources(*folders):
     return sorted(p for folder in folders for p in glob.glob(os.path.join(BINDING, folder, "*.cpp")))
 
 
-# cuda/moh_cuda.cpp names the binding headers bare ("moh_args.h", "tensor_utils.h"): it moved to
-# cuda/ unedited while it changes on main. Drop these once it includes them by relative path.
-BARE_INCLUDE_DIRS = [BINDING, os.path.join(BINDING, "args")]
-
-
 def make_extension():
     with_cuda = want_cuda()
     sources = glob.glob(os.path.join(KERNELS, "*.cpp"))
@@ -210,7 +205,7 @@ def make_extension():
         # resolves to the copy torch already loaded, so there is one OpenMP runtime.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    include_dirs = list(BARE_INCLUDE_DIRS)
+    include_dirs = []
     archs = ""
     cutlass_version = None
     if with_cuda:
@@ -283,7 +278,7 @@ def make_emulated_extension():
     return CppExtension(
         "mhr_ops._emulated_cuda",
         rel(sources),
-        include_dirs=[emulation, cuda_include, *BARE_INCLUDE_DIRS],
+        include_dirs=[emulation, cuda_include],
         extra_compile_args={"cxx": flags},
         extra_link_args=["-pthread"],
     )

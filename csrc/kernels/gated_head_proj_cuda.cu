@@ -15,7 +15,7 @@
 // fp32 matmuls are. A block computes a [32 rows x 64 outputs] tile; the K loop runs head by head:
 // a head no row of the tile opens is skipped outright, and a warp (one row of the tile per pass)
 // skips the FMAs of a head its row closes.
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "gated_head_proj.h"
 #include "mma.cuh"
 

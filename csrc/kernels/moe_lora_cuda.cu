@@ -18,7 +18,7 @@
 // and dw of its accumulation type (fp32; fp64 for fp64 data).
 #include <cstdint>
 
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "moe_lora.h"
 
 namespace mhr_ops {

@@ -13,7 +13,7 @@
 
 #include "check.h"
 #include "cuda_check.cuh"
-#include "cuda_utils.cuh"
+#include "cuda_primitives.cuh"
 #include "moe_lora.h"
 
 using namespace mhr_ops;

@@ -6,15 +6,13 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include "../../kernels/moe_lora.h"
+#include "../args/moe_lora_args.h"
+#include "../torch_to_kernel.h"
 #include "cuda_context.h"
-#include "moe_lora_args.h"
-#include "tensor_utils.h"
-#include "../kernels/moe_lora.h"
 
 namespace mhr_ops {
 namespace {
-
-at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_smem(const MoeDims& d, const char* op) {
   TORCH_CHECK_VALUE(moe_lora_rows_cuda_smem(d.top_k, d.experts) <= kMoeRowsMaxSmem, op,
@@ -46,7 +44,7 @@ MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at:
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                         const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
                         bool accumulate) {
-  const auto ct = compute_type(x_in);
+  const auto ct = accumulation_dtype(x_in.scalar_type());
   at::Tensor z = at::empty({d.rows, d.top_k, d.rank}, x_in.options().dtype(ct));
   if (d.rows == 0) return z;
   const at::Tensor x = rows_layout(x_in), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
@@ -96,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
   const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
   check_smem(d, "moe_lora_backward (CUDA)");
   check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
-  const auto ct = compute_type(x_in);
+  const auto ct = accumulation_dtype(x_in.scalar_type());
   check_moe_bottleneck(z_in, d, ct);
   // The kernels read x and grad_y in one dtype: theirs when they agree, else the compute dtype.
   const bool same = grad_y.scalar_type() == x_in.scalar_type();
@@ -144,10 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
                    "moe_lora_backward (weight gradients)");
     }
   }
-  const auto cast = [](const at::Tensor& t, const at::Tensor& like) {
-    return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());
-  };
-  return {cast(dx, x_in), cast(dA, A_in), cast(dB, B_in), cast(dw, topk_weights)};
+  return {grad_or_empty(dx, x_in), grad_or_empty(dA, A_in), grad_or_empty(dB, B_in), grad_or_empty(dw, topk_weights)};
 }
 
 }  // namespace
