@@ -18,8 +18,8 @@
 #include <vector>
 
 #include <linux/futex.h>
-#include <sys/syscall.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -96,7 +96,7 @@ struct Collective {
   WarpOp op;
   uint32_t mask;
   Site site;
-  uint32_t arrived = 0, ballot = 0;  // under the warp's mutex
+  uint32_t arrived = 0, ballot = 0;   // under the warp's mutex
   bool complete = false;              // under the warp's mutex
   std::atomic<uint32_t> state{0};     // 0 pending, 1 complete, 2 cancelled; waiters block on it
   std::atomic<uint32_t> departed{0};  // lanes done reading; the last one frees the record
@@ -327,8 +327,7 @@ class Watchdog {
                                            : std::string("none waits at a block barrier");
       cancel(*b,
              "deadlock: all " + std::to_string(live_of(c)) + " live threads have waited " +
-                 std::to_string(deadlock_seconds()) + " s without progress; " + at +
-                 ", the others in warp collectives",
+                 std::to_string(deadlock_seconds()) + " s without progress; " + at + ", the others in warp collectives",
              "");
     }
   }
@@ -589,7 +588,8 @@ uint32_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int predicate
   if (b.cancelled.load()) throw Cancelled{};
   auto bad = [&](const std::string& what) {
     lk.unlock();
-    fail(b, what + " (" + op_name(op) + " at " + site_str(site) + ", warp " + std::to_string(t_thread / 32) + ", lane " + std::to_string(lane) + ")");
+    fail(b, what + " (" + op_name(op) + " at " + site_str(site) + ", warp " + std::to_string(t_thread / 32) +
+                ", lane " + std::to_string(lane) + ")");
   };
   if (!(mask & bit)) bad("the mask " + hex(mask) + " does not name the calling lane");
   if (mask & w.exited) bad("the mask " + hex(mask) + " names exited or absent lanes " + hex(mask & w.exited));
@@ -664,7 +664,8 @@ int shfl_source(ShflMode mode, int lane, int arg, int width, Site site) {
 
 void WarpCall::fail_source(uint32_t mask, int src) const {
   Block& b = current_block();
-  fail(b, "shuffle reads lane " + std::to_string(src) + ", outside the mask " + hex(mask) + " (" + site_str(site) + ")");
+  fail(b,
+       "shuffle reads lane " + std::to_string(src) + ", outside the mask " + hex(mask) + " (" + site_str(site) + ")");
 }
 
 void* block_shared(const void* key, size_t bytes, size_t align, const char* name) {

@@ -173,9 +173,8 @@ struct WarpCall {
 };
 
 template <typename T>
-using AtomicValue = std::enable_if_t<(std::is_integral<T>::value || std::is_floating_point<T>::value) &&
-                                         (sizeof(T) == 4 || sizeof(T) == 8),
-                                     T>;
+using AtomicValue = std::enable_if_t<
+    (std::is_integral<T>::value || std::is_floating_point<T>::value) && (sizeof(T) == 4 || sizeof(T) == 8), T>;
 
 }  // namespace mhr_emu
 
@@ -260,11 +259,11 @@ inline T __ldg(const T* p) {
 }
 
 // Shared memory: per-block storage on the host, the real qualifier on the device.
-#define MHR_EMU_SHARED(type, name, dims)                                                                 \
-  using name##_shared_t = type dims;                                                                     \
-  static const char name##_shared_key = 0;                                                               \
-  name##_shared_t& name = *static_cast<name##_shared_t*>(::mhr_emu::block_shared(                        \
-      &name##_shared_key, sizeof(name##_shared_t), alignof(name##_shared_t), #name))
+#define MHR_EMU_SHARED(type, name, dims)                  \
+  using name##_shared_t = type dims;                      \
+  static const char name##_shared_key = 0;                \
+  name##_shared_t& name = *static_cast<name##_shared_t*>( \
+      ::mhr_emu::block_shared(&name##_shared_key, sizeof(name##_shared_t), alignof(name##_shared_t), #name))
 #define MHR_EMU_DYNAMIC_SHARED(type, name, align) type* name = static_cast<type*>(::mhr_emu::dynamic_shared(align))
 
 // ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@
 #define MHR_SHARED(type, name, dims) __shared__ type name dims
 // The dynamic buffer is one byte array for every kernel, 16-byte aligned (enough for double and
 // 16-byte vector loads), viewed as `type`.
-#define MHR_DYNAMIC_SHARED(type, name)                                 \
+#define MHR_DYNAMIC_SHARED(type, name)                               \
   extern __shared__ __align__(16) unsigned char mhr_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(mhr_dynamic_smem_)
 #endif
@@ -95,29 +95,29 @@ __device__ __forceinline__ int warp_sum_int(int v) {
 }
 
 // Runs `body` with scalar_t bound to the CUDA element type of `dtype`.
-#define MHR_DISPATCH_CUDA_FLOAT(dtype, ...)            \
-  switch (dtype) {                                     \
-    case ::mhr_ops::DType::kFloat16: {                 \
-      using scalar_t = __half;                         \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    case ::mhr_ops::DType::kBFloat16: {                \
-      using scalar_t = __nv_bfloat16;                  \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    case ::mhr_ops::DType::kFloat32: {                 \
-      using scalar_t = float;                          \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    case ::mhr_ops::DType::kFloat64: {                 \
-      using scalar_t = double;                         \
-      __VA_ARGS__;                                     \
-      break;                                           \
-    }                                                  \
-    default:                                           \
+#define MHR_DISPATCH_CUDA_FLOAT(dtype, ...)           \
+  switch (dtype) {                                    \
+    case ::mhr_ops::DType::kFloat16: {                \
+      using scalar_t = __half;                        \
+      __VA_ARGS__;                                    \
+      break;                                          \
+    }                                                 \
+    case ::mhr_ops::DType::kBFloat16: {               \
+      using scalar_t = __nv_bfloat16;                 \
+      __VA_ARGS__;                                    \
+      break;                                          \
+    }                                                 \
+    case ::mhr_ops::DType::kFloat32: {                \
+      using scalar_t = float;                         \
+      __VA_ARGS__;                                    \
+      break;                                          \
+    }                                                 \
+    case ::mhr_ops::DType::kFloat64: {                \
+      using scalar_t = double;                        \
+      __VA_ARGS__;                                    \
+      break;                                          \
+    }                                                 \
+    default:                                          \
       return static_cast<int>(cudaErrorInvalidValue); \
   }
 

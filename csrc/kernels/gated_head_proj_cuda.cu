@@ -106,12 +106,12 @@ int launch(const GatedHeadProjParams& p, cudaStream_t stream) {
 
 // ---- tensor cores (fp16 / bf16) ------------------------------------------------------------
 
-constexpr int kTcThreads = 128;            // 4 warps, each one m16 tile of outputs
-constexpr int kTcOut = 64;                 // outputs per block (the mma's M)
-constexpr int kTcRows = 64;                // rows per block (the mma's N: up to 8 n8 tiles)
-constexpr int kTcK = 64;                   // head columns staged per step (4 k16 steps)
-constexpr int kTcLd = kTcK + 8;            // 144-byte tile rows: 16-byte aligned, conflict-free ldmatrix
-constexpr int kTcAccLd = kTcRows + 1;      // fp32 accumulator rows
+constexpr int kTcThreads = 128;        // 4 warps, each one m16 tile of outputs
+constexpr int kTcOut = 64;             // outputs per block (the mma's M)
+constexpr int kTcRows = 64;            // rows per block (the mma's N: up to 8 n8 tiles)
+constexpr int kTcK = 64;               // head columns staged per step (4 k16 steps)
+constexpr int kTcLd = kTcK + 8;        // 144-byte tile rows: 16-byte aligned, conflict-free ldmatrix
+constexpr int kTcAccLd = kTcRows + 1;  // fp32 accumulator rows
 
 // 16-byte aligned shared storage for a tile of 16-bit elements (ldmatrix needs aligned rows).
 struct alignas(16) Smem16 {
@@ -133,8 +133,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kTcThreads) gated_head_proj_tc_kernel(const GatedHeadProjParams p) {
   MHR_SHARED(Smem16, w_raw, [kTcOut * kTcLd * 2 / 16]);   // W[d0 + m, h*Dh + c0 + c] at [m][c]
   MHR_SHARED(Smem16, o_raw, [kTcRows * kTcLd * 2 / 16]);  // o[row of slot s, h, c0 + c] at [s][c]
-  MHR_SHARED(float, acc, [kTcOut][kTcAccLd]);              // y^T of the block: [output][row]
-  MHR_SHARED(int, slot_row, [kTcRows]);                    // the head's open rows, packed
+  MHR_SHARED(float, acc, [kTcOut][kTcAccLd]);             // y^T of the block: [output][row]
+  MHR_SHARED(int, slot_row, [kTcRows]);                   // the head's open rows, packed
   MHR_SHARED(float, slot_gate, [kTcRows]);
   MHR_SHARED(unsigned, open_mask, [kTcRows / 32]);
   scalar_t* wt = reinterpret_cast<scalar_t*>(w_raw);
@@ -187,9 +187,10 @@ __global__ void __launch_bounds__(kTcThreads) gated_head_proj_tc_kernel(const Ga
       for (int e = tid; e < n_tiles * 8 * kTcK; e += kTcThreads) {
         const int s = e / kTcK, c = e % kTcK;
         const int64_t col = c0 + c;
-        ot[s * kTcLd + c] = (s < count && col < p.head_dim)
-                                ? ld_global(o + (n0 + slot_row[s]) * p.o_stride_n + h * p.o_stride_h + col * p.o_stride_c)
-                                : zero;
+        ot[s * kTcLd + c] =
+            (s < count && col < p.head_dim)
+                ? ld_global(o + (n0 + slot_row[s]) * p.o_stride_n + h * p.o_stride_h + col * p.o_stride_c)
+                : zero;
       }
       __syncthreads();
       const int k_steps = static_cast<int>((p.head_dim - c0 < kTcK ? p.head_dim - c0 + 15 : kTcK) / 16);

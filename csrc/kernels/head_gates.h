@@ -133,9 +133,9 @@ MHR_HD void head_gates_row_fwd(const HeadGatesParams& p, int64_t n, scalar_t* ou
     if (nan_row || head_kept(lr, j, p.top_k)) kept_sum += mhr_exp(lr[j] - mx);
   const acc_t k = acc_t(p.top_k);
   for (int64_t j = 0; j < p.num_routed; ++j)
-    st_global(out + Hs + j, convert<scalar_t>(nan_row || head_kept(lr, j, p.top_k)
-                                                  ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum
-                                                  : a2 * acc_t(0)));  // NaN stage: NaN
+    st_global(out + Hs + j,
+              convert<scalar_t>(nan_row || head_kept(lr, j, p.top_k) ? a2 * k * mhr_exp(lr[j] - mx) / kept_sum
+                                                                     : a2 * acc_t(0)));  // NaN stage: NaN
 }
 
 template <typename scalar_t, typename acc_t>

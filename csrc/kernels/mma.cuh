@@ -145,8 +145,7 @@ inline float b16_to_float(uint16_t bits, MmaKind kind) {
 inline float tf32_to_float(uint32_t bits) { return mhr_emu::from_bits<float>(bits & 0xffffe000u); }
 
 template <MmaKind kind>
-void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
-               mhr_emu::Site site) {
+void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4], mhr_emu::Site site) {
   constexpr int K = kind == MmaKind::kTF32 ? 8 : 16;
   uint32_t all_a[32][4], all_b[32][2];
   all_gather(a, all_a, site);
@@ -187,8 +186,7 @@ template <int n, bool trans>
 void ldmatrix(uint32_t (&r)[n], const void* row_addr, mhr_emu::Site site) {
   static_assert(n == 1 || n == 2 || n == 4, "ldmatrix loads 1, 2 or 4 matrices");
   uint64_t rows[32];
-  mhr_emu::warp_collective(mhr_emu::WarpOp::kShfl, 0xffffffffu, reinterpret_cast<uintptr_t>(row_addr), 0, site,
-                           rows);
+  mhr_emu::warp_collective(mhr_emu::WarpOp::kShfl, 0xffffffffu, reinterpret_cast<uintptr_t>(row_addr), 0, site, rows);
   for (int l = 0; l < 8 * n; ++l)
     if (rows[l] % 16 != 0)
       fail("ldmatrix: lane " + std::to_string(l) + " gives a row address not aligned to 16 bytes", site);
@@ -290,8 +288,7 @@ MHR_MMA_FN void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const u
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
 
@@ -305,8 +302,7 @@ MHR_MMA_FN void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const ui
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
 
@@ -320,8 +316,7 @@ MHR_MMA_FN void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const ui
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
 
@@ -330,8 +325,8 @@ MHR_MMA_FN uint32_t float_to_tf32(float x) {
 #if defined(MHR_OPS_CUDA_EMULATION)
   const uint32_t bits = mhr_emu::from_bits<uint32_t>(mhr_emu::to_bits(x));
   if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fffffffu;  // NaN: the canonical NaN
-  if ((bits & 0x7fffffffu) == 0x7f800000u) return bits;         // inf
-  return (bits + 0x1000u) & 0xffffe000u;  // adding half an ulp to the magnitude rounds ties away
+  if ((bits & 0x7fffffffu) == 0x7f800000u) return bits;        // inf
+  return (bits + 0x1000u) & 0xffffe000u;                       // adding half an ulp to the magnitude rounds ties away
 #elif defined(__CUDA_ARCH__)
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
@@ -380,9 +375,7 @@ MHR_MMA_FN void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row MHR_MMA_WHER
 #if defined(MHR_OPS_CUDA_EMULATION)
   MHR_LDMATRIX(1, true);
 #elif defined(__CUDA_ARCH__)
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0])
-               : "r"(MHR_SMEM_ADDR(row)));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(MHR_SMEM_ADDR(row)));
 #endif
 }
 MHR_MMA_FN void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row MHR_MMA_WHERE) {
@@ -440,8 +433,7 @@ MHR_MMA_FN void cp_async_cg_zfill(void* dst, const void* src, int src_bytes MHR_
 #if defined(MHR_OPS_CUDA_EMULATION)
   mma_emu::cp_async(dst, src, 16, src_bytes, MHR_MMA_SITE);
 #elif defined(__CUDA_ARCH__)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(MHR_SMEM_ADDR(dst)), "l"(src),
-               "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(MHR_SMEM_ADDR(dst)), "l"(src), "r"(src_bytes));
 #endif
 }
 

@@ -98,8 +98,8 @@ struct MoeWgradParams {
   int64_t x_stride_n = 0;
   const void* grad_y = nullptr;  // [N, d_out] of T, unit column stride
   int64_t gy_stride_n = 0;
-  const void* z = nullptr;   // [N*k, r] of T: the forward's bottleneck
-  const void* gz = nullptr;  // [N*k, r] of T: from the backward shrink
+  const void* z = nullptr;        // [N*k, r] of T: the forward's bottleneck
+  const void* gz = nullptr;       // [N*k, r] of T: from the backward shrink
   const void* weights = nullptr;  // [N, k] of T, element strides below
   int64_t w_stride_n = 0;
   int64_t w_stride_j = 0;
@@ -128,8 +128,7 @@ int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream);
 // The weight gradients' slot plan on the device, no host sync: counts [E], start [E + 1] and order
 // [N * k] (valid slots by expert, each expert's ascending), all int64 device buffers.
 int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int64_t* order, void* stream);
-int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data,
-                        void* stream);
+int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data, void* stream);
 #endif
 
 }  // namespace mhr_ops

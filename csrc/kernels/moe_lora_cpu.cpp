@@ -24,9 +24,10 @@ namespace mhr_ops {
 
 int64_t moe_expert_of(const MoeRouting& r, int64_t slot) {
   const int64_t n = slot / r.top_k, j = slot % r.top_k;
-  const int64_t e = r.index_type == IndexType::kInt32
-                        ? static_cast<int64_t>(static_cast<const int32_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j])
-                        : static_cast<const int64_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j];
+  const int64_t e =
+      r.index_type == IndexType::kInt32
+          ? static_cast<int64_t>(static_cast<const int32_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j])
+          : static_cast<const int64_t*>(r.ids)[n * r.ids_stride_n + j * r.ids_stride_j];
   return e >= 0 && e < r.experts ? e : -1;
 }
 
@@ -342,28 +343,37 @@ MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int6
           wgrad_a_regs<T, kR>(p, plan, e, c0);
           continue;
         }
-      W == kMoeColBlock ? wgrad_a<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_a<T, kR, 0>(p, plan, e, c0, W, acc);
+      W == kMoeColBlock ? wgrad_a<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc)
+                        : wgrad_a<T, kR, 0>(p, plan, e, c0, W, acc);
     } else if (!is_a && p.dB != nullptr) {
       if constexpr (kR > 0)
         if (W == kMoeColBlock) {
           wgrad_b_regs<T, kR>(p, plan, e, c0);
           continue;
         }
-      W == kMoeColBlock ? wgrad_b<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc) : wgrad_b<T, kR, 0>(p, plan, e, c0, W, acc);
+      W == kMoeColBlock ? wgrad_b<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc)
+                        : wgrad_b<T, kR, 0>(p, plan, e, c0, W, acc);
     }
   }
 }
 
 // The instantiations for one instruction set: the common ranks at compile time, others at run time.
-#define MHR_MOE_DISPATCH(BODY, T, RANK, ...)  \
-  switch (RANK) {                             \
-    case 1: return BODY<T, 1>(__VA_ARGS__);   \
-    case 2: return BODY<T, 2>(__VA_ARGS__);   \
-    case 4: return BODY<T, 4>(__VA_ARGS__);   \
-    case 8: return BODY<T, 8>(__VA_ARGS__);   \
-    case 16: return BODY<T, 16>(__VA_ARGS__); \
-    case 32: return BODY<T, 32>(__VA_ARGS__); \
-    default: return BODY<T, 0>(__VA_ARGS__);  \
+#define MHR_MOE_DISPATCH(BODY, T, RANK, ...) \
+  switch (RANK) {                            \
+    case 1:                                  \
+      return BODY<T, 1>(__VA_ARGS__);        \
+    case 2:                                  \
+      return BODY<T, 2>(__VA_ARGS__);        \
+    case 4:                                  \
+      return BODY<T, 4>(__VA_ARGS__);        \
+    case 8:                                  \
+      return BODY<T, 8>(__VA_ARGS__);        \
+    case 16:                                 \
+      return BODY<T, 16>(__VA_ARGS__);       \
+    case 32:                                 \
+      return BODY<T, 32>(__VA_ARGS__);       \
+    default:                                 \
+      return BODY<T, 0>(__VA_ARGS__);        \
   }
 
 template <typename T>
@@ -381,7 +391,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const MoeRowsParams& p, int64
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void wgrad_avx2(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
-                                                     int64_t e) {
+                                                    int64_t e) {
   MHR_MOE_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
 }
 bool cpu_has_avx2() {

@@ -58,10 +58,10 @@ __global__ void __launch_bounds__(kThreads) moe_rows_kernel(const MoeRowsParams 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMoeRowBlock;
   const int rows = static_cast<int>(n0 + kMoeRowBlock <= rt.rows ? kMoeRowBlock : rt.rows - n0);
   const int slots = rows * k;
-  int* slot_exp = smem;                                  // [64 k] expert of local slot i (E: invalid)
-  int* order = slot_exp + kMoeRowBlock * k;              // [64 k] local slots by (expert, slot)
-  int* row_slots = order + kMoeRowBlock * k;             // [64][k] a row's slots by (expert, j)
-  int* start = row_slots + kMoeRowBlock * k;             // [E + 2] bucket starts
+  int* slot_exp = smem;                       // [64 k] expert of local slot i (E: invalid)
+  int* order = slot_exp + kMoeRowBlock * k;   // [64 k] local slots by (expert, slot)
+  int* row_slots = order + kMoeRowBlock * k;  // [64][k] a row's slots by (expert, j)
+  int* start = row_slots + kMoeRowBlock * k;  // [E + 2] bucket starts
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   // ---- the block's slots sorted by (expert, slot): a stable counting sort ----
@@ -208,8 +208,8 @@ __global__ void moe_plan_scan_kernel(const int64_t* counts, int64_t* start, int6
 
 // Block e writes its slots, ascending, to order[start[e] ..): chunks of kThreads slots, each
 // placed by a block-wide prefix sum of ballots.
-__global__ void __launch_bounds__(kThreads) moe_plan_fill_kernel(const MoeRouting r, const int64_t* start,
-                                                                 int64_t* order) {
+__global__ void __launch_bounds__(kThreads)
+    moe_plan_fill_kernel(const MoeRouting r, const int64_t* start, int64_t* order) {
   MHR_SHARED(int, warp_count, [kWarps]);
   const int64_t e = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -234,8 +234,8 @@ __global__ void __launch_bounds__(kThreads) moe_plan_fill_kernel(const MoeRoutin
 // ---- the weight gradients ----
 
 template <typename xt>
-__global__ void __launch_bounds__(kThreads) moe_wgrad_kernel(const MoeWgradParams p, const int64_t* order,
-                                                             const int64_t* start) {
+__global__ void __launch_bounds__(kThreads)
+    moe_wgrad_kernel(const MoeWgradParams p, const int64_t* order, const int64_t* start) {
   using acc_t = typename AccType<xt>::type;
   const int64_t in_blocks = (p.d_in + kMoeColBlock - 1) / kMoeColBlock;
   const int64_t task = blockIdx.x;
@@ -267,25 +267,25 @@ __global__ void __launch_bounds__(kThreads) moe_wgrad_kernel(const MoeWgradParam
   }
 }
 
-#define MHR_MOE_DISPATCH(data, ...)                     \
-  switch (data) {                                       \
-    case DType::kFloat16: {                             \
-      using xt = __half;                                \
-      return __VA_ARGS__;                               \
-    }                                                   \
-    case DType::kBFloat16: {                            \
-      using xt = __nv_bfloat16;                         \
-      return __VA_ARGS__;                               \
-    }                                                   \
-    case DType::kFloat32: {                             \
-      using xt = float;                                 \
-      return __VA_ARGS__;                               \
-    }                                                   \
-    case DType::kFloat64: {                             \
-      using xt = double;                                \
-      return __VA_ARGS__;                               \
-    }                                                   \
-  }                                                     \
+#define MHR_MOE_DISPATCH(data, ...) \
+  switch (data) {                   \
+    case DType::kFloat16: {         \
+      using xt = __half;            \
+      return __VA_ARGS__;           \
+    }                               \
+    case DType::kBFloat16: {        \
+      using xt = __nv_bfloat16;     \
+      return __VA_ARGS__;           \
+    }                               \
+    case DType::kFloat32: {         \
+      using xt = float;             \
+      return __VA_ARGS__;           \
+    }                               \
+    case DType::kFloat64: {         \
+      using xt = double;            \
+      return __VA_ARGS__;           \
+    }                               \
+  }                                 \
   return static_cast<int>(cudaErrorInvalidValue)
 
 template <typename xt>
@@ -329,8 +329,7 @@ int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int
   return static_cast<int>(cudaGetLastError());
 }
 
-int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data,
-                        void* stream) {
+int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data, void* stream) {
   if (moe_lora_wgrad_tasks(p.experts, p.d_in, p.d_out) > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidValue);
   MHR_MOE_DISPATCH(data, launch_wgrad<xt>(p, order, start, static_cast<cudaStream_t>(stream)));
 }

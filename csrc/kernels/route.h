@@ -86,8 +86,7 @@ int64_t route_cuda_max_skills();
 // Routing probability of one skill before top-k and normalization (not used for softmax, which
 // needs the row max and sum). `u` is the uniform noise (relaxed Bernoulli only).
 template <typename acc_t>
-MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny,
-                        acc_t inv_skills) {
+MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny, acc_t inv_skills) {
   switch (mode) {
     case RouteMode::kSigmoid:
       return mhr_sigmoid(l);
@@ -108,8 +107,7 @@ MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t 
 // d p / d l for one skill of the elementwise modes (sigmoid, relaxed Bernoulli); the same chain
 // autograd takes through PEFT's ops, clamps included (a clamped value passes no gradient).
 template <typename acc_t>
-MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps,
-                             acc_t tiny) {
+MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny) {
   const acc_t pr = mhr_sigmoid(l);
   const acc_t dpr = pr * (acc_t(1) - pr);
   if (mode == RouteMode::kSigmoid) return dpr;

@@ -65,13 +65,8 @@ template <typename scalar_t, typename acc_t>
 __device__ RowContext<scalar_t, acc_t> make_row(const RouteParams& P, int64_t row) {
   const int64_t g = row / P.num_heads;
   const int64_t task = load_index(P.task_ids, P.index_type, P.task_ids_stride, g);
-  return RowContext<scalar_t, acc_t>{P,
-                                     g,
-                                     row % P.num_heads,
-                                     task,
-                                     acc_t(1) / acc_t(P.temperature),
-                                     acc_t(P.clamp_eps),
-                                     acc_t(P.clamp_tiny)};
+  return RowContext<scalar_t, acc_t>{
+      P, g, row % P.num_heads, task, acc_t(1) / acc_t(P.temperature), acc_t(P.clamp_eps), acc_t(P.clamp_tiny)};
 }
 
 template <typename scalar_t>

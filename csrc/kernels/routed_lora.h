@@ -14,15 +14,15 @@ namespace mhr_ops {
 
 // Sizes of one routed_lora problem (checked by the binding: csrc/torch/args/routed_lora_args.h).
 struct LoraDims {
-  int64_t rows = 0;    // N
+  int64_t rows = 0;  // N
   int64_t d_in = 0;
   int64_t d_out = 0;
-  int64_t heads = 0;   // h
-  int64_t skills = 0;  // S
-  int64_t rank = 0;    // r
-  int64_t groups = 0;  // G
-  int64_t dk_in = 0;   // d_in / h
-  int64_t dk_out = 0;  // d_out / h
+  int64_t heads = 0;        // h
+  int64_t skills = 0;       // S
+  int64_t rank = 0;         // r
+  int64_t groups = 0;       // G
+  int64_t dk_in = 0;        // d_in / h
+  int64_t dk_out = 0;       // d_out / h
   int64_t rows_per_id = 1;  // row n uses group_ids[n / rows_per_id]
 };
 

@@ -24,7 +24,6 @@ namespace mhr_ops {
 #if defined(MHR_HAVE_X86_PATHS)
 namespace {
 
-
 // ---- AVX2: kRows rows starting at n0, rank = 8 * kV ----
 template <int kV, int kRows>
 __attribute__((target("avx2,fma"))) void avx2_tile(const LoraGroupGradParams& p, const float* a_rows, int64_t n0) {
@@ -79,7 +78,8 @@ __attribute__((target("avx2,fma"))) void avx2_tile(const LoraGroupGradParams& p,
     const float* g = gz_out + t * kR;
     for (int64_t c = 0; c < full; c += 8) {
       __m256 acc = p.dx_accumulate ? _mm256_loadu_ps(o + c) : _mm256_setzero_ps();
-      for (int j = 0; j < kR; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(g[j]), _mm256_loadu_ps(a_rows + j * p.d_in + c), acc);
+      for (int j = 0; j < kR; ++j)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(g[j]), _mm256_loadu_ps(a_rows + j * p.d_in + c), acc);
       _mm256_storeu_ps(o + c, acc);
     }
     for (int64_t c = full; c < p.d_in; ++c) {
@@ -99,7 +99,7 @@ inline void transpose_to_rows(const float* m, int64_t d, int64_t r, float* rows)
 template <int kV>
 void avx2_rows(const LoraGroupGradParams& p) {
   constexpr int kTile = kV == 1 ? 4 : 2;  // gz and the scaled z of a tile stay in registers
-  float* rows = nullptr;  // A_g^T for the dx pass
+  float* rows = nullptr;                  // A_g^T for the dx pass
   if (p.dx != nullptr) {
     rows = thread_scratch<float>(static_cast<size_t>(p.d_in) * p.rank);
     transpose_to_rows(static_cast<const float*>(p.a_mix), p.d_in, p.rank, rows);
@@ -163,8 +163,8 @@ void add_from_vector_layout(const float* in, int64_t d, float* m) {
 // the forward's y = z @ (scale B_g) and the backward's dx = gz @ A_g^T. m_rows: [kR, d].
 // Without accumulate, out starts from `init` [d] (a bias) when given, else zero.
 template <int kR, int kRows>
-__attribute__((target("avx512f"))) inline void avx512_expand(const float* v, const float* m_rows, int64_t d,
-                                                             float* out, int64_t out_stride, bool accumulate,
+__attribute__((target("avx512f"))) inline void avx512_expand(const float* v, const float* m_rows, int64_t d, float* out,
+                                                             int64_t out_stride, bool accumulate,
                                                              const float* init = nullptr) {
   constexpr int kChunk = kR < 16 ? kR : 16;  // rows of m_rows held in registers at a time
   for (int64_t c = 0; c < d; c += 16) {
@@ -176,8 +176,8 @@ __attribute__((target("avx512f"))) inline void avx512_expand(const float* v, con
       for (int t = 0; t < kRows; ++t) {
         float* o = out + t * out_stride + c;
         __m512 acc = (j0 > 0 || accumulate) ? _mm512_maskz_loadu_ps(mask, o)
-                     : init != nullptr     ? _mm512_maskz_loadu_ps(mask, init + c)
-                                           : _mm512_setzero_ps();
+                     : init != nullptr      ? _mm512_maskz_loadu_ps(mask, init + c)
+                                            : _mm512_setzero_ps();
         for (int jj = 0; jj < kChunk; ++jj) acc = _mm512_fmadd_ps(_mm512_set1_ps(v[t * kR + j0 + jj]), m[jj], acc);
         _mm512_mask_storeu_ps(o, mask, acc);
       }
@@ -194,8 +194,7 @@ struct VectorOperands {
 };
 
 template <int kR, int kRows>
-__attribute__((target("avx512f"))) void avx512_tile(const LoraGroupGradParams& p, const VectorOperands& m,
-                                                    int64_t n0) {
+__attribute__((target("avx512f"))) void avx512_tile(const LoraGroupGradParams& p, const VectorOperands& m, int64_t n0) {
   using S = Avx512Shape<kR>;
   constexpr int kP = S::kP, kV = S::kV;
   const float* gy[kRows];
@@ -269,15 +268,14 @@ __attribute__((target("avx512f"))) void avx512_tile(const LoraGroupGradParams& p
   }
   // dx pass: dx[t] (+)= gz[t] @ A_g^T
   if (m.a_rows != nullptr)
-    avx512_expand<kR, kRows>(gz_out, m.a_rows, p.d_in, static_cast<float*>(p.dx) + n0 * p.dx_stride_n,
-                             p.dx_stride_n, p.dx_accumulate);
+    avx512_expand<kR, kRows>(gz_out, m.a_rows, p.d_in, static_cast<float*>(p.dx) + n0 * p.dx_stride_n, p.dx_stride_n,
+                             p.dx_accumulate);
 }
 
 template <int kR>
 void avx512_rows(const LoraGroupGradParams& p) {
   using S = Avx512Shape<kR>;
-  VectorOperands m{static_cast<const float*>(p.bt_mix), static_cast<float*>(p.dbt), static_cast<float*>(p.da),
-                   nullptr};
+  VectorOperands m{static_cast<const float*>(p.bt_mix), static_cast<float*>(p.dbt), static_cast<float*>(p.da), nullptr};
   // Scratch kept per thread: A_g^T rows for the dx pass, and for kP > 1 the three [d, r]
   // matrices in the vector layout.
   const size_t n_out = static_cast<size_t>(p.d_out) * kR, n_in = static_cast<size_t>(p.d_in) * kR;
@@ -334,8 +332,8 @@ __attribute__((target("avx512f"))) void avx512_forward_tile(const LoraGroupForwa
       z[t * kR + j] = sum;
     }
   }
-  avx512_expand<kR, kRows>(z, b_rows, p.d_out, static_cast<float*>(p.y) + n0 * p.y_stride_n, p.y_stride_n,
-                           p.accumulate, static_cast<const float*>(p.bias));
+  avx512_expand<kR, kRows>(z, b_rows, p.d_out, static_cast<float*>(p.y) + n0 * p.y_stride_n, p.y_stride_n, p.accumulate,
+                           static_cast<const float*>(p.bias));
 }
 
 template <int kR>
@@ -364,12 +362,11 @@ bool cpu_has(CpuIsa isa) {
 }  // namespace
 #endif
 
-CpuIsa routed_lora_group_grads_isa(int64_t rank, int64_t d_in, int64_t d_out, int64_t x_stride_c,
-                                   int64_t gy_stride_c, CpuIsa max_isa) {
+CpuIsa routed_lora_group_grads_isa(int64_t rank, int64_t d_in, int64_t d_out, int64_t x_stride_c, int64_t gy_stride_c,
+                                   CpuIsa max_isa) {
 #if defined(MHR_HAVE_X86_PATHS)
   if (x_stride_c != 1 || gy_stride_c != 1) return CpuIsa::kNone;
-  if (max_isa >= CpuIsa::kAvx512 && cpu_has(CpuIsa::kAvx512) &&
-      (rank == 4 || rank == 8 || rank == 16 || rank == 32)) {
+  if (max_isa >= CpuIsa::kAvx512 && cpu_has(CpuIsa::kAvx512) && (rank == 4 || rank == 8 || rank == 16 || rank == 32)) {
     const int64_t cols = rank < 16 ? 16 / rank : 1;  // Avx512Shape<rank>::kP
     if (d_in % cols == 0 && d_out % cols == 0) return CpuIsa::kAvx512;
   }
@@ -389,11 +386,20 @@ bool routed_lora_group_forward_cpu(const LoraGroupForwardParams& p, CpuIsa isa) 
   if (isa != CpuIsa::kAvx512 || routed_lora_group_forward_isa(p.rank, p.d_in, p.d_out, isa) != isa) return false;
 #if defined(MHR_HAVE_X86_PATHS)
   switch (p.rank) {
-    case 4: avx512_forward_rows<4>(p); return true;
-    case 8: avx512_forward_rows<8>(p); return true;
-    case 16: avx512_forward_rows<16>(p); return true;
-    case 32: avx512_forward_rows<32>(p); return true;
-    default: return false;
+    case 4:
+      avx512_forward_rows<4>(p);
+      return true;
+    case 8:
+      avx512_forward_rows<8>(p);
+      return true;
+    case 16:
+      avx512_forward_rows<16>(p);
+      return true;
+    case 32:
+      avx512_forward_rows<32>(p);
+      return true;
+    default:
+      return false;
   }
 #else
   return false;
@@ -407,11 +413,20 @@ bool routed_lora_group_grads_cpu(const LoraGroupGradParams& p, CpuIsa isa) {
 #if defined(MHR_HAVE_X86_PATHS)
   if (isa == CpuIsa::kAvx512) {
     switch (p.rank) {
-      case 4: avx512_rows<4>(p); return true;
-      case 8: avx512_rows<8>(p); return true;
-      case 16: avx512_rows<16>(p); return true;
-      case 32: avx512_rows<32>(p); return true;
-      default: return false;
+      case 4:
+        avx512_rows<4>(p);
+        return true;
+      case 8:
+        avx512_rows<8>(p);
+        return true;
+      case 16:
+        avx512_rows<16>(p);
+        return true;
+      case 32:
+        avx512_rows<32>(p);
+        return true;
+      default:
+        return false;
     }
   }
   if (p.rank == 8) {

@@ -23,7 +23,7 @@ struct LoraGroupForwardParams {
   int64_t d_in = 0;
   int64_t d_out = 0;
   int64_t rank = 0;
-  bool accumulate = false;  // y += update (else y = update, or bias + update)
+  bool accumulate = false;     // y += update (else y = update, or bias + update)
   const void* bias = nullptr;  // [d_out] contiguous, added when not accumulating; may be null
 };
 
@@ -58,8 +58,8 @@ struct LoraGroupGradParams {
 // The variant that takes this problem on this CPU, using no instruction set above max_isa:
 // AVX-512 for ranks 4, 8, 16, 32 (d_in and d_out multiples of 16 / rank below rank 16), AVX2
 // + FMA for ranks 8 and 16; both need unit column strides. kNone: the caller runs its BLAS path.
-CpuIsa routed_lora_group_grads_isa(int64_t rank, int64_t d_in, int64_t d_out, int64_t x_stride_c,
-                                   int64_t gy_stride_c, CpuIsa max_isa);
+CpuIsa routed_lora_group_grads_isa(int64_t rank, int64_t d_in, int64_t d_out, int64_t x_stride_c, int64_t gy_stride_c,
+                                   CpuIsa max_isa);
 // Runs variant `isa`; returns false (doing nothing) if that variant does not take the problem.
 bool routed_lora_group_grads_cpu(const LoraGroupGradParams& p, CpuIsa isa);
 

@@ -38,8 +38,8 @@ __device__ __forceinline__ acc_t route_weight(const RowRouting& r, int64_t g, in
 
 template <typename mt, typename acc_t>
 __device__ __forceinline__ acc_t skill_elem(const SkillMatrices& m, int64_t k, int64_t s, int64_t row, int64_t col) {
-  return to_acc<acc_t>(
-      ld_global(static_cast<const mt*>(m.data) + k * m.stride_k + s * m.stride_s + row * m.stride_row + col * m.stride_col));
+  return to_acc<acc_t>(ld_global(static_cast<const mt*>(m.data) + k * m.stride_k + s * m.stride_s + row * m.stride_row +
+                                 col * m.stride_col));
 }
 
 // sum_s w[g,k,s] M[k,s](row, col); NaN for a group id outside [0, G) (never dereferenced).
@@ -48,7 +48,8 @@ __device__ __forceinline__ acc_t mixed_elem(const SkillMatrices& m, const RowRou
                                             int64_t row, int64_t col) {
   if (g < 0 || g >= r.num_groups) return quiet_nan<acc_t>();
   acc_t v = 0;
-  for (int64_t s = 0; s < r.num_skills; ++s) v += route_weight<acc_t>(r, g, k, s) * skill_elem<mt, acc_t>(m, k, s, row, col);
+  for (int64_t s = 0; s < r.num_skills; ++s)
+    v += route_weight<acc_t>(r, g, k, s) * skill_elem<mt, acc_t>(m, k, s, row, col);
   return v;
 }
 
@@ -251,7 +252,8 @@ __device__ void wgrad_flush(const WgradParams& p, int64_t g, int64_t k, int64_t 
         const int64_t c = c0 + e / r, j = e % r;
         if (e >= kWgradCols * r || c >= p.dk) continue;
         const acc_t v = acc[i] * qs;
-        if (dm) atomic_add_global(dm + k * p.m.stride_k + s * p.m.stride_s + c * p.m.stride_row + j * p.m.stride_col, w * v);
+        if (dm)
+          atomic_add_global(dm + k * p.m.stride_k + s * p.m.stride_s + c * p.m.stride_row + j * p.m.stride_col, w * v);
         if (p.dw) dot += v * skill_elem<mt, acc_t>(p.m, k, s, c, j);
       }
       if (p.dw) {
@@ -339,7 +341,8 @@ int64_t shrink_chunks_per_split(int64_t num_rows, int64_t num_heads, int64_t dk)
   const int64_t row_tiles = ceil_div(num_rows, kShrinkRows);
   const int64_t total_chunks = num_heads * ceil_div(dk, kShrinkChunk);
   const int64_t want_blocks = 2LL * sm_count();
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(total_chunks, want_blocks / std::max<int64_t>(1, row_tiles)));
+  const int64_t splits =
+      std::max<int64_t>(1, std::min<int64_t>(total_chunks, want_blocks / std::max<int64_t>(1, row_tiles)));
   return ceil_div(total_chunks, splits);
 }
 
@@ -372,7 +375,8 @@ int launch_wgrad(const WgradParams& p, cudaStream_t stream) {
   const int64_t col_tiles = ceil_div(p.dk, kWgradCols);
   const int64_t per_slice_blocks = col_tiles * p.routing.num_heads;
   const int64_t slices = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(p.num_rows, kWgradRows), 4LL * sm_count() / std::max<int64_t>(1, per_slice_blocks)));
+      1,
+      std::min<int64_t>(ceil_div(p.num_rows, kWgradRows), 4LL * sm_count() / std::max<int64_t>(1, per_slice_blocks)));
   const int64_t rows_per_slice = ceil_div(p.num_rows, slices);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(p.routing.num_heads),
                   static_cast<unsigned>(ceil_div(p.num_rows, rows_per_slice)));
@@ -386,20 +390,20 @@ bool shapes_ok(int64_t rows, int64_t rank, int64_t dk, const RowRouting& r) {
 }
 
 // Binds xt / mt to a supported (data, matrix) type pair and returns the expression.
-#define MHR_DISPATCH_DATA_MATRIX(data, matrix, ...)                                   \
-  do {                                                                                \
-    MHR_DISPATCH_16BIT_PAIRS(data, matrix, __VA_ARGS__)                               \
-    if ((data) == DType::kFloat32 && (matrix) == DType::kFloat32) {                   \
-      using xt = float;                                                               \
-      using mt = float;                                                               \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
-    if ((data) == DType::kFloat64 && (matrix) == DType::kFloat64) {                   \
-      using xt = double;                                                              \
-      using mt = double;                                                              \
-      return __VA_ARGS__;                                                             \
-    }                                                                                 \
-    return static_cast<int>(cudaErrorInvalidValue);                                   \
+#define MHR_DISPATCH_DATA_MATRIX(data, matrix, ...)                 \
+  do {                                                              \
+    MHR_DISPATCH_16BIT_PAIRS(data, matrix, __VA_ARGS__)             \
+    if ((data) == DType::kFloat32 && (matrix) == DType::kFloat32) { \
+      using xt = float;                                             \
+      using mt = float;                                             \
+      return __VA_ARGS__;                                           \
+    }                                                               \
+    if ((data) == DType::kFloat64 && (matrix) == DType::kFloat64) { \
+      using xt = double;                                            \
+      using mt = double;                                            \
+      return __VA_ARGS__;                                           \
+    }                                                               \
+    return static_cast<int>(cudaErrorInvalidValue);                 \
   } while (0)
 
 }  // namespace

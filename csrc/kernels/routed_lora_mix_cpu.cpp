@@ -56,11 +56,11 @@ void lora_swap_pairs_cpu(const T* src, T* dst, int64_t a, int64_t b, int64_t c, 
     }
 }
 
-#define MHR_MIX_INSTANTIATE(T)                                                                                \
-  template void lora_mix_rows_cpu<T>(const LoraMixDims&, const T*, const T*, T*, int64_t, int64_t);           \
-  template void lora_spread_rows_cpu<T>(const LoraMixDims&, const T*, const T*, T*, int64_t, int64_t);        \
-  template void lora_row_weight_grads_cpu<T>(const LoraMixDims&, const T*, const T*, const T*, const T*, T*, \
-                                             int64_t, int64_t);                                               \
+#define MHR_MIX_INSTANTIATE(T)                                                                                        \
+  template void lora_mix_rows_cpu<T>(const LoraMixDims&, const T*, const T*, T*, int64_t, int64_t);                   \
+  template void lora_spread_rows_cpu<T>(const LoraMixDims&, const T*, const T*, T*, int64_t, int64_t);                \
+  template void lora_row_weight_grads_cpu<T>(const LoraMixDims&, const T*, const T*, const T*, const T*, T*, int64_t, \
+                                             int64_t);                                                                \
   template void lora_swap_pairs_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, T);
 MHR_MIX_INSTANTIATE(float)
 MHR_MIX_INSTANTIATE(double)

@@ -15,8 +15,8 @@ constexpr double kRelayoutFlopsPerElement = 20;
 
 bool use_runs(const std::vector<LoraRun>& runs, const LoraDims& d, bool fused) {
   const double extra_flops = 2.0 * d.rows * (d.d_in + d.d_out) * d.rank * (d.skills - 1);
-  const double per_run = fused ? kRunOverheadFlopsFused + kRelayoutFlopsPerElement * (d.d_in + d.d_out) * d.rank
-                               : kRunOverheadFlopsBlas;
+  const double per_run =
+      fused ? kRunOverheadFlopsFused + kRelayoutFlopsPerElement * (d.d_in + d.d_out) * d.rank : kRunOverheadFlopsBlas;
   return !runs.empty() && per_run * static_cast<double>(runs.size()) < extra_flops;
 }
 
@@ -138,8 +138,8 @@ LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds
                                            int64_t threads) {
   const DType ct = accumulation_dtype(x_type);
   // The fused kernel: fp32, unit column strides (the binding lays x and grad_y out so).
-  const CpuIsa isa = ct == DType::kFloat32 ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, 1, 1, max_isa)
-                                           : CpuIsa::kNone;
+  const CpuIsa isa =
+      ct == DType::kFloat32 ? routed_lora_group_grads_isa(d.rank, d.d_in, d.d_out, 1, 1, max_isa) : CpuIsa::kNone;
   LoraBackwardPlan plan;
   plan.groups = routed_lora_row_groups(d, ids);
   if (plan.groups.runs.empty()) return plan;  // no row, or no group
@@ -161,8 +161,8 @@ LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds
   return plan;
 }
 
-bool routed_lora_runs_forward_cpu(const LoraGroupForwardParams& base, const LoraRun* pieces, int64_t begin,
-                                  int64_t end, CpuIsa isa) {
+bool routed_lora_runs_forward_cpu(const LoraGroupForwardParams& base, const LoraRun* pieces, int64_t begin, int64_t end,
+                                  CpuIsa isa) {
   const float* a_mix = static_cast<const float*>(base.a_mix);
   const float* bt_mix = static_cast<const float*>(base.bt_mix);
   bool ok = true;
@@ -207,11 +207,9 @@ void routed_lora_rows_backward_parts_cpu(const LoraRowsGradParams& p, int64_t ro
                                      part(dB_parts, dB_size, i), part(dw_parts, dw_size, i), use_avx2);
 }
 
-template void routed_lora_rows_backward_parts_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, int64_t,
-                                                         int64_t, float*, int64_t, float*, int64_t, float*, int64_t,
-                                                         bool);
-template void routed_lora_rows_backward_parts_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, int64_t,
-                                                          int64_t, double*, int64_t, double*, int64_t, double*,
-                                                          int64_t, bool);
+template void routed_lora_rows_backward_parts_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, int64_t, int64_t,
+                                                         float*, int64_t, float*, int64_t, float*, int64_t, bool);
+template void routed_lora_rows_backward_parts_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, int64_t, int64_t,
+                                                          double*, int64_t, double*, int64_t, double*, int64_t, bool);
 
 }  // namespace mhr_ops

@@ -106,8 +106,8 @@ LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds
 // per-piece fields: its a_mix / bt_mix point at slot 0's mixed adapter ([slots, d_in, r] and
 // [slots, d_out, r], contiguous) and, for the gradients, da / dbt at piece 0's accumulators
 // ([pieces, d_in, r], [pieces, d_out, r]). False if the kernel refused a piece.
-bool routed_lora_runs_forward_cpu(const LoraGroupForwardParams& base, const LoraRun* pieces, int64_t begin,
-                                  int64_t end, CpuIsa isa);
+bool routed_lora_runs_forward_cpu(const LoraGroupForwardParams& base, const LoraRun* pieces, int64_t begin, int64_t end,
+                                  CpuIsa isa);
 bool routed_lora_runs_grads_cpu(const LoraGroupGradParams& base, const LoraRun* pieces, int64_t begin, int64_t end,
                                 CpuIsa isa);
 

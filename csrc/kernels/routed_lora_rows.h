@@ -59,12 +59,12 @@ struct LoraGatheredParams {
   int64_t x_stride_n = 0;
   void* y = nullptr;  // [N, d_out] of T, unit column stride
   int64_t y_stride_n = 0;
-  bool accumulate = false;  // y += update (else y = update, or bias + update)
-  const void* bias = nullptr;  // [d_out] of T, contiguous, added when not accumulating; may be null
-  void* z = nullptr;           // out: [N, r] of T, contiguous
-  const void* a_mix = nullptr;  // [slots, d_in, r] of T, contiguous: A_g of each slot
-  const void* b_mix = nullptr;  // [slots, r, d_out] of T, contiguous: scale * B_g of each slot
-  const int64_t* rows = nullptr;  // row indices, grouped: piece i is rows[pieces[i].start ...]
+  bool accumulate = false;          // y += update (else y = update, or bias + update)
+  const void* bias = nullptr;       // [d_out] of T, contiguous, added when not accumulating; may be null
+  void* z = nullptr;                // out: [N, r] of T, contiguous
+  const void* a_mix = nullptr;      // [slots, d_in, r] of T, contiguous: A_g of each slot
+  const void* b_mix = nullptr;      // [slots, r, d_out] of T, contiguous: scale * B_g of each slot
+  const int64_t* rows = nullptr;    // row indices, grouped: piece i is rows[pieces[i].start ...]
   const LoraRun* pieces = nullptr;  // [pieces]: offset into rows, number of rows, slot in a_mix / b_mix
   int64_t d_in = 0;
   int64_t d_out = 0;
@@ -89,10 +89,10 @@ struct LoraRowsGradParams {
   int64_t x_stride_n = 0;
   const void* grad_y = nullptr;  // [N, d_out] of T, unit column stride
   int64_t gy_stride_n = 0;
-  const void* z = nullptr;        // the forward's bottleneck [N, r] of T, contiguous
-  const void* A = nullptr;        // [h, S, d_in/h, r] of T, contiguous
-  const void* B = nullptr;        // [h, S, r, d_out/h] of T, contiguous
-  const void* weights = nullptr;  // [G, h, S] of T, contiguous
+  const void* z = nullptr;             // the forward's bottleneck [N, r] of T, contiguous
+  const void* A = nullptr;             // [h, S, d_in/h, r] of T, contiguous
+  const void* B = nullptr;             // [h, S, r, d_out/h] of T, contiguous
+  const void* weights = nullptr;       // [G, h, S] of T, contiguous
   const int64_t* row_group = nullptr;  // [N], ids in [0, G) (checked by the caller)
   void* gz = nullptr;                  // out: [N, r] of T, contiguous
   void* dx = nullptr;                  // [N, d_in] of T, unit column stride; null: not needed
@@ -109,13 +109,12 @@ struct LoraRowsGradParams {
 // Rows [row_begin, row_end); dA [h, S, d_in/h, r], dB [h, S, r, d_out/h], dw [G, h, S] of T are
 // accumulated into (each may be null when not needed). T = float or double; use_avx2 as above.
 template <typename T>
-void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
-                                   T* dw, bool use_avx2);
+void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB, T* dw,
+                                   bool use_avx2);
 
 // Stable counting sort of rows by group: order[0 .. N) lists rows of group 0, then group 1, ...
 // (each in row order); start[g] / count[g] locate group g's rows (start has G + 1 entries).
 // Rows whose group is outside [0, G) are left out of `order` (their count is returned).
-int64_t sort_rows_by_group(const int64_t* row_group, int64_t rows, int64_t groups, int64_t* order,
-                           int64_t* start);
+int64_t sort_rows_by_group(const int64_t* row_group, int64_t rows, int64_t groups, int64_t* order, int64_t* start);
 
 }  // namespace mhr_ops

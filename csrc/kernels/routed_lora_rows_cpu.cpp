@@ -19,7 +19,6 @@
 namespace mhr_ops {
 namespace {
 
-
 // yacc [rows, d_out] -> y rows (y = or += yacc, or bias + yacc).
 template <typename T>
 void store_rows(T* y, int64_t y_stride_n, const int64_t* row_of, int64_t rows, const T* yacc, int64_t d_out,
@@ -48,8 +47,8 @@ struct Tile {
 // out[t][0 .. R) = x[t][0 .. d) @ a   (a: [d, R] row-major), for the tile's rows: a is read once
 // per tile. kR > 0: the rank at compile time (the accumulators stay in registers).
 template <typename T, int kR, int kT>
-MHR_ROWS_INLINE void project_tile(const Tile<T>& tile, int64_t x_offset, const T* __restrict a, int64_t d,
-                                  int64_t R, T* __restrict out) {
+MHR_ROWS_INLINE void project_tile(const Tile<T>& tile, int64_t x_offset, const T* __restrict a, int64_t d, int64_t R,
+                                  T* __restrict out) {
   if constexpr (kR > 0) {
     // kP interleaved partial sums over c when the tile alone is too short to hide FMA latency.
     constexpr int kP = kT >= 4 ? 1 : 4;
@@ -86,8 +85,8 @@ MHR_ROWS_INLINE void project_tile(const Tile<T>& tile, int64_t x_offset, const T
 
 // acc[t][c] += sum_j u[t][j] * b[j, c] for c < d (b: [R, d] row-major, acc rows acc_stride apart).
 template <typename T, int kR, int kT>
-MHR_ROWS_INLINE void expand_tile(const T* __restrict u, const T* __restrict b, int64_t d, int64_t R,
-                                 T* __restrict acc, int64_t acc_stride) {
+MHR_ROWS_INLINE void expand_tile(const T* __restrict u, const T* __restrict b, int64_t d, int64_t R, T* __restrict acc,
+                                 int64_t acc_stride) {
   if constexpr (kR > 0) {
     for (int t = 0; t < kT; ++t) {
       T* __restrict out = acc + t * acc_stride;
@@ -109,8 +108,7 @@ MHR_ROWS_INLINE void expand_tile(const T* __restrict u, const T* __restrict b, i
 
 // One tile of kT rows (x pointers and row numbers in `tile`) of the project-then-mix kernel.
 template <typename T, int kR, int kT>
-MHR_ROWS_INLINE void rows_tile(const LoraRowsParams& p, const Tile<T>& tile, T* z, T* proj, T* u, T* w,
-                               T* yacc) {
+MHR_ROWS_INLINE void rows_tile(const LoraRowsParams& p, const Tile<T>& tile, T* z, T* proj, T* u, T* w, T* yacc) {
   const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / H, dk_out = p.d_out / H;
   const T* A = static_cast<const T*>(p.A);
   const T* B = static_cast<const T*>(p.B);
@@ -312,26 +310,40 @@ MHR_ROWS_INLINE void rows_backward(const LoraRowsGradParams& p, int64_t row_begi
 }
 
 // The instantiations for one instruction set: the common ranks at compile time, others at run time.
-#define MHR_ROWS_DISPATCH(BODY, T, P, B, E)                         \
-  switch (P.rank) {                                                 \
-    case 1: return BODY<T, 1>(P, B, E);                             \
-    case 2: return BODY<T, 2>(P, B, E);                             \
-    case 4: return BODY<T, 4>(P, B, E);                             \
-    case 8: return BODY<T, 8>(P, B, E);                             \
-    case 16: return BODY<T, 16>(P, B, E);                           \
-    case 32: return BODY<T, 32>(P, B, E);                           \
-    default: return BODY<T, 0>(P, B, E);                            \
+#define MHR_ROWS_DISPATCH(BODY, T, P, B, E) \
+  switch (P.rank) {                         \
+    case 1:                                 \
+      return BODY<T, 1>(P, B, E);           \
+    case 2:                                 \
+      return BODY<T, 2>(P, B, E);           \
+    case 4:                                 \
+      return BODY<T, 4>(P, B, E);           \
+    case 8:                                 \
+      return BODY<T, 8>(P, B, E);           \
+    case 16:                                \
+      return BODY<T, 16>(P, B, E);          \
+    case 32:                                \
+      return BODY<T, 32>(P, B, E);          \
+    default:                                \
+      return BODY<T, 0>(P, B, E);           \
   }
 
-#define MHR_ROWS_BWD_DISPATCH(T, P, B, E, DA, DB, DW)      \
-  switch (P.rank) {                                        \
-    case 1: return rows_backward<T, 1>(P, B, E, DA, DB, DW);   \
-    case 2: return rows_backward<T, 2>(P, B, E, DA, DB, DW);   \
-    case 4: return rows_backward<T, 4>(P, B, E, DA, DB, DW);   \
-    case 8: return rows_backward<T, 8>(P, B, E, DA, DB, DW);   \
-    case 16: return rows_backward<T, 16>(P, B, E, DA, DB, DW); \
-    case 32: return rows_backward<T, 32>(P, B, E, DA, DB, DW); \
-    default: return rows_backward<T, 0>(P, B, E, DA, DB, DW);  \
+#define MHR_ROWS_BWD_DISPATCH(T, P, B, E, DA, DB, DW)   \
+  switch (P.rank) {                                     \
+    case 1:                                             \
+      return rows_backward<T, 1>(P, B, E, DA, DB, DW);  \
+    case 2:                                             \
+      return rows_backward<T, 2>(P, B, E, DA, DB, DW);  \
+    case 4:                                             \
+      return rows_backward<T, 4>(P, B, E, DA, DB, DW);  \
+    case 8:                                             \
+      return rows_backward<T, 8>(P, B, E, DA, DB, DW);  \
+    case 16:                                            \
+      return rows_backward<T, 16>(P, B, E, DA, DB, DW); \
+    case 32:                                            \
+      return rows_backward<T, 32>(P, B, E, DA, DB, DW); \
+    default:                                            \
+      return rows_backward<T, 0>(P, B, E, DA, DB, DW);  \
   }
 
 template <typename T>
@@ -363,8 +375,8 @@ void rows_backward_portable(const LoraRowsGradParams& p, int64_t b, int64_t e, T
 }
 #if defined(MHR_ROWS_X86)
 template <typename T>
-__attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, int64_t b, int64_t e,
-                                                             T* dA, T* dB, T* dw) {
+__attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, int64_t b, int64_t e, T* dA,
+                                                            T* dB, T* dw) {
   MHR_ROWS_BWD_DISPATCH(T, p, b, e, dA, dB, dw)
 }
 #endif
@@ -372,8 +384,8 @@ __attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradPa
 }  // namespace
 
 template <typename T>
-void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
-                                   T* dw, bool use_avx2) {
+void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB, T* dw,
+                                   bool use_avx2) {
 #if defined(MHR_ROWS_X86)
   if (use_avx2 && has_avx2()) return rows_backward_avx2<T>(p, row_begin, row_end, dA, dB, dw);
 #endif
@@ -423,8 +435,8 @@ template void routed_lora_rows_forward_cpu<float>(const LoraRowsParams&, int64_t
 template void routed_lora_rows_forward_cpu<double>(const LoraRowsParams&, int64_t, int64_t, bool);
 template void routed_lora_gathered_forward_cpu<float>(const LoraGatheredParams&, int64_t, int64_t, bool);
 template void routed_lora_gathered_forward_cpu<double>(const LoraGatheredParams&, int64_t, int64_t, bool);
-template void routed_lora_rows_backward_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, float*, float*,
-                                                   float*, bool);
+template void routed_lora_rows_backward_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, float*, float*, float*,
+                                                   bool);
 template void routed_lora_rows_backward_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, double*, double*,
                                                     double*, bool);
 

@@ -29,13 +29,13 @@ namespace {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarpRows = 16;  // rows of one mma tile (M)
 constexpr int kTileRows = 4 * kWarpRows;
-constexpr int kChunk = 32;            // reduction columns staged per step (4 k8 mma steps)
-constexpr int kProjCols = 128;        // shrink: S*r columns per pass (16 n8 tiles per warp)
-constexpr int kExpandCols = 64;       // expand: output columns per block (8 n8 tiles per warp)
-constexpr int kWgradCols = 64;        // wgrad: S*r columns per block (8 n8 tiles per warp)
-constexpr int kPadA = 4;              // row padding of [rows][k] tiles: conflict-free A fragments
-constexpr int kPadB = 8;              // row padding of [k][cols] tiles: conflict-free B fragments
-constexpr int64_t kBadGroup = -1;     // a row whose group id is outside [0, G): NaN output
+constexpr int kChunk = 32;         // reduction columns staged per step (4 k8 mma steps)
+constexpr int kProjCols = 128;     // shrink: S*r columns per pass (16 n8 tiles per warp)
+constexpr int kExpandCols = 64;    // expand: output columns per block (8 n8 tiles per warp)
+constexpr int kWgradCols = 64;     // wgrad: S*r columns per block (8 n8 tiles per warp)
+constexpr int kPadA = 4;           // row padding of [rows][k] tiles: conflict-free A fragments
+constexpr int kPadB = 8;           // row padding of [k][cols] tiles: conflict-free B fragments
+constexpr int64_t kBadGroup = -1;  // a row whose group id is outside [0, G): NaN output
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a < b ? b : a; }
@@ -94,8 +94,8 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2], const float* tile, int 
 // One staged chunk: every warp multiplies its 16 rows of A [kTileRows][kChunk] by n_tiles n8
 // tiles of B [kChunk][...] into acc.
 template <int kMaxTiles>
-__device__ __forceinline__ void mma_chunk(float (&acc)[kMaxTiles][4], const float* a_tile, int lda,
-                                          const float* b_tile, int ldb, int n_tiles) {
+__device__ __forceinline__ void mma_chunk(float (&acc)[kMaxTiles][4], const float* a_tile, int lda, const float* b_tile,
+                                          int ldb, int n_tiles) {
   const int m0 = (threadIdx.x >> 5) * kWarpRows;
 #pragma unroll
   for (int k0 = 0; k0 < kChunk; k0 += 8) {
@@ -324,11 +324,11 @@ __global__ void __launch_bounds__(kThreads) tc_wgrad_kernel(const WgradParams p)
   MHR_SHARED(float, smem, [kWgradSmem]);
   MHR_SHARED(int64_t, gid, [kChunk]);
   constexpr int lda = kChunk + kPadA, ldb = kWgradCols + kPadB, ldo = kWgradCols + kPadA;
-  float* xs = smem;                                                      // X^T: [kTileRows (c)][lda (rows)]
-  float* qs = smem + kTileRows * lda;                                    // Qw: [kChunk (rows)][ldb]
-  float* out = smem;                                                     // dM tile: [kTileRows][ldo], at the end
+  float* xs = smem;                                                        // X^T: [kTileRows (c)][lda (rows)]
+  float* qs = smem + kTileRows * lda;                                      // Qw: [kChunk (rows)][ldb]
+  float* out = smem;                                                       // dM tile: [kTileRows][ldo], at the end
   float* ms = smem + (kWgradStage > kWgradOut ? kWgradStage : kWgradOut);  // Mcat_k: [kTileRows (c)][ldb]
-  float* ps = ms + kWgradMs;                                             // P: [kChunk (rows)][ldo]
+  float* ps = ms + kWgradMs;                                               // P: [kChunk (rows)][ldo]
 
   const RowRouting& R = p.routing;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -411,7 +411,8 @@ __global__ void __launch_bounds__(kThreads) tc_wgrad_kernel(const WgradParams p)
           const int64_t n = n0 + t, g = gid[t];
           if (g != g_run) {
             if (g_run != kBadGroup && sum != 0.f)
-              atomic_add_global(static_cast<float*>(p.dw) + (g_run * R.num_heads + k) * R.num_skills + s, sum * q_scale);
+              atomic_add_global(static_cast<float*>(p.dw) + (g_run * R.num_heads + k) * R.num_skills + s,
+                                sum * q_scale);
             g_run = g;
             sum = 0.f;
           }

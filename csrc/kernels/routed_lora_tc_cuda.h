@@ -14,26 +14,26 @@
 // Returns the expression with xt / mt bound to the (data, matrix) pair if it is one of the four
 // 16-bit-data pairs the tensor-core kernels take (fp16 or bf16 data; adapters of the same type or
 // fp32); falls through otherwise. routed_lora_cuda.cu's full dispatch extends it.
-#define MHR_DISPATCH_16BIT_PAIRS(data, matrix, ...)                              \
-  if ((data) == DType::kFloat16 && (matrix) == DType::kFloat16) {               \
-    using xt = __half;                                                          \
-    using mt = __half;                                                          \
-    return __VA_ARGS__;                                                         \
-  }                                                                             \
-  if ((data) == DType::kFloat16 && (matrix) == DType::kFloat32) {               \
-    using xt = __half;                                                          \
-    using mt = float;                                                           \
-    return __VA_ARGS__;                                                         \
-  }                                                                             \
-  if ((data) == DType::kBFloat16 && (matrix) == DType::kBFloat16) {             \
-    using xt = __nv_bfloat16;                                                   \
-    using mt = __nv_bfloat16;                                                   \
-    return __VA_ARGS__;                                                         \
-  }                                                                             \
-  if ((data) == DType::kBFloat16 && (matrix) == DType::kFloat32) {              \
-    using xt = __nv_bfloat16;                                                   \
-    using mt = float;                                                           \
-    return __VA_ARGS__;                                                         \
+#define MHR_DISPATCH_16BIT_PAIRS(data, matrix, ...)                 \
+  if ((data) == DType::kFloat16 && (matrix) == DType::kFloat16) {   \
+    using xt = __half;                                              \
+    using mt = __half;                                              \
+    return __VA_ARGS__;                                             \
+  }                                                                 \
+  if ((data) == DType::kFloat16 && (matrix) == DType::kFloat32) {   \
+    using xt = __half;                                              \
+    using mt = float;                                               \
+    return __VA_ARGS__;                                             \
+  }                                                                 \
+  if ((data) == DType::kBFloat16 && (matrix) == DType::kBFloat16) { \
+    using xt = __nv_bfloat16;                                       \
+    using mt = __nv_bfloat16;                                       \
+    return __VA_ARGS__;                                             \
+  }                                                                 \
+  if ((data) == DType::kBFloat16 && (matrix) == DType::kFloat32) {  \
+    using xt = __nv_bfloat16;                                       \
+    using mt = float;                                               \
+    return __VA_ARGS__;                                             \
   }
 
 namespace mhr_ops {

@@ -70,7 +70,7 @@ __global__ void mma_b16_kernel(B16Args p) {
   const uint16_t* Bt = p.bt + blockIdx.x * K * N;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
 
-  if (p.load != Load::kPlain) {  // global -> shared with every cp.async size
+  if (p.load != Load::kPlain) {                        // global -> shared with every cp.async size
     for (int i = tid; i < M * K / 8; i += blockDim.x)  // 16-byte chunks, L1 bypassed
       mhr_ops::cp_async_cg(sa + (i / (K / 8)) * PA + (i % (K / 8)) * 8, A + i * 8);
     for (int i = tid; i < N * K / 8; i += blockDim.x)
@@ -354,8 +354,8 @@ void test_tf32(std::mt19937& gen) {
     cudaMemset(args.d, 0xff, c.size() * sizeof(float));
     MHR_LAUNCH(mma_tf32_kernel, dim3(kProblems), dim3(32 * kWarps), 0, nullptr, args);
     EXPECT_TRUE(cudaDeviceSynchronize() == cudaSuccess);
-    check_result(use_ldmatrix ? "tf32 m16n8k8, ldmatrix x4 / x2 on fp32" : "tf32 m16n8k8, per-lane loads", a_val,
-                 b_val, c, to_host(args.d, c.size()));
+    check_result(use_ldmatrix ? "tf32 m16n8k8, ldmatrix x4 / x2 on fp32" : "tf32 m16n8k8, per-lane loads", a_val, b_val,
+                 c, to_host(args.d, c.size()));
   }
   cudaFree(const_cast<float*>(args.a));
   cudaFree(const_cast<float*>(args.bt));
@@ -428,7 +428,7 @@ __global__ void float_to_tf32_kernel(const float* in, uint32_t* out, int n) {
 
 void test_float_to_tf32() {
   const float tie = 1.0f + std::ldexp(1.0f, -11);  // halfway between two tf32 values
-  const std::vector<float> in = {0.0f,  -0.0f,          1.0f,           tie,     -tie,   std::nextafter(tie, 0.0f),
+  const std::vector<float> in = {0.0f,        -0.0f,         1.0f,   tie,    -tie,     std::nextafter(tie, 0.0f),
                                  3.14159265f, -2.718281828f, 1e-30f, 6.5e4f, INFINITY, -INFINITY};
   float* d_in = to_device(in);
   uint32_t* d_out = nullptr;

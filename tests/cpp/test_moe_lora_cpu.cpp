@@ -1,8 +1,8 @@
 // The moe_lora CPU kernels (moe_lora.h) against double loops: the counting sort (stable, invalid
 // ids left out), forward (shrink + expand, y written and accumulated) and backward (dx, dA, dB,
-// dw) through the row-block pass and the weight-gradient tasks, for every compile-time rank and a run-time one, fp32 and fp64, portable and AVX2 builds,
-// repeated experts within a row, int32 and strided ids, padded rows; an out-of-range id gives a
-// NaN row and touches nothing outside the buffers; results do not depend on how rows are split.
+// dw) through the row-block pass and the weight-gradient tasks, for every compile-time rank and a run-time one, fp32
+// and fp64, portable and AVX2 builds, repeated experts within a row, int32 and strided ids, padded rows; an
+// out-of-range id gives a NaN row and touches nothing outside the buffers; results do not depend on how rows are split.
 #include <cmath>
 #include <cstdint>
 #include <random>

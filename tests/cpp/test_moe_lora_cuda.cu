@@ -22,7 +22,10 @@ namespace {
 
 template <typename T>
 double data_tol() {
-  return std::is_same<T, __half>::value ? 3e-3 : std::is_same<T, __nv_bfloat16>::value ? 2e-2 : std::is_same<T, float>::value ? 2e-5 : 1e-12;
+  return std::is_same<T, __half>::value          ? 3e-3
+         : std::is_same<T, __nv_bfloat16>::value ? 2e-2
+         : std::is_same<T, float>::value         ? 2e-5
+                                                 : 1e-12;
 }
 template <typename T>
 double acc_tol() {
@@ -143,12 +146,15 @@ void run(const MoeCase& c) {
     for (int64_t s = 0; s < slots; ++s) h[s * st] = ids[s];
     d_ids = to_device(h);
   }
-  T *d_x = device_of<T>(x), *d_gy = device_of<T>(gy), *d_y = device_of<T>(c.accumulate ? y0 : std::vector<double>(N * d_out));
+  T *d_x = device_of<T>(x), *d_gy = device_of<T>(gy),
+    *d_y = device_of<T>(c.accumulate ? y0 : std::vector<double>(N * d_out));
   T* d_dx = device_of<T>(std::vector<double>(N * d_in));
-  acc_t *d_A = device_of<acc_t>(A), *d_B = device_of<acc_t>(B), *d_At = device_of<acc_t>(At), *d_Bt = device_of<acc_t>(Bt);
+  acc_t *d_A = device_of<acc_t>(A), *d_B = device_of<acc_t>(B), *d_At = device_of<acc_t>(At),
+        *d_Bt = device_of<acc_t>(Bt);
   acc_t *d_w = device_of<acc_t>(w), *d_z = device_of<acc_t>(std::vector<double>(slots * r));
   acc_t *d_gz = device_of<acc_t>(std::vector<double>(slots * r)), *d_dw = device_of<acc_t>(std::vector<double>(slots));
-  acc_t *d_dA = device_of<acc_t>(std::vector<double>(E * d_in * r)), *d_dB = device_of<acc_t>(std::vector<double>(E * r * d_out));
+  acc_t *d_dA = device_of<acc_t>(std::vector<double>(E * d_in * r)),
+        *d_dB = device_of<acc_t>(std::vector<double>(E * r * d_out));
   int64_t *d_counts = to_device(std::vector<int64_t>(E, -1)), *d_start = to_device(std::vector<int64_t>(E + 1, -1));
   int64_t* d_order = to_device(std::vector<int64_t>(std::max<int64_t>(1, slots), -1));
 
@@ -184,9 +190,9 @@ void run(const MoeCase& c) {
     const std::vector<double> y = host_of(d_y, N * d_out);
     EXPECT_TRUE(std::isnan(y[3 * d_out]) && std::isnan(y[6 * d_out + d_out - 1]) && !std::isnan(y[4 * d_out]));
   }
-  for (void* p : {(void*)d_ids, (void*)d_x, (void*)d_gy, (void*)d_y, (void*)d_dx, (void*)d_A, (void*)d_B,
-                  (void*)d_At, (void*)d_Bt, (void*)d_w, (void*)d_z, (void*)d_gz, (void*)d_dw, (void*)d_dA,
-                  (void*)d_dB, (void*)d_counts, (void*)d_start, (void*)d_order})
+  for (void* p : {(void*)d_ids, (void*)d_x, (void*)d_gy, (void*)d_y, (void*)d_dx, (void*)d_A, (void*)d_B, (void*)d_At,
+                  (void*)d_Bt, (void*)d_w, (void*)d_z, (void*)d_gz, (void*)d_dw, (void*)d_dA, (void*)d_dB,
+                  (void*)d_counts, (void*)d_start, (void*)d_order})
     cudaFree(p);
 }
 

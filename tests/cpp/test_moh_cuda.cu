@@ -23,7 +23,10 @@ namespace {
 
 template <typename T>
 double tol() {
-  return std::is_same<T, __half>::value ? 3e-3 : std::is_same<T, __nv_bfloat16>::value ? 2e-2 : std::is_same<T, float>::value ? 2e-5 : 1e-12;
+  return std::is_same<T, __half>::value          ? 3e-3
+         : std::is_same<T, __nv_bfloat16>::value ? 2e-2
+         : std::is_same<T, float>::value         ? 2e-5
+                                                 : 1e-12;
 }
 
 int g_bad_reports = 0;

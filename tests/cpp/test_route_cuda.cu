@@ -20,7 +20,6 @@ using mhr_ops::RouteParams;
 
 namespace {
 
-
 struct Dt {
   DType dtype;
   double eps, tiny, tol;  // torch.finfo(dtype).eps / .tiny; comparison tolerance

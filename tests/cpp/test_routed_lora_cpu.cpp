@@ -19,7 +19,8 @@ namespace {
 
 struct Problem {
   int64_t rows, d_in, d_out, rank, x_stride, gy_stride;
-  std::vector<float> x, gy, z, a, bt;  // x [rows, x_stride], gy [rows, gy_stride], z [rows, r], a [d_in, r], bt [d_out, r]
+  std::vector<float> x, gy, z, a,
+      bt;  // x [rows, x_stride], gy [rows, gy_stride], z [rows, r], a [d_in, r], bt [d_out, r]
 };
 
 Problem make(int64_t rows, int64_t d_in, int64_t d_out, int64_t rank, unsigned seed) {

@@ -30,7 +30,10 @@ const double kNaN = std::numeric_limits<double>::quiet_NaN();
 // Relative rounding of a value stored in T (outputs y, dx), and of the accumulation type.
 template <typename T>
 double out_tol() {
-  return std::is_same<T, __half>::value ? 2e-3 : std::is_same<T, __nv_bfloat16>::value ? 1e-2 : std::is_same<T, float>::value ? 2e-5 : 1e-11;
+  return std::is_same<T, __half>::value          ? 2e-3
+         : std::is_same<T, __nv_bfloat16>::value ? 1e-2
+         : std::is_same<T, float>::value         ? 2e-5
+                                                 : 1e-11;
 }
 
 struct Case {
@@ -103,8 +106,9 @@ Reference reference(const Problem& p) {
     for (int64_t s = 0; s < S; ++s) v += p.w[(g * h + k) * S + s] * p.B[((k * S + s) * r + j) * dko + col];
     return v;
   };
-  Reference R{std::vector<double>(N * r, 0),  std::vector<double>(N * r, 0),      std::vector<double>(N * h * dko, 0),
-              std::vector<double>(N * h * dki, 0), std::vector<double>(p.A.size(), 0), std::vector<double>(p.B.size(), 0),
+  Reference R{std::vector<double>(N * r, 0),       std::vector<double>(N * r, 0),
+              std::vector<double>(N * h * dko, 0), std::vector<double>(N * h * dki, 0),
+              std::vector<double>(p.A.size(), 0),  std::vector<double>(p.B.size(), 0),
               std::vector<double>(p.w.size(), 0)};
   const double scale = 0.37;
   for (int64_t n = 0; n < N; ++n) {

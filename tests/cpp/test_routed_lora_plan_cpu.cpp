@@ -62,11 +62,11 @@ void check_row_groups() {
   // no groups at all: every row bad, nothing to compute
   const std::vector<int64_t> zeros = {0, 0};
   const LoraDims none = dims(2, 8, 2, 2, 2, 0, 1);
-  const auto plan = mhr_ops::plan_routed_lora_forward(none, ids_of(zeros), DType::kFloat32, DType::kFloat32,
-                                                      CpuIsa::kNone, 2);
+  const auto plan =
+      mhr_ops::plan_routed_lora_forward(none, ids_of(zeros), DType::kFloat32, DType::kFloat32, CpuIsa::kNone, 2);
   EXPECT_TRUE(plan.path == LoraForwardPath::kNone && plan.groups.bad.size() == 1 && plan.groups.bad[0].rows == 2);
-  const auto empty = mhr_ops::plan_routed_lora_backward(dims(0, 8, 2, 2, 2, 3, 1), ids_of({}), DType::kFloat32,
-                                                        CpuIsa::kAvx512, 2);
+  const auto empty =
+      mhr_ops::plan_routed_lora_backward(dims(0, 8, 2, 2, 2, 3, 1), ids_of({}), DType::kFloat32, CpuIsa::kAvx512, 2);
   EXPECT_TRUE(empty.path == LoraBackwardPath::kNone);
 }
 
@@ -75,7 +75,8 @@ void check_forward_paths() {
   {
     const LoraDims d = dims(2048, 1024, 8, 8, 8, 8, 256);
     std::vector<int64_t> ids = {3, 1, 4, 1, 5, 0, 2, 6};
-    const auto p = mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32, CpuIsa::kNone, 2);
+    const auto p =
+        mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32, CpuIsa::kNone, 2);
     EXPECT_TRUE(p.path == LoraForwardPath::kBlasRuns);
     EXPECT_TRUE(p.slot_groups == (std::vector<int64_t>{3, 1, 4, 5, 0, 2, 6}));
     check_cover(p.pieces, p.slot_groups, d.rows, p.groups.row_group, nullptr);
@@ -85,8 +86,8 @@ void check_forward_paths() {
   {
     const LoraDims d = dims(4, 1024, 8, 8, 8, 16, 1);
     std::vector<int64_t> ids = {7, 2, 2, 9};
-    const auto p = mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32,
-                                                     CpuIsa::kAvx512, 2);
+    const auto p =
+        mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32, CpuIsa::kAvx512, 2);
     EXPECT_TRUE(p.path == LoraForwardPath::kTileRows && p.pieces.empty());
   }
   // serving many examples of few tasks, interleaved -> gathered row tiles
@@ -94,7 +95,8 @@ void check_forward_paths() {
     const LoraDims d = dims(4096, 1024, 8, 8, 8, 16, 1);
     std::vector<int64_t> ids(4096);
     for (int64_t n = 0; n < 4096; ++n) ids[n] = (n * 7) % 16;
-    const auto p = mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32, CpuIsa::kNone, 4);
+    const auto p =
+        mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat32, DType::kFloat32, CpuIsa::kNone, 4);
     EXPECT_TRUE(p.path == LoraForwardPath::kTileGathered && p.takes_bias());
     EXPECT_TRUE(static_cast<int64_t>(p.order.size()) == d.rows && p.slot_groups.size() == 16);
     check_cover(p.pieces, p.slot_groups, d.rows, p.groups.row_group, &p.order);
@@ -104,25 +106,27 @@ void check_forward_paths() {
     const LoraDims d = dims(64, 256, 4, 8, 8, 16, 1);
     std::vector<int64_t> ids(64);
     for (int64_t n = 0; n < 64; ++n) ids[n] = n % 16;
-    const auto p = mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat16, DType::kFloat16, CpuIsa::kNone, 2);
+    const auto p =
+        mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat16, DType::kFloat16, CpuIsa::kNone, 2);
     EXPECT_TRUE(p.path == LoraForwardPath::kProjectThenMix && p.pieces.empty() && !p.takes_bias());
   }
   // one skill: project-then-mix costs nothing extra, so never runs
   {
     const LoraDims d = dims(512, 64, 1, 1, 4, 2, 256);
     std::vector<int64_t> ids = {0, 1};
-    const auto p = mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat16, DType::kFloat16, CpuIsa::kNone, 2);
+    const auto p =
+        mhr_ops::plan_routed_lora_forward(d, ids_of(ids), DType::kFloat16, DType::kFloat16, CpuIsa::kNone, 2);
     EXPECT_TRUE(p.path == LoraForwardPath::kProjectThenMix);
   }
 }
 
 void check_backward_paths() {
   std::vector<int64_t> few = {1, 0, 1};
-  const auto rows = mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kFloat32,
-                                                       CpuIsa::kNone, 8);
+  const auto rows =
+      mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kFloat32, CpuIsa::kNone, 8);
   EXPECT_TRUE(rows.path == LoraBackwardPath::kRows && rows.parts == 3);
-  const auto half = mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kBFloat16,
-                                                       CpuIsa::kNone, 8);
+  const auto half =
+      mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kBFloat16, CpuIsa::kNone, 8);
   EXPECT_TRUE(half.path == LoraBackwardPath::kProjectThenMix);
   std::vector<int64_t> batch = {0, 1, 2, 3};
   const LoraDims d = dims(1024, 512, 8, 8, 8, 4, 256);

@@ -60,7 +60,8 @@ void reference(const Problem& p, double scale, std::vector<double>& z, std::vect
         const double w = p.W[(g * p.H + k) * p.S + s];
         for (int64_t j = 0; j < p.R; ++j)
           for (int64_t c = 0; c < p.dk_out; ++c)
-            u[n * d_out + k * p.dk_out + c] += scale * w * z[n * p.R + j] * p.B[((k * p.S + s) * p.R + j) * p.dk_out + c];
+            u[n * d_out + k * p.dk_out + c] +=
+                scale * w * z[n * p.R + j] * p.B[((k * p.S + s) * p.R + j) * p.dk_out + c];
       }
   }
 }
@@ -86,10 +87,12 @@ void check_rows(const Problem& p, bool accumulate, bool avx2, double tol) {
   mhr_ops::routed_lora_rows_forward_cpu<T>(q, 0, p.N, avx2);
   const int64_t d_out = p.H * p.dk_out;
   for (int64_t n = 0; n < p.N; ++n) {
-    for (int64_t j = 0; j < p.R; ++j) EXPECT_NEAR(z[n * p.R + j], z_ref[n * p.R + j], tol * (1 + std::fabs(z_ref[n * p.R + j])));
+    for (int64_t j = 0; j < p.R; ++j)
+      EXPECT_NEAR(z[n * p.R + j], z_ref[n * p.R + j], tol * (1 + std::fabs(z_ref[n * p.R + j])));
     for (int64_t c = 0; c < p.y_stride; ++c) {
-      const double want = c < d_out ? (accumulate ? p.y0[n * p.y_stride + c] : 0.0) + u_ref[n * d_out + c]
-                                    : static_cast<double>(static_cast<T>(p.y0[n * p.y_stride + c]));  // padding untouched
+      const double want = c < d_out
+                              ? (accumulate ? p.y0[n * p.y_stride + c] : 0.0) + u_ref[n * d_out + c]
+                              : static_cast<double>(static_cast<T>(p.y0[n * p.y_stride + c]));  // padding untouched
       EXPECT_NEAR(y[n * p.y_stride + c], want, tol * (1 + std::fabs(want)) * 10);
     }
   }
@@ -112,7 +115,8 @@ void check_gathered(const Problem& p, bool accumulate, bool with_bias, bool avx2
             a_mix[(g * d_in + k * p.dk_in + c) * p.R + j] += w * p.A[((k * p.S + s) * p.dk_in + c) * p.R + j];
         for (int64_t j = 0; j < p.R; ++j)
           for (int64_t c = 0; c < p.dk_out; ++c)
-            b_mix[(g * p.R + j) * d_out + k * p.dk_out + c] += scale * w * p.B[((k * p.S + s) * p.R + j) * p.dk_out + c];
+            b_mix[(g * p.R + j) * d_out + k * p.dk_out + c] +=
+                scale * w * p.B[((k * p.S + s) * p.R + j) * p.dk_out + c];
       }
   std::vector<int64_t> order(p.N), start(p.G + 1);
   EXPECT_TRUE(mhr_ops::sort_rows_by_group(p.group.data(), p.N, p.G, order.data(), start.data()) == 0);
@@ -123,7 +127,8 @@ void check_gathered(const Problem& p, bool accumulate, bool with_bias, bool avx2
   // pieces of at most 5 rows (partial tiles, several pieces per group), every group a slot
   std::vector<mhr_ops::LoraRun> pieces;
   for (int64_t g = 0; g < p.G; ++g)
-    for (int64_t o = start[g]; o < start[g + 1]; o += 5) pieces.push_back({o, std::min<int64_t>(5, start[g + 1] - o), g, g});
+    for (int64_t o = start[g]; o < start[g + 1]; o += 5)
+      pieces.push_back({o, std::min<int64_t>(5, start[g + 1] - o), g, g});
   const auto x = as<T>(p.x), am = as<T>(a_mix), bm = as<T>(b_mix), bias = as<T>(p.bias);
   auto y = as<T>(p.y0);
   std::vector<T> z(p.N * p.R, T(-7));
@@ -134,7 +139,8 @@ void check_gathered(const Problem& p, bool accumulate, bool with_bias, bool avx2
   q.d_in = d_in, q.d_out = d_out, q.rank = p.R;
   mhr_ops::routed_lora_gathered_forward_cpu<T>(q, 0, static_cast<int64_t>(pieces.size()), avx2);
   for (int64_t n = 0; n < p.N; ++n) {
-    for (int64_t j = 0; j < p.R; ++j) EXPECT_NEAR(z[n * p.R + j], z_ref[n * p.R + j], tol * (1 + std::fabs(z_ref[n * p.R + j])));
+    for (int64_t j = 0; j < p.R; ++j)
+      EXPECT_NEAR(z[n * p.R + j], z_ref[n * p.R + j], tol * (1 + std::fabs(z_ref[n * p.R + j])));
     for (int64_t c = 0; c < d_out; ++c) {
       const double base = accumulate ? p.y0[n * p.y_stride + c] : (with_bias ? p.bias[c] : 0.0);
       const double want = base + u_ref[n * d_out + c];

@@ -40,8 +40,10 @@ MoeDims check_moe_lora(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt,
                    "topk_ids: expected an int64 or int32 tensor, got ", topk_ids.scalar_type());
   check_adapter_dtypes(x, A, B);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"},
-                                {topk_weights, "topk_weights"}, {topk_ids, "topk_ids"}})
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"},
+                                {B, "B"},
+                                {topk_weights, "topk_weights"},
+                                {topk_ids, "topk_ids"}})
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected a tensor on ", x.device(),
                       " (the device of x), got one on ", t.device());
   MoeDims d;

@@ -9,7 +9,7 @@ namespace mhr_ops {
 
 // Validated sizes of one moe_lora problem.
 struct MoeDims {
-  int64_t rows = 0;     // N
+  int64_t rows = 0;  // N
   int64_t d_in = 0;
   int64_t d_out = 0;
   int64_t experts = 0;  // E

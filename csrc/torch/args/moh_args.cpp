@@ -14,8 +14,7 @@ HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<a
   HeadGatesParams p;
   p.num_rows = routed.size(0);
   p.num_routed = routed.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= p.num_routed, "top_k: expected 1..", p.num_routed, " (routed heads), got ",
-              top_k);
+  TORCH_CHECK(top_k >= 1 && top_k <= p.num_routed, "top_k: expected 1..", p.num_routed, " (routed heads), got ", top_k);
   p.top_k = top_k;
   TORCH_CHECK(n_shared >= 0, "n_shared: expected >= 0, got ", n_shared);
   p.num_shared = n_shared;
@@ -24,8 +23,8 @@ HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<a
                 ", Hs], got ", shared->sizes());
     TORCH_CHECK(n_shared == 0 || n_shared == shared->size(1), "n_shared: expected 0 or ", shared->size(1),
                 " (shared_logits' width), got ", n_shared);
-    TORCH_CHECK(shared->scalar_type() == routed.scalar_type(), "shared_logits: expected dtype ",
-                routed.scalar_type(), ", got ", shared->scalar_type());
+    TORCH_CHECK(shared->scalar_type() == routed.scalar_type(), "shared_logits: expected dtype ", routed.scalar_type(),
+                ", got ", shared->scalar_type());
     check_same_device(*shared, "shared_logits", routed, "routed_logits");
     p.num_shared = shared->size(1);
   }

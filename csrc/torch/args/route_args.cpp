@@ -51,8 +51,8 @@ RouteParams make_route_params(const at::Tensor& logits, const at::Tensor& task_i
     TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == P.num_groups && u.size(1) == P.num_heads && u.size(2) == n_skills,
                       "noise: expected shape (", P.num_groups, ", ", P.num_heads, ", ", n_skills, ") [G, h, S], got ",
                       py_shape(u.sizes()));
-    TORCH_CHECK_VALUE(u.scalar_type() == logits.scalar_type(), "noise: expected dtype ",
-                      py_dtype(logits.scalar_type()), " (the logits dtype), got ", py_dtype(u.scalar_type()));
+    TORCH_CHECK_VALUE(u.scalar_type() == logits.scalar_type(), "noise: expected dtype ", py_dtype(logits.scalar_type()),
+                      " (the logits dtype), got ", py_dtype(u.scalar_type()));
     check_same_device(u, "noise", logits, "logits");
   } else {
     TORCH_CHECK_VALUE(!has_noise, "noise: only mode 'relaxed_bernoulli' uses noise, got mode '", std::string(mode),
@@ -79,12 +79,12 @@ void set_route_tensors(RouteParams& P, const at::Tensor& logits, const at::Tenso
 }
 
 void set_route_grad(RouteParams& P, const at::Tensor& grad_weights, const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(grad_weights.dim() == 3 && grad_weights.size(0) == P.num_groups && grad_weights.size(1) == P.num_heads &&
-                  grad_weights.size(2) == P.num_skills,
-              "grad_weights: expected shape [", P.num_groups, ", ", P.num_heads, ", ", P.num_skills, "], got ",
-              grad_weights.sizes());
+  TORCH_CHECK_VALUE(grad_weights.dim() == 3 && grad_weights.size(0) == P.num_groups &&
+                        grad_weights.size(1) == P.num_heads && grad_weights.size(2) == P.num_skills,
+                    "grad_weights: expected shape [", P.num_groups, ", ", P.num_heads, ", ", P.num_skills, "], got ",
+                    grad_weights.sizes());
   TORCH_CHECK_VALUE(grad_weights.scalar_type() == logits.scalar_type(), "grad_weights: expected dtype ",
-              logits.scalar_type(), ", got ", grad_weights.scalar_type());
+                    logits.scalar_type(), ", got ", grad_weights.scalar_type());
   check_same_device(grad_weights, "grad_weights", logits, "logits");
   P.grad_weights = grad_weights.data_ptr();
   P.grad_stride_g = grad_weights.stride(0);

@@ -12,7 +12,8 @@
 namespace mhr_ops {
 
 // Checks every argument of route / route_backward (the op's contract: ValueError in Python, messages
-// name the argument) and fills the sizes and options of a RouteParams. top_k: None keeps every skill. Pointers and strides are left to set_route_tensors.
+// name the argument) and fills the sizes and options of a RouteParams. top_k: None keeps every skill. Pointers and
+// strides are left to set_route_tensors.
 RouteParams make_route_params(const at::Tensor& logits, const at::Tensor& task_ids,
                               const std::optional<at::Tensor>& noise, int64_t n_skills, std::string_view mode,
                               double temperature, std::optional<int64_t> top_k, double eps);

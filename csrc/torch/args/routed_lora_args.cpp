@@ -41,11 +41,11 @@ LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::T
   d.d_out = d.heads * d.dk_out;
   TORCH_CHECK_VALUE(d.d_in == d.heads * d.dk_in, "x: expected last dim d_in = h * A.shape[2] = ", d.heads * d.dk_in,
                     " (d_in must split into h=", d.heads, " heads), got ", d.d_in);
-  TORCH_CHECK_VALUE(weights.size(1) == d.heads && weights.size(2) == d.skills, "weights: expected shape (G, ",
-                    d.heads, ", ", d.skills, ") [G, h, S], got ", py_shape(weights.sizes()));
+  TORCH_CHECK_VALUE(weights.size(1) == d.heads && weights.size(2) == d.skills, "weights: expected shape (G, ", d.heads,
+                    ", ", d.skills, ") [G, h, S], got ", py_shape(weights.sizes()));
   check_adapter_dtypes(x, A, B);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"}, {weights, "weights"},
-                                {group_ids, "group_ids"}})
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"}, {weights, "weights"}, {group_ids, "group_ids"}})
     check_same_device(t, name, x, "x");
   d.groups = weights.size(0);
   TORCH_CHECK_VALUE(rows_per_group_id >= 1, "rows_per_group_id: expected >= 1, got ", rows_per_group_id);

@@ -22,9 +22,8 @@ std::tuple<at::Tensor, at::Tensor> mhr_linear(const at::Tensor& x, const at::Ten
   at::Tensor out = at::linear(x, weight, bias);
   static const auto add = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("mhr_ops::routed_lora_add_", "")
-                              .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                                double)>();
+                              .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, int64_t, double)>();
   at::Tensor z = add.call(out, x, A, B, weights, group_ids, rows_per_group_id, scale);
   return {out, z};
 }

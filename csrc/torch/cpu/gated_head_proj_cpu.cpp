@@ -20,6 +20,4 @@ at::Tensor gated_head_proj_cpu(const at::Tensor& o, const at::Tensor& gates, con
 }  // namespace
 }  // namespace mhr_ops
 
-TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
-  m.impl("gated_head_proj", &mhr_ops::gated_head_proj_cpu);
-}
+TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) { m.impl("gated_head_proj", &mhr_ops::gated_head_proj_cpu); }

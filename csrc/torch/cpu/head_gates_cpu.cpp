@@ -30,15 +30,16 @@ at::Tensor head_gates_cpu(const at::Tensor& routed, const std::optional<at::Tens
   return gates.to(routed.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cpu(
-    const at::Tensor& grad_gates, const at::Tensor& routed, const std::optional<at::Tensor>& shared,
-    const std::optional<at::Tensor>& stage, int64_t top_k, int64_t n_shared, bool binary) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cpu(const at::Tensor& grad_gates,
+                                                                       const at::Tensor& routed,
+                                                                       const std::optional<at::Tensor>& shared,
+                                                                       const std::optional<at::Tensor>& stage,
+                                                                       int64_t top_k, int64_t n_shared, bool binary) {
   HeadGatesParams p = check_head_gates(routed, shared, stage, top_k, n_shared);
   p.binary = binary;
-  TORCH_CHECK(grad_gates.dim() == 2 && grad_gates.size(0) == p.num_rows &&
-                  grad_gates.size(1) == p.num_shared + p.num_routed,
-              "grad_gates: expected shape [", p.num_rows, ", ", p.num_shared + p.num_routed, "], got ",
-              grad_gates.sizes());
+  TORCH_CHECK(
+      grad_gates.dim() == 2 && grad_gates.size(0) == p.num_rows && grad_gates.size(1) == p.num_shared + p.num_routed,
+      "grad_gates: expected shape [", p.num_rows, ", ", p.num_shared + p.num_routed, "], got ", grad_gates.sizes());
   const auto ct = accumulation_dtype(routed.scalar_type());
   const at::Tensor r = routed.to(ct), s = optional_to(shared, ct), st = optional_to(stage, ct), g = grad_gates.to(ct);
   set_head_gates_inputs(p, r, s, st);

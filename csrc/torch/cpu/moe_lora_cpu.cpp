@@ -2,8 +2,8 @@
 // torch-free kernels of csrc/kernels/moe_lora.h in fp32 (fp64 for fp64 x): forward and the x
 // side of the backward in one pass over row blocks (each block's slots grouped by expert), in
 // parallel over blocks; the weight gradients over (expert, column block), their slots grouped by
-// expert with a counting sort on the host (the ids are host-visible on the CPU). No per-expert ATen calls: the per-expert row counts (N*k/E) are small, and BLAS on
-// gathered rows would cost a gather and a scatter pass on top.
+// expert with a counting sort on the host (the ids are host-visible on the CPU). No per-expert ATen calls: the
+// per-expert row counts (N*k/E) are small, and BLAS on gathered rows would cost a gather and a scatter pass on top.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_backward", [&] {
       if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
-        const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();  // [E, d_out, r]
+        const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
         const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
         MoeRowsParams p = rows_params(routing, d, w);
         p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
@@ -135,9 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
         wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
         wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
         const MoeSlotPlan plan = moe_plan_slots(routing);
-        at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1, [&](int64_t b, int64_t e) {
-          moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2);
-        });
+        at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1,
+                         [&](int64_t b, int64_t e) { moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2); });
       }
     });
   }

@@ -14,7 +14,8 @@ namespace mhr_ops {
 namespace {
 
 at::Tensor route_cpu(const at::Tensor& logits, const at::Tensor& task_ids, const std::optional<at::Tensor>& noise,
-                     int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k, double eps) {
+                     int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k,
+                     double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   const auto dtype = accumulation_dtype(logits.scalar_type());
   const at::Tensor l = logits.to(dtype), u = optional_to(noise, dtype);

@@ -104,7 +104,8 @@ void runs_backward(LoraGrads& g, const LoraOperands& o, const at::Tensor& gy, co
         const at::Tensor gz = at::mm(gys, bt_mix.select(0, piece.slot));
         dag.addmm_(o.x.narrow(0, piece.start, piece.rows).t(), gz);
         dbgt.addmm_(gys.t(), z.narrow(0, piece.start, piece.rows), 1.0, scale);
-        if (g.dx.defined()) g.dx.narrow(0, piece.start, piece.rows).addmm_(gz, a_mix.select(0, piece.slot).t(), dx_beta);
+        if (g.dx.defined())
+          g.dx.narrow(0, piece.start, piece.rows).addmm_(gz, a_mix.select(0, piece.slot).t(), dx_beta);
       }
     });
   }
@@ -113,7 +114,7 @@ void runs_backward(LoraGrads& g, const LoraOperands& o, const at::Tensor& gy, co
   //   dA[k] = W_k^T dA_g[k],  dw[g,k,s] = A[k,s] . dA_g[k] + B[k,s] . dB_g[k]
   // with W_k [pieces, S] each piece's group weights and dA_g[k] [pieces, dk_in * r].
   const at::Tensor piece_ids = at::tensor(plan.piece_groups(), at::kLong);
-  const at::Tensor w_used = o.w.index_select(0, piece_ids).permute({1, 0, 2});  // [h, n, S]
+  const at::Tensor w_used = o.w.index_select(0, piece_ids).permute({1, 0, 2});                   // [h, n, S]
   const at::Tensor dag_h = dag_all.view({n_pieces, d.heads, d.dk_in * d.rank}).transpose(0, 1);  // [h, n, .]
   const at::Tensor dbg_h = swap_pairs(dbgt_all.view({n_pieces, d.heads, d.dk_out, d.rank}), 1.0)
                                .view({d.heads, n_pieces, d.rank * d.dk_out});  // [h, n, .]
@@ -144,18 +145,19 @@ void project_then_mix_backward(LoraGrads& g, const LoraOperands& o, const at::Te
                    .view({d.heads, d.dk_in, d.skills, d.rank})
                    .permute({0, 2, 1, 3})
                    .reshape(g.dA.sizes()));
-  if (g.dB.defined()) g.dB.copy_(at::bmm(spread_rows(z, rows_w, d).transpose(1, 2), gy_h).mul_(scale).view(g.dB.sizes()));
+  if (g.dB.defined())
+    g.dB.copy_(at::bmm(spread_rows(z, rows_w, d).transpose(1, 2), gy_h).mul_(scale).view(g.dB.sizes()));
   if (g.dw.defined())
     g.dw.index_add_(0, at::tensor(plan.groups.row_group, at::kLong), row_weight_grads(U, gz, T, z, d));
 }
 
-// Gradients (x, A, B, weights) of routed_lora (grad_y checked by the caller); with `base_weight` [d_out, d_in] (mhr_linear) dx
-// also holds grad_y @ base_weight. Rows of out-of-range group ids add nothing to dA, dB, dw and
-// get NaN in dx.
+// Gradients (x, A, B, weights) of routed_lora (grad_y checked by the caller); with `base_weight` [d_out, d_in]
+// (mhr_linear) dx also holds grad_y @ base_weight. Rows of out-of-range group ids add nothing to dA, dB, dw and get NaN
+// in dx.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& weights, const at::Tensor& group_ids, const LoraDims& d, double scale, const at::Tensor& z,
-    const at::Tensor* base_weight, std::array<bool, 4> mask) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
+    const at::Tensor& group_ids, const LoraDims& d, double scale, const at::Tensor& z, const at::Tensor* base_weight,
+    std::array<bool, 4> mask) {
   check_bottleneck(z, x, d);
   const auto ct = accumulation_dtype(x.scalar_type());
   const auto opts = x.options().dtype(ct);
@@ -203,9 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
-    std::array<bool, 4> mask) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
+    const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z, std::array<bool, 4> mask) {
   const LoraDims d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, d);
   return lora_backward(grad_y, x, A, B, weights, group_ids, d, scale, z, nullptr, mask);
@@ -233,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return t.defined() ? t : at::empty({0}, like.options());
   };
   return {or_empty(dx, x), or_empty(d_weight, x), or_empty(d_bias, x),
-          or_empty(dA, A), or_empty(dB, B), or_empty(dw, weights)};
+          or_empty(dA, A), or_empty(dB, B),       or_empty(dw, weights)};
 }
 
 }  // namespace

@@ -21,8 +21,7 @@ namespace mhr_ops {
 namespace {
 
 // y_type: y's dtype (the row-tile and fused kernels write y in the compute dtype).
-LoraForwardPlan plan_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& group_ids,
-                             const LoraDims& d) {
+LoraForwardPlan plan_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& group_ids, const LoraDims& d) {
   return plan_routed_lora_forward(d, lora_group_ids(group_ids), kernel_dtype(x, "x"), kernel_dtype(y, "y"),
                                   allowed_cpu_isa(), at::get_num_threads());
 }
@@ -45,12 +44,13 @@ void row_tile_forward(at::Tensor& y, at::Tensor& z, const LoraOperands& o, const
     p.groups = d.groups, p.scale = scale;
     at::parallel_for(0, (d.rows + kLoraRowTile - 1) / kLoraRowTile, 1, [&](int64_t b, int64_t e) {
       const int64_t r0 = b * kLoraRowTile, r1 = std::min(d.rows, e * kLoraRowTile);
-      dbl ? routed_lora_rows_forward_cpu<double>(p, r0, r1, avx2) : routed_lora_rows_forward_cpu<float>(p, r0, r1, avx2);
+      dbl ? routed_lora_rows_forward_cpu<double>(p, r0, r1, avx2)
+          : routed_lora_rows_forward_cpu<float>(p, r0, r1, avx2);
     });
     return;
   }
   const auto [a_mix, bt_mix] = mix_groups(o, plan.slot_groups, d, scale);  // [n, d_in, r], scale B_g^T [n, d_out, r]
-  const at::Tensor b_mix = bt_mix.transpose(1, 2).contiguous();          // scale * B_g [n, r, d_out]
+  const at::Tensor b_mix = bt_mix.transpose(1, 2).contiguous();            // scale * B_g [n, r, d_out]
   LoraGatheredParams p;
   p.x = o.x.const_data_ptr(), p.x_stride_n = o.x.stride(0);
   p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate, p.bias = bias, p.z = z.data_ptr();
@@ -58,7 +58,8 @@ void row_tile_forward(at::Tensor& y, at::Tensor& z, const LoraOperands& o, const
   p.rows = plan.order.data(), p.pieces = plan.pieces.data();
   p.d_in = d.d_in, p.d_out = d.d_out, p.rank = d.rank;
   at::parallel_for(0, static_cast<int64_t>(plan.pieces.size()), 1, [&](int64_t b, int64_t e) {
-    dbl ? routed_lora_gathered_forward_cpu<double>(p, b, e, avx2) : routed_lora_gathered_forward_cpu<float>(p, b, e, avx2);
+    dbl ? routed_lora_gathered_forward_cpu<double>(p, b, e, avx2)
+        : routed_lora_gathered_forward_cpu<float>(p, b, e, avx2);
   });
 }
 

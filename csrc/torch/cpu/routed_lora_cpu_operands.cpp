@@ -29,7 +29,7 @@ std::pair<at::Tensor, at::Tensor> mix_groups(const LoraOperands& o, const std::v
                                              const LoraDims& d, double scale) {
   const int64_t n = static_cast<int64_t>(groups.size());
   const at::Tensor w = o.w.index_select(0, at::tensor(groups, at::kLong)).permute({1, 0, 2});  // [h, n, S]
-  const at::Tensor a = at::bmm(w, o.A)  // [h, n, dk_in * r]
+  const at::Tensor a = at::bmm(w, o.A)                                                         // [h, n, dk_in * r]
                            .transpose(0, 1)
                            .reshape({n, d.d_in, d.rank});
   const at::Tensor b = at::bmm(w, o.B);  // [h, n, r * dk_out]
@@ -57,9 +57,7 @@ at::Tensor a_cat(const LoraOperands& o, const LoraDims& d) {
   return o.A.view({d.heads, d.skills, d.dk_in, d.rank}).permute({0, 2, 1, 3}).reshape({d.heads, d.dk_in, -1});
 }
 
-at::Tensor b_cat(const LoraOperands& o, const LoraDims& d) {
-  return o.B.view({d.heads, d.skills * d.rank, d.dk_out});
-}
+at::Tensor b_cat(const LoraOperands& o, const LoraDims& d) { return o.B.view({d.heads, d.skills * d.rank, d.dk_out}); }
 
 namespace {
 

@@ -23,9 +23,11 @@ at::Tensor head_gates_cuda(const at::Tensor& routed, const std::optional<at::Ten
   return gates;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cuda(
-    const at::Tensor& grad_gates, const at::Tensor& routed, const std::optional<at::Tensor>& shared,
-    const std::optional<at::Tensor>& stage, int64_t top_k, int64_t n_shared, bool binary) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_gates_backward_cuda(const at::Tensor& grad_gates,
+                                                                        const at::Tensor& routed,
+                                                                        const std::optional<at::Tensor>& shared,
+                                                                        const std::optional<at::Tensor>& stage,
+                                                                        int64_t top_k, int64_t n_shared, bool binary) {
   const CudaDeviceGuard guard(routed.device());
   HeadGatesParams p = check_head_gates(routed, shared, stage, top_k, n_shared);
   p.binary = binary;

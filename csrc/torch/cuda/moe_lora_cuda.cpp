@@ -15,10 +15,9 @@ namespace mhr_ops {
 namespace {
 
 void check_smem(const MoeDims& d, const char* op) {
-  TORCH_CHECK_VALUE(moe_lora_rows_cuda_smem(d.top_k, d.experts) <= kMoeRowsMaxSmem, op,
-                    ": top_k ", d.top_k, " with ", d.experts, " experts needs ",
-                    moe_lora_rows_cuda_smem(d.top_k, d.experts), " bytes of shared memory per 64-row block, over the ",
-                    kMoeRowsMaxSmem, " the CUDA kernel has");
+  TORCH_CHECK_VALUE(moe_lora_rows_cuda_smem(d.top_k, d.experts) <= kMoeRowsMaxSmem, op, ": top_k ", d.top_k, " with ",
+                    d.experts, " experts needs ", moe_lora_rows_cuda_smem(d.top_k, d.experts),
+                    " bytes of shared memory per 64-row block, over the ", kMoeRowsMaxSmem, " the CUDA kernel has");
 }
 
 MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
@@ -115,13 +114,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
     if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
-      const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                          // [E, d_out, r]
+      const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
       const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
       MoeRowsParams p = rows_params(routing, d, w);
       p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
       p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
       p.dw = dw_all.data_ptr();
-      if (mask[0]) p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
+      if (mask[0])
+        p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
       check_launch(moe_lora_rows_cuda(p, data, current_stream()), "moe_lora_backward");
     }
     if (mask[1] || mask[2]) {

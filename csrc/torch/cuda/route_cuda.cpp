@@ -15,7 +15,8 @@ void check_skills(const RouteParams& P) {
 }
 
 at::Tensor route_cuda(const at::Tensor& logits, const at::Tensor& task_ids, const std::optional<at::Tensor>& noise,
-                      int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k, double eps) {
+                      int64_t n_skills, c10::string_view mode, double temperature, std::optional<int64_t> top_k,
+                      double eps) {
   RouteParams P = make_route_params(logits, task_ids, noise, n_skills, mode, temperature, top_k, eps);
   check_skills(P);
   const CudaDeviceGuard guard(logits.device());

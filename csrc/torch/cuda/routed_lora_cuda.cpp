@@ -12,7 +12,6 @@
 namespace mhr_ops {
 namespace {
 
-
 // The problem's operands as the kernels take them: skill matrices contiguous (so a gradient
 // buffer shares their strides), weights in the accumulation type.
 struct CudaOperands {
@@ -26,8 +25,8 @@ CudaOperands prepare(const at::Tensor& x, const at::Tensor& A, const at::Tensor&
                      const at::Tensor& group_ids, int64_t rows_per_id) {
   CudaOperands o;
   o.d = check_routed_lora(x, A, B, weights, group_ids, rows_per_id);
-  TORCH_CHECK(o.d.rank <= kRoutedLoraMaxRank, "A: the CUDA kernels take ranks 1..", kRoutedLoraMaxRank, ", got r=",
-              o.d.rank);
+  TORCH_CHECK(o.d.rank <= kRoutedLoraMaxRank, "A: the CUDA kernels take ranks 1..", kRoutedLoraMaxRank,
+              ", got r=", o.d.rank);
   TORCH_CHECK(o.d.heads <= 65535, "A: the CUDA kernels take at most 65535 heads, got ", o.d.heads);
   o.A = A.contiguous();
   o.B = B.contiguous();
@@ -145,9 +144,8 @@ at::Tensor routed_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& weights, const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z,
-    std::array<bool, 4> mask) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
+    const at::Tensor& group_ids, int64_t rows_per_id, double scale, const at::Tensor& z, std::array<bool, 4> mask) {
   const CudaDeviceGuard guard(x.device());
   const CudaOperands o = prepare(x, A, B, weights, group_ids, rows_per_id);
   check_rows_output(grad_y, "grad_y", x, o.d);

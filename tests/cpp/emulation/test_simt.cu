@@ -41,10 +41,10 @@ __global__ void shuffle_kernel(int* out, double* out64) {
   const int lane = threadIdx.x % 32;
   const unsigned full = 0xffffffffu;
   int* o = out + threadIdx.x * 8;
-  o[0] = __shfl_sync(full, lane * 10, 7);                 // broadcast lane 7
-  o[1] = __shfl_sync(full, lane * 10, lane + 3, 8);       // within groups of 8
-  o[2] = __shfl_up_sync(full, lane * 10, 3);              // lanes 0..2 keep their own
-  o[3] = __shfl_down_sync(full, lane * 10, 5, 16);        // lanes 11..15, 27..31 keep their own
+  o[0] = __shfl_sync(full, lane * 10, 7);            // broadcast lane 7
+  o[1] = __shfl_sync(full, lane * 10, lane + 3, 8);  // within groups of 8
+  o[2] = __shfl_up_sync(full, lane * 10, 3);         // lanes 0..2 keep their own
+  o[3] = __shfl_down_sync(full, lane * 10, 5, 16);   // lanes 11..15, 27..31 keep their own
   o[4] = __shfl_xor_sync(full, lane * 10, 1);
   o[5] = static_cast<int>(__ballot_sync(full, lane % 4 == 0));
   o[6] = __any_sync(full, lane == 31) + 2 * __all_sync(full, lane < 31);
@@ -254,8 +254,7 @@ void test_launch_limits() {
   EXPECT_TRUE(cudaGetLastError() == cudaSuccess);
   int v = 0;
   EXPECT_TRUE(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess && v == 132);
-  EXPECT_TRUE(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) == cudaSuccess &&
-              v == 227 * 1024);
+  EXPECT_TRUE(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) == cudaSuccess && v == 227 * 1024);
   cudaFree(d);
 }
 

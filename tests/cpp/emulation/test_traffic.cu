@@ -12,14 +12,14 @@
 #include "cuda_primitives.cuh"
 #include "mma.cuh"
 
-#define EXPECT_EQ_U64(a, b)                                                                             \
-  do {                                                                                                  \
-    const uint64_t a_ = (a), b_ = (b);                                                                  \
-    if (a_ != b_) {                                                                                     \
-      std::fprintf(stderr, "%s:%d: %s = %" PRIu64 ", expected %s = %" PRIu64 "\n", __FILE__, __LINE__, \
-                   #a, a_, #b, b_);                                                                     \
-      ++g_failures;                                                                                     \
-    }                                                                                                   \
+#define EXPECT_EQ_U64(a, b)                                                                                        \
+  do {                                                                                                             \
+    const uint64_t a_ = (a), b_ = (b);                                                                             \
+    if (a_ != b_) {                                                                                                \
+      std::fprintf(stderr, "%s:%d: %s = %" PRIu64 ", expected %s = %" PRIu64 "\n", __FILE__, __LINE__, #a, a_, #b, \
+                   b_);                                                                                            \
+      ++g_failures;                                                                                                \
+    }                                                                                                              \
   } while (0)
 
 namespace {
@@ -166,9 +166,9 @@ void test_rereads() {
   for (int i = 0; i < 128; ++i) EXPECT_TRUE(got[i] == 3.0f * static_cast<float>(i % 64));
   const LaunchTraffic r = only_record("reread_kernel");
   EXPECT_EQ_U64(r.bytes[kLoad], 2 * 64 * 4 * 4);
-  EXPECT_EQ_U64(r.requests[kLoad], 4 * 4);               // 4 warps, 4 loads each
+  EXPECT_EQ_U64(r.requests[kLoad], 4 * 4);                   // 4 warps, 4 loads each
   EXPECT_EQ_U64(r.request_sectors[kLoad], 4 * (3 * 4 + 1));  // the broadcast is one sector
-  EXPECT_EQ_U64(r.sectors[kLoad], 64 * 4 / 32);          // every re-read, in any block, counted once
+  EXPECT_EQ_U64(r.sectors[kLoad], 64 * 4 / 32);              // every re-read, in any block, counted once
   EXPECT_EQ_U64(r.sectors[kStore], 128 * 4 / 32);
   EXPECT_NEAR(r.sectors_per_request(GlobalAccess::kLoad), 52.0 * 128.0 / 2048.0, 1e-12);
   cudaFree(in);
