@@ -60,6 +60,10 @@ def demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.steps < 1:
         parser.error(f"--steps: expected >= 1, got {args.steps}")
     device = _device(parser, args.device)
+    if args.moe:
+        from mhr_ops import demo_moe
+
+        return demo_moe.run(device, steps=args.steps, seed=args.seed)
     return demo_module.run(device, steps=args.steps, seed=args.seed)
 
 
@@ -121,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--device", default=default_device, help=f"cpu or cuda[:N] (default: {default_device})")
     p_demo.add_argument("--steps", type=int, default=150, help="training steps after the comparison (default: 150)")
     p_demo.add_argument("--seed", type=int, default=0, help="seed of the model init and the data (default: 0)")
+    p_demo.add_argument(
+        "--moe",
+        action="store_true",
+        help="mixture of LoRA experts instead: a tiny Llama with per-token routed LoRA experts "
+        "(patch_moe_lora) learns the four tasks from a task token; checks the layers against gather + bmm, "
+        "times a training step of both, prints the loss, the per-expert load and the accuracy per task",
+    )
     p_demo.set_defaults(func=demo, parser=p_demo)
 
     p_bench = sub.add_parser(
