@@ -40,17 +40,17 @@ def make_batch(batch_size: int, gen: torch.Generator, device: torch.device):
     return ids.to(device), labels.to(device), task.to(device)
 
 
-def tiny_llama(seed: int, device: torch.device):
+def tiny_llama(seed: int, device: torch.device, vocab: int = VOCAB, positions: int = 2 * SEQ + 1):
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=2 * SEQ + 1,
+        max_position_embeddings=positions,
         pad_token_id=0,
     )
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import mhr_ops
-from mhr_ops.demo import SEQ, TARGETS, tokens_per_second
+from mhr_ops.demo import SEQ, TARGETS, tiny_llama, tokens_per_second
 from mhr_ops.nn import MoELoRALinear
 
 DIGITS, N_TASKS = 32, 4  # tokens 2..DIGITS-1 are digits; the task tokens follow them
@@ -37,23 +37,6 @@ def make_batch(batch_size: int, gen: torch.Generator, device: torch.device):
     labels = ids.clone()
     labels[:, : SEQ + 2] = -100
     return ids.to(device), labels.to(device), task.to(device)
-
-
-def tiny_llama(seed: int, device: torch.device):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2 * SEQ + 2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(device)
 
 
 def gather_bmm_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +83,7 @@ def run(device: torch.device, steps: int, seed: int, batch_size: int = 64) -> in
     from tqdm import tqdm
 
     print("mhr_ops", mhr_ops.build_info())
-    model = mhr_ops.patch_moe_lora(tiny_llama(seed, device), TARGETS, **EXPERTS)
+    model = mhr_ops.patch_moe_lora(tiny_llama(seed, device, VOCAB, 2 * SEQ + 2), TARGETS, **EXPERTS)
     with torch.no_grad():  # live experts from the start (B = 0 would make the check trivial)
         for name, p in model.named_parameters():
             if name.endswith(".B"):

@@ -3,10 +3,12 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdio>
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
 #include "cuda_primitives.cuh"
 
 template <typename T>
@@ -56,4 +58,23 @@ constexpr mhr_ops::DType dtype_of() {
          : std::is_same<T, __nv_bfloat16>::value ? mhr_ops::DType::kBFloat16
          : std::is_same<T, float>::value         ? mhr_ops::DType::kFloat32
                                                  : mhr_ops::DType::kFloat64;
+}
+
+// n values amp * sin(a i + b), rounded through T: test inputs a kernel in T reads exactly.
+template <typename T>
+std::vector<double> rounded(size_t n, double a, double b, double amp) {
+  std::vector<double> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = to_double(from_double<T>(amp * std::sin(a * static_cast<double>(i) + b)));
+  return v;
+}
+
+// One compared element: NaN where the reference is NaN, else within `tolerance`; the first 8
+// mismatches of a test are printed.
+inline void expect_close(const char* what, const char* name, size_t i, double got, double ref, double tolerance) {
+  static int reported = 0;
+  const bool ok = std::isnan(ref) ? std::isnan(got) : std::fabs(got - ref) <= tolerance;
+  if (!ok) {
+    if (reported++ < 8) std::fprintf(stderr, "%s %s[%zu]: got %.9g, expected %.9g\n", name, what, i, got, ref);
+    ++g_failures;
+  }
 }

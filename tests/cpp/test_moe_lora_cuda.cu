@@ -32,22 +32,6 @@ double acc_tol() {
   return std::is_same<T, double>::value ? 1e-12 : 2e-5;
 }
 
-int g_bad_reports = 0;
-void expect_close(const char* what, const char* name, size_t i, double got, double ref, double tolerance) {
-  const bool ok = std::isnan(ref) ? std::isnan(got) : std::fabs(got - ref) <= tolerance;
-  if (!ok) {
-    if (g_bad_reports++ < 8) std::fprintf(stderr, "%s %s[%zu]: got %.9g, expected %.9g\n", name, what, i, got, ref);
-    ++g_failures;
-  }
-}
-
-template <typename T>
-std::vector<double> rounded(size_t n, double a, double b, double amp) {
-  std::vector<double> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = to_double(from_double<T>(amp * std::sin(a * static_cast<double>(i) + b)));
-  return v;
-}
-
 template <typename T>
 T* device_of(const std::vector<double>& v) {
   std::vector<T> h(std::max<size_t>(1, v.size()));

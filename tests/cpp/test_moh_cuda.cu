@@ -29,28 +29,12 @@ double tol() {
                                                  : 1e-12;
 }
 
-int g_bad_reports = 0;
-void expect_close(const char* what, const char* name, size_t i, double got, double ref, double tolerance) {
-  const bool ok = std::isnan(ref) ? std::isnan(got) : std::fabs(got - ref) <= tolerance;
-  if (!ok) {
-    if (g_bad_reports++ < 8) std::fprintf(stderr, "%s %s[%zu]: got %.9g, expected %.9g\n", name, what, i, got, ref);
-    ++g_failures;
-  }
-}
-
 // Device copy of `v` (values in double) in T, element i at i * stride.
 template <typename T>
 T* device_strided(const std::vector<double>& v, int64_t stride) {
   std::vector<T> h(std::max<size_t>(1, v.size() * stride), from_double<T>(NAN));
   for (size_t i = 0; i < v.size(); ++i) h[i * stride] = from_double<T>(v[i]);
   return to_device(h);
-}
-
-template <typename T>
-std::vector<double> rounded(size_t n, double a, double b, double amp) {
-  std::vector<double> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = to_double(from_double<T>(amp * std::sin(a * static_cast<double>(i) + b)));
-  return v;
 }
 
 // ---- head_gates -------------------------------------------------------------------------------

@@ -14,23 +14,12 @@
 
 #include "../../kernels/moe_lora.h"
 #include "../args/moe_lora_args.h"
+#include "../args/moe_lora_params.h"
 #include "../torch_to_kernel.h"
 #include "cpu_isa.h"
 
 namespace mhr_ops {
 namespace {
-
-MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
-  MoeRouting r;
-  r.ids = ids.const_data_ptr();
-  r.index_type = kernel_index_type(ids, "topk_ids");
-  r.ids_stride_n = ids.stride(0);
-  r.ids_stride_j = ids.stride(1);
-  r.rows = d.rows;
-  r.top_k = d.top_k;
-  r.experts = d.experts;
-  return r;
-}
 
 // The row-block pass over all rows, blocks in parallel (each writes its own rows and slots).
 template <typename T>
@@ -42,13 +31,6 @@ void rows_parallel(const MoeRowsParams& p, const MoeDims& d) {
   });
 }
 
-MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w) {
-  MoeRowsParams p;
-  p.routing = routing, p.rank = d.rank, p.weights = w.const_data_ptr();
-  p.w_stride_n = w.stride(0), p.w_stride_j = w.stride(1);
-  return p;
-}
-
 // y [N, d_out] (compute dtype, unit column stride) = or += the update; returns z [N, k, r].
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                         const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
@@ -58,10 +40,7 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor&
   if (d.rows == 0) return z;
   const at::Tensor x = rows_layout(x_in.to(ct)), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
   const at::Tensor w = w_in.to(ct);
-  MoeRowsParams p = rows_params(routing_of(ids, d), d, w);
-  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
-  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
-  p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
+  const MoeRowsParams p = moe_forward_params(moe_routing(ids, d), d, w, x, A, B, scale, z, y, accumulate);
   AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_forward", [&] { rows_parallel<scalar_t>(p, d); });
   return z;
 }
@@ -109,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
   if (d.rows > 0 && (mask[0] || mask[1] || mask[2] || mask[3])) {
     const at::Tensor x = rows_layout(x_in.to(ct)), gy = rows_layout(grad_y.to(ct)), z = z_in.contiguous();
     const at::Tensor w = topk_weights.to(ct);
-    const MoeRouting routing = routing_of(topk_ids, d);
+    const MoeRouting routing = moe_routing(topk_ids, d);
     const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
     const bool need_gz = mask[0] || mask[1] || mask[3];
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
@@ -118,22 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
       if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
         const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
         const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
-        MoeRowsParams p = rows_params(routing, d, w);
-        p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
-        p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
-        p.dw = dw_all.data_ptr();
-        if (mask[0]) {
-          p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
-        }
+        const MoeRowsParams p = moe_backward_params(routing, d, w, gy, Bt, scale, z, gz, dw_all, At, dx);
         rows_parallel<scalar_t>(p, d);
       }
       if (mask[1] || mask[2]) {
-        MoeWgradParams wp;
-        wp.x = x.const_data_ptr(), wp.x_stride_n = x.stride(0), wp.grad_y = gy.const_data_ptr();
-        wp.gy_stride_n = gy.stride(0), wp.z = z.const_data_ptr(), wp.gz = need_gz ? gz.const_data_ptr() : nullptr;
-        wp.weights = w.const_data_ptr(), wp.w_stride_n = w.stride(0), wp.w_stride_j = w.stride(1);
-        wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
-        wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
+        const MoeWgradParams wp = moe_wgrad_params(d, x, gy, z, gz, w, scale, dA, dB);
         const MoeSlotPlan plan = moe_plan_slots(routing);
         at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1,
                          [&](int64_t b, int64_t e) { moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2); });

@@ -8,6 +8,7 @@
 
 #include "../../kernels/moe_lora.h"
 #include "../args/moe_lora_args.h"
+#include "../args/moe_lora_params.h"
 #include "../torch_to_kernel.h"
 #include "cuda_context.h"
 
@@ -20,25 +21,6 @@ void check_smem(const MoeDims& d, const char* op) {
                     " bytes of shared memory per 64-row block, over the ", kMoeRowsMaxSmem, " the CUDA kernel has");
 }
 
-MoeRouting routing_of(const at::Tensor& ids, const MoeDims& d) {
-  MoeRouting r;
-  r.ids = ids.const_data_ptr();
-  r.index_type = kernel_index_type(ids, "topk_ids");
-  r.ids_stride_n = ids.stride(0);
-  r.ids_stride_j = ids.stride(1);
-  r.rows = d.rows;
-  r.top_k = d.top_k;
-  r.experts = d.experts;
-  return r;
-}
-
-MoeRowsParams rows_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w) {
-  MoeRowsParams p;
-  p.routing = routing, p.rank = d.rank, p.weights = w.const_data_ptr();
-  p.w_stride_n = w.stride(0), p.w_stride_j = w.stride(1);
-  return p;
-}
-
 // y [N, d_out] (x's dtype, unit column stride) = or += the update; returns z [N, k, r].
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                         const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
@@ -48,10 +30,7 @@ at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor&
   if (d.rows == 0) return z;
   const at::Tensor x = rows_layout(x_in), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
   const at::Tensor w = w_in.to(ct);
-  MoeRowsParams p = rows_params(routing_of(ids, d), d, w);
-  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
-  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
-  p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
+  const MoeRowsParams p = moe_forward_params(moe_routing(ids, d), d, w, x, A, B, scale, z, y, accumulate);
   check_launch(moe_lora_rows_cuda(p, kernel_dtype(x, "x"), current_stream()), "moe_lora");
   return z;
 }
@@ -108,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
     if (dB.defined()) dB.zero_();
   } else if (mask[0] || mask[1] || mask[2] || mask[3]) {
     const at::Tensor z = z_in.contiguous(), w = topk_weights.to(ct);
-    const MoeRouting routing = routing_of(topk_ids, d);
+    const MoeRouting routing = moe_routing(topk_ids, d);
     const DType data = kernel_dtype(x, "x");
     const bool need_gz = mask[0] || mask[1] || mask[3];
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
@@ -116,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
     if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
       const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
       const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
-      MoeRowsParams p = rows_params(routing, d, w);
-      p.v = gz.data_ptr(), p.src = gy.const_data_ptr(), p.src_stride_n = gy.stride(0);
-      p.shrink_mats = Bt.const_data_ptr(), p.d_src = d.d_out, p.shrink_scale = scale, p.z = z.const_data_ptr();
-      p.dw = dw_all.data_ptr();
-      if (mask[0])
-        p.expand_mats = At.const_data_ptr(), p.d_dst = d.d_in, p.y = dx.data_ptr(), p.y_stride_n = dx.stride(0);
+      const MoeRowsParams p = moe_backward_params(routing, d, w, gy, Bt, scale, z, gz, dw_all, At, dx);
       check_launch(moe_lora_rows_cuda(p, data, current_stream()), "moe_lora_backward");
     }
     if (mask[1] || mask[2]) {
@@ -131,12 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
       check_launch(moe_lora_plan_cuda(routing, counts.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
                                       order.data_ptr<int64_t>(), current_stream()),
                    "moe_lora_backward (slot plan)");
-      MoeWgradParams wp;
-      wp.x = x.const_data_ptr(), wp.x_stride_n = x.stride(0), wp.grad_y = gy.const_data_ptr();
-      wp.gy_stride_n = gy.stride(0), wp.z = z.const_data_ptr(), wp.gz = need_gz ? gz.const_data_ptr() : nullptr;
-      wp.weights = w.const_data_ptr(), wp.w_stride_n = w.stride(0), wp.w_stride_j = w.stride(1);
-      wp.scale = scale, wp.dA = mask[1] ? dA.data_ptr() : nullptr, wp.dB = mask[2] ? dB.data_ptr() : nullptr;
-      wp.experts = d.experts, wp.d_in = d.d_in, wp.d_out = d.d_out, wp.rank = d.rank, wp.top_k = d.top_k;
+      const MoeWgradParams wp = moe_wgrad_params(d, x, gy, z, gz, w, scale, dA, dB);
       check_launch(moe_lora_wgrad_cuda(wp, order.const_data_ptr<int64_t>(), start.const_data_ptr<int64_t>(), data,
                                        current_stream()),
                    "moe_lora_backward (weight gradients)");

@@ -1,0 +1,31 @@
+// Kernel parameters of moe_lora's passes from tensors, shared by the CPU and CUDA bindings: the
+// tensors are already in the dtypes and layouts the backend's kernels take (rows with unit column
+// stride; experts, weights and the bottleneck contiguous in the accumulation dtype).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "../../kernels/moe_lora.h"
+#include "moe_lora_args.h"
+
+namespace mhr_ops {
+
+MoeRouting moe_routing(const at::Tensor& topk_ids, const MoeDims& d);
+
+// Forward: z = x @ A_e per slot (into z [N, k, r]), y (+)= scale * sum_j w z @ B_e.
+MoeRowsParams moe_forward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w, const at::Tensor& x,
+                                 const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& z, at::Tensor& y,
+                                 bool accumulate);
+
+// Backward rows pass: gz = w * scale * grad_y @ B_e^T and dw = z . (scale * grad_y @ B_e^T) per
+// slot (Bt [E, d_out, r]); dx = sum_j gz @ A_e^T (At [E, r, d_in]) when dx is defined.
+MoeRowsParams moe_backward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w,
+                                  const at::Tensor& grad_y, const at::Tensor& Bt, double scale, const at::Tensor& z,
+                                  at::Tensor& gz, at::Tensor& dw, const at::Tensor& At, at::Tensor& dx);
+
+// Weight gradients dA / dB (each where defined) from x, grad_y, z and gz (defined when dA is).
+MoeWgradParams moe_wgrad_params(const MoeDims& d, const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& z,
+                                const at::Tensor& gz, const at::Tensor& w, double scale, at::Tensor& dA,
+                                at::Tensor& dB);
+
+}  // namespace mhr_ops
