@@ -113,7 +113,9 @@ struct MoeWgradParams {
   int64_t top_k = 0;
 };
 
-int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out);
+inline int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {  // inline: the CUDA side too
+  return experts * ((d_in + kMoeColBlock - 1) / kMoeColBlock + (d_out + kMoeColBlock - 1) / kMoeColBlock);
+}
 template <typename T>
 void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end,
                         bool use_avx2);

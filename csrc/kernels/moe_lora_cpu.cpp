@@ -51,10 +51,6 @@ MoeSlotPlan moe_plan_slots(const MoeRouting& r) {
   return plan;
 }
 
-int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
-  return experts * ((d_in + kMoeColBlock - 1) / kMoeColBlock + (d_out + kMoeColBlock - 1) / kMoeColBlock);
-}
-
 namespace {
 
 template <typename T>
