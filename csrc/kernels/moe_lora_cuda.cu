@@ -267,27 +267,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-#define MHR_MOE_DISPATCH(data, ...) \
-  switch (data) {                   \
-    case DType::kFloat16: {         \
-      using xt = __half;            \
-      return __VA_ARGS__;           \
-    }                               \
-    case DType::kBFloat16: {        \
-      using xt = __nv_bfloat16;     \
-      return __VA_ARGS__;           \
-    }                               \
-    case DType::kFloat32: {         \
-      using xt = float;             \
-      return __VA_ARGS__;           \
-    }                               \
-    case DType::kFloat64: {         \
-      using xt = double;            \
-      return __VA_ARGS__;           \
-    }                               \
-  }                                 \
-  return static_cast<int>(cudaErrorInvalidValue)
-
 template <typename xt>
 int launch_rows(const MoeRowsParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.routing.rows + kMoeRowBlock - 1) / kMoeRowBlock;
@@ -314,7 +293,8 @@ int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream) {
   if (moe_lora_rows_cuda_smem(p.routing.top_k, p.routing.experts) > kMoeRowsMaxSmem ||
       (p.routing.rows + kMoeRowBlock - 1) / kMoeRowBlock > 0x7fffffffLL)
     return static_cast<int>(cudaErrorInvalidValue);
-  MHR_MOE_DISPATCH(data, launch_rows<xt>(p, static_cast<cudaStream_t>(stream)));
+  MHR_DISPATCH_CUDA_FLOAT(data, return launch_rows<scalar_t>(p, static_cast<cudaStream_t>(stream)));
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int64_t* order, void* stream) {
@@ -331,7 +311,8 @@ int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int
 
 int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data, void* stream) {
   if (moe_lora_wgrad_tasks(p.experts, p.d_in, p.d_out) > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidValue);
-  MHR_MOE_DISPATCH(data, launch_wgrad<xt>(p, order, start, static_cast<cudaStream_t>(stream)));
+  MHR_DISPATCH_CUDA_FLOAT(data, return launch_wgrad<scalar_t>(p, order, start, static_cast<cudaStream_t>(stream)));
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace mhr_ops
