@@ -32,7 +32,7 @@ def head_gates(
     if routed_logits.dim() < 1 or routed_logits.shape[-1] < 1:
         raise ValueError(f"routed_logits: expected a tensor [..., Hr] with Hr >= 1, got {tuple(routed_logits.shape)}")
     lead, n_routed = routed_logits.shape[:-1], routed_logits.shape[-1]
-    check_int(top_k, "top_k", low=1, high=n_routed, what=" (1..Hr)")
+    check_int(top_k, "top_k")  # its range [1, Hr] is the op's (moh_args.cpp)
     check_int(n_shared, "n_shared", low=0)
     flat = []
     for t, name, width in ((shared_logits, "shared_logits", None), (stage_logits, "stage_logits", 2)):

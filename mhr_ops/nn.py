@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._adapted import RoutedAdapter, adapted_forward
+from .moh import head_gates
 from .routing import check_route_options
 
 
@@ -213,8 +214,7 @@ class MoHGate(nn.Module):
         if not 0 <= n_shared < n_heads:
             raise ValueError(f"n_shared: expected 0 <= n_shared < n_heads={n_heads}, got {n_shared}")
         n_routed = n_heads - n_shared
-        if not 1 <= top_k <= n_routed:
-            raise ValueError(f"top_k: expected 1..{n_routed} (routed heads), got {top_k}")
+        head_gates(torch.empty(0, n_routed), top_k=top_k)  # the op owns top_k's range: fail here, not at forward
         if router not in ("linear", "qnorm"):
             raise ValueError(f"router: expected 'linear' or 'qnorm', got {router!r}")
         self.n_heads, self.n_shared, self.n_routed, self.top_k, self.router = n_heads, n_shared, n_routed, top_k, router
@@ -232,8 +232,6 @@ class MoHGate(nn.Module):
         self.last_gates: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .moh import head_gates
-
         if self.router == "qnorm":
             norms = x[..., self.n_shared :, :].float().norm(dim=-1)
             logits = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)

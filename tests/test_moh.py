@@ -264,7 +264,7 @@ def test_gated_head_proj_and_modules_bad_input():
         mhr_ops.gated_head_proj(o, g, W, torch.randn(4))
     with pytest.raises(ValueError, match="gates: expected dtype"):
         mhr_ops.gated_head_proj(o, g.double(), W)
-    with pytest.raises(ValueError, match="top_k: expected 1..2"):
+    with pytest.raises(ValueError, match=r"top_k: expected in \[1, 2\] \(1..Hr\), got 3"):
         MoHGate(8, 4, n_shared=2, top_k=3)
     with pytest.raises(ValueError, match="n_shared: expected 0 <= n_shared < n_heads"):
         MoHGate(8, 4, n_shared=4, top_k=1)

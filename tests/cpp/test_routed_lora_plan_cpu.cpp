@@ -33,6 +33,14 @@ LoraDims dims(int64_t rows, int64_t d, int64_t h, int64_t S, int64_t r, int64_t 
 
 LoraGroupIds ids_of(const std::vector<int64_t>& v) { return {v.data(), IndexType::kInt64, 1}; }
 
+template <typename T>
+std::vector<T> normal_vector(size_t n, std::mt19937& gen) {
+  std::normal_distribution<double> nd;
+  std::vector<T> v(n);
+  for (T& e : v) e = static_cast<T>(nd(gen));
+  return v;
+}
+
 // Every row in exactly one piece (runs paths: piece rows are rows; gathered: order positions).
 void check_cover(const std::vector<LoraRun>& pieces, const std::vector<int64_t>& slot_groups, int64_t rows,
                  const std::vector<int64_t>& row_group, const std::vector<int64_t>* order) {
@@ -147,12 +155,7 @@ void check_grads_driver() {
   }
   const CpuIsa isa = mhr_ops::routed_lora_group_grads_isa(r, d_in, d_out, 1, 1, CpuIsa::kAvx512);
   std::mt19937 gen(3);
-  std::normal_distribution<float> nd;
-  auto filled = [&](size_t n) {
-    std::vector<float> v(n);
-    for (float& e : v) e = nd(gen);
-    return v;
-  };
+  auto filled = [&](size_t n) { return normal_vector<float>(n, gen); };
   const auto x = filled(rows * d_in), gy = filled(rows * d_out), z = filled(rows * r);
   const auto a = filled(2 * d_in * r), bt = filled(2 * d_out * r);
   const std::vector<LoraRun> pieces = {{0, 16, 5, 1}, {16, 8, 2, 0}, {24, 16, 5, 1}};
@@ -183,12 +186,7 @@ void check_rows_backward_parts() {
   const int64_t N = 7, H = 2, S = 3, R = 4, dk_in = 5, dk_out = 3, G = 3, parts = 3;
   const int64_t d_in = H * dk_in, d_out = H * dk_out;
   std::mt19937 gen(5);
-  std::normal_distribution<double> nd;
-  auto filled = [&](size_t n) {
-    std::vector<double> v(n);
-    for (double& e : v) e = nd(gen);
-    return v;
-  };
+  auto filled = [&](size_t n) { return normal_vector<double>(n, gen); };
   const auto x = filled(N * d_in), gy = filled(N * d_out), z = filled(N * R);
   const auto A = filled(H * S * dk_in * R), B = filled(H * S * R * dk_out), W = filled(G * H * S);
   const std::vector<int64_t> group = {2, 0, 0, 1, 2, 2, 1};
@@ -227,12 +225,7 @@ void check_mix_loops(double tol) {
   const mhr_ops::LoraMixDims d{7, 3, 4, 5};
   const int64_t N = d.rows, H = d.heads, S = d.skills, R = d.rank;
   std::mt19937 gen(11);
-  std::normal_distribution<double> nd;
-  auto filled = [&](size_t n) {
-    std::vector<T> v(n);
-    for (T& e : v) e = static_cast<T>(nd(gen));
-    return v;
-  };
+  auto filled = [&](size_t n) { return normal_vector<T>(n, gen); };
   const auto w = filled(N * H * S), proj = filled(H * N * S * R), v = filled(N * R), U = filled(H * N * S * R);
   std::vector<T> z(N * R, T(9)), spread(H * N * S * R), dw(N * H * S);
   for (int64_t cut : {int64_t(0), int64_t(3), N}) {  // any split of the rows gives the same

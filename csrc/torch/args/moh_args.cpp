@@ -14,7 +14,8 @@ HeadGatesParams check_head_gates(const at::Tensor& routed, const std::optional<a
   HeadGatesParams p;
   p.num_rows = routed.size(0);
   p.num_routed = routed.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= p.num_routed, "top_k: expected 1..", p.num_routed, " (routed heads), got ", top_k);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= p.num_routed, "top_k: expected in [1, ", p.num_routed, "] (1..Hr), got ",
+                    top_k);
   p.top_k = top_k;
   TORCH_CHECK(n_shared >= 0, "n_shared: expected >= 0, got ", n_shared);
   p.num_shared = n_shared;
