@@ -12,7 +12,30 @@ from .moh import head_gates
 from .routing import check_route_options
 
 
-class MHRLinear(nn.Module):
+class _AdaptsLinear:
+    """The wrapped ``nn.Linear``'s attributes on the adapted layer, so code that reads
+    ``layer.weight`` or ``layer.in_features`` keeps working after patching."""
+
+    base: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class MHRLinear(_AdaptsLinear, nn.Module):
     """``nn.Linear`` plus a Poly/MHR adapter: ``S`` LoRA skills split into ``h`` heads, mixed per
     task by learned routing logits (docs/API.md, MHRLinear; PEFT's ``poly`` layout and defaults).
 
@@ -80,22 +103,6 @@ class MHRLinear(nn.Module):
         self.merged_task: int | None = None
         self._mhr_task_ids = None
         self.reset_parameters(init_weights)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def _mhr_n_tasks(self) -> int:
         return self.logits.shape[0]
@@ -289,7 +296,7 @@ class GatedOutputProjection(nn.Module):
         return gated_head_proj(o, gates.to(o.dtype), self.o_proj.weight, self.o_proj.bias)
 
 
-class MoELoRALinear(nn.Module):
+class MoELoRALinear(_AdaptsLinear, nn.Module):
     """``nn.Linear`` plus a mixture of LoRA experts routed per token (docs/API.md, MoELoRALinear):
     ``y = base(x) + moe_lora(x, A, B, w, ids, scale=alpha / r)``.
 
@@ -351,22 +358,6 @@ class MoELoRALinear(nn.Module):
                 a = torch.empty(r, d_in, device=self.A.device)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 self.A[e].copy_(a.T)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(topk_weights [..., k], topk_ids [..., k], router probabilities [..., E])`` for ``x``."""

@@ -74,6 +74,17 @@ def pytest_terminal_summary(terminalreporter, config):
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="CUDA-only")])]
 
 
+# (x dtype, adapter dtype): every pairing the adapter ops (routed_lora, mhr_linear, moe_lora) take.
+ADAPTER_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
@@ -82,6 +93,44 @@ def assert_close(actual, expected, *, atol, rtol, what=""):
     """Prints the max difference before asserting (causal-conv1d habit)."""
     print(f"{what} max diff {max_diff(actual, expected):.3e}")
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def assert_backward_close(y, ref, inputs, ref_inputs, *, tol: float, what: str):
+    """Backpropagates one random float64 grad_y through ``y`` (in its dtype) and its float64
+    reference ``ref``; each input's grad must match its reference's within ``tol``, relative to the
+    reference grad's scale."""
+    gy = torch.randn_like(ref)
+    y.backward(gy.to(y.dtype))
+    ref.backward(gy)
+    for a, r in zip(inputs, ref_inputs, strict=True):
+        assert_close(a.grad, r.grad, atol=tol * max(1.0, r.grad.abs().max().item()), rtol=tol, what=f"{what} grad")
+
+
+def scale_and_out_errors(out_shape: tuple) -> list:
+    """``bad_input_test`` cases every adapter op shares: a non-number scale, and an ``out`` of the
+    wrong last dim or dtype (the right shape is ``out_shape``, fp32)."""
+    shown = ", ".join(map(str, out_shape))
+    return [
+        (dict(scale="0.5"), TypeError, "scale: expected a float"),
+        (dict(out=torch.zeros(*out_shape[:-1], out_shape[-1] - 1)), ValueError, rf"out: expected shape \({shown}\)"),
+        (dict(out=torch.zeros(*out_shape, dtype=torch.float64)), ValueError, "out: expected dtype"),
+    ]
+
+
+def bad_input_test(fn, good, positional: tuple, cases: list):
+    """A test over ``cases`` (``(override, exception, match)``): ``fn`` on ``good()`` with the
+    override applied (the names in ``positional`` passed by position, the rest by keyword, ``scale``
+    0.5 unless given) must raise the exception, its message matching."""
+
+    @pytest.mark.parametrize("override,exc,match", cases)
+    def test(override, exc, match):
+        kw = {**good(), **override}
+        kw.setdefault("scale", 0.5)
+        args = [kw.pop(k) for k in positional]
+        with pytest.raises(exc, match=match):
+            fn(*args, **kw)
+
+    return test
 
 
 def tiny_llama(seed: int | None = 0):

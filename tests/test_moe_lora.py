@@ -11,21 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close, max_diff, tiny_llama
+from conftest import ADAPTER_DTYPES, DEVICES, assert_close, bad_input_test, max_diff, scale_and_out_errors, tiny_llama
 
 import mhr_ops
 from mhr_ops import reference
 from mhr_ops.nn import MoELoRALinear
 
-# (x dtype, expert dtype)
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-]
+DTYPES = ADAPTER_DTYPES  # (x dtype, adapter dtype)
 
 
 def make(E, d_in, r, d_out, lead, k, *, device="cpu", dtype=torch.float32, expert_dtype=None, seed=0):
@@ -256,20 +248,9 @@ BAD = [
         r"A: expected dtype torch.bfloat16 or torch.float32 for x of dtype torch.bfloat16, got torch.float16",
     ),
     (dict(topk_weights=torch.ones(2, 5, 2, dtype=torch.long)), ValueError, "topk_weights: expected dtype"),
-    (dict(scale="0.5"), TypeError, "scale: expected a float"),
-    (dict(out=torch.zeros(2, 5, 11)), ValueError, r"out: expected shape \(2, 5, 12\)"),
-    (dict(out=torch.zeros(2, 5, 12, dtype=torch.float64)), ValueError, "out: expected dtype"),
 ]
-
-
-@pytest.mark.parametrize("override,exc,match", BAD)
-def test_bad_input(override, exc, match):
-    kw = _good()
-    kw.update(override)
-    kw.setdefault("scale", 0.5)
-    args = [kw.pop(k) for k in ("x", "A", "B", "topk_weights", "topk_ids")]
-    with pytest.raises(exc, match=match):
-        mhr_ops.moe_lora(*args, **kw)
+BAD += scale_and_out_errors((2, 5, 12))
+test_bad_input = bad_input_test(mhr_ops.moe_lora, _good, ("x", "A", "B", "topk_weights", "topk_ids"), BAD)
 
 
 def test_op_level_checks_raise_value_and_type_errors_naming_the_argument():

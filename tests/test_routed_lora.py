@@ -12,20 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, EMULATED_CUDA, assert_close, max_diff
+from conftest import (
+    ADAPTER_DTYPES,
+    DEVICES,
+    EMULATED_CUDA,
+    assert_backward_close,
+    assert_close,
+    bad_input_test,
+    max_diff,
+    scale_and_out_errors,
+)
 
 import mhr_ops
 from mhr_ops import reference
 
-# (x dtype, adapter dtype)
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-]
+DTYPES = ADAPTER_DTYPES  # (x dtype, adapter dtype)
 # Tests of the CPU kernels themselves: deselected when the emulated CUDA kernels stand in (conftest).
 CPU_PATH = pytest.mark.cpu_kernels(
     "a CPU-only strategy of routed_lora (grouped runs, row tiles, row backward), chosen by its size"
@@ -288,11 +289,7 @@ def test_mhr_linear(device, dtype, adapter_dtype, with_bias):
     assert y.dtype == dtype and y.shape == ref.shape
     tol = 2e-5 if dtype == torch.float32 else 4e-2
     assert_close(y, ref, atol=tol, rtol=tol, what="mhr_linear")
-    gy = torch.randn_like(ref)
-    y.backward(gy.to(dtype))
-    ref.backward(gy)
-    for a, b in zip(ins, refs, strict=True):
-        assert_close(a.grad, b.grad, atol=tol * max(1.0, b.grad.abs().max().item()), rtol=tol, what="mhr_linear grad")
+    assert_backward_close(y, ref, ins, refs, tol=tol, what="mhr_linear")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -510,20 +507,9 @@ BAD = [
     (dict(group_ids=torch.tensor([-1, 0])), ValueError, r"group_ids: expected group ids in \[0, 4\), got -1"),
     (dict(group_ids=torch.tensor([0, 1, 2])), ValueError, r"group_ids: expected shape \(2, 5\)"),
     (dict(group_ids=torch.tensor([0.0, 1.0])), ValueError, "group_ids: expected dtype"),
-    (dict(scale="0.5"), TypeError, "scale: expected a float"),
-    (dict(out=torch.zeros(2, 5, 7)), ValueError, r"out: expected shape \(2, 5, 6\)"),
-    (dict(out=torch.zeros(2, 5, 6, dtype=torch.float64)), ValueError, "out: expected dtype"),
 ]
-
-
-@pytest.mark.parametrize("override,exc,match", BAD)
-def test_bad_input(override, exc, match):
-    kw = _good()
-    kw.update(override)
-    kw.setdefault("scale", 0.5)
-    args = [kw.pop(k) for k in ("x", "A", "B", "weights", "group_ids")]
-    with pytest.raises(exc, match=match):
-        mhr_ops.routed_lora(*args, **kw)
+BAD += scale_and_out_errors((2, 5, 6))
+test_bad_input = bad_input_test(mhr_ops.routed_lora, _good, ("x", "A", "B", "weights", "group_ids"), BAD)
 
 
 def test_bad_input_mhr_linear_and_devices():

@@ -432,6 +432,7 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
         counted = sum(r["tensor_core_flops"] for r in records)
         if counted != expected:
             raise RuntimeError(f"gated_head_proj_tc_kernel ran {counted} tensor-core flops, the model says {expected}")
+
     shape = T.MohShape(N, H, Dh, D, n_shared, top_k, eb)
     dense = T.roofline_us(*T.dense_proj_ideal(shape))
     open_fraction = open_pairs_base / (base_rows * H)

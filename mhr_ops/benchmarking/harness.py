@@ -62,6 +62,23 @@ def _time_once(fn: Callable[[int], object], i: int, device: torch.device) -> flo
     return (time.perf_counter() - t0) * 1e6
 
 
+def step(fn: Callable, xs: Sequence[torch.Tensor], extras: Sequence[tuple], grad_y: torch.Tensor | None):
+    """A timed call ``i``: ``fn(x, *extra)`` on input set ``i % len(xs)``, under ``no_grad``; with
+    ``grad_y`` (training), the forward with gradients for x and then the backward of ``grad_y``
+    (in y's dtype)."""
+
+    def call(i: int) -> None:
+        x, extra = xs[i % len(xs)], extras[i % len(xs)]
+        if grad_y is None:
+            with torch.no_grad():
+                fn(x.requires_grad_(False), *extra)
+            return
+        y = fn(x.requires_grad_(True), *extra)
+        y.backward(grad_y.to(y.dtype))
+
+    return call
+
+
 def time_side_by_side(
     fns: dict[str, Callable[[int], object]],
     *,

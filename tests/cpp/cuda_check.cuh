@@ -3,7 +3,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <type_traits>
 #include <vector>
@@ -58,6 +60,24 @@ constexpr mhr_ops::DType dtype_of() {
          : std::is_same<T, __nv_bfloat16>::value ? mhr_ops::DType::kBFloat16
          : std::is_same<T, float>::value         ? mhr_ops::DType::kFloat32
                                                  : mhr_ops::DType::kFloat64;
+}
+
+// Tolerance, relative to the values' scale, of a result stored in T.
+template <typename T>
+double stored_tol() {
+  return std::is_same<T, __half>::value          ? 3e-3
+         : std::is_same<T, __nv_bfloat16>::value ? 2e-2
+         : std::is_same<T, float>::value         ? 2e-5
+                                                 : 1e-12;
+}
+
+// Device copy of `v` (values in double) in T, element i at i * stride, the gaps NaN; at least one
+// element, so that an empty input still has an address.
+template <typename T>
+T* device_strided(const std::vector<double>& v, int64_t stride = 1) {
+  std::vector<T> h(std::max<size_t>(1, v.size() * stride), from_double<T>(NAN));
+  for (size_t i = 0; i < v.size(); ++i) h[i * stride] = from_double<T>(v[i]);
+  return to_device(h);
 }
 
 // n values amp * sin(a i + b), rounded through T: test inputs a kernel in T reads exactly.

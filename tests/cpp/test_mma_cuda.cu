@@ -45,6 +45,13 @@ const char* load_name(Load l) {
   return "?";
 }
 
+// Where accumulator i of n-tile nt of this lane sits in this block's [M][N] C and D (each warp
+// owns 16 rows, two m16n8 tiles).
+__device__ int c_index(int warp, int lane, int nt, int i) {
+  const FragCoord q = mhr_ops::mma_m16n8_c_coord(lane, i);
+  return blockIdx.x * M * N + (16 * warp + q.row) * N + 8 * nt + q.col;
+}
+
 // One problem per block: D = C + A B with A [M][K], B [K][N]; the same matrices also given as
 // At [K][M] and Bt [N][K] (b16 bit patterns), so each ldmatrix form reads a layout it suits.
 struct B16Args {
@@ -88,10 +95,7 @@ __global__ void mma_b16_kernel(B16Args p) {
 
   float acc[2][4];
   for (int nt = 0; nt < 2; ++nt)
-    for (int i = 0; i < 4; ++i) {
-      const FragCoord q = mhr_ops::mma_m16n8_c_coord(lane, i);
-      acc[nt][i] = p.c[blockIdx.x * M * N + (16 * warp + q.row) * N + 8 * nt + q.col];
-    }
+    for (int i = 0; i < 4; ++i) acc[nt][i] = p.c[c_index(warp, lane, nt, i)];
   const int r = lane % 8, j = lane / 8, j2 = (lane % 16) / 8;  // row within a matrix, matrix index
   for (int ks = 0; ks < K / 16; ++ks) {
     const int m0 = 16 * warp, k0 = 16 * ks;
@@ -157,10 +161,7 @@ __global__ void mma_b16_kernel(B16Args p) {
     }
   }
   for (int nt = 0; nt < 2; ++nt)
-    for (int i = 0; i < 4; ++i) {
-      const FragCoord q = mhr_ops::mma_m16n8_c_coord(lane, i);
-      p.d[blockIdx.x * M * N + (16 * warp + q.row) * N + 8 * nt + q.col] = acc[nt][i];
-    }
+    for (int i = 0; i < 4; ++i) p.d[c_index(warp, lane, nt, i)] = acc[nt][i];
 }
 
 // tf32: raw fp32 A [M][K] and Bt [N][K], rounded in the kernel with float_to_tf32; fragments per
@@ -189,10 +190,7 @@ __global__ void mma_tf32_kernel(TF32Args p) {
   }
   float acc[2][4];
   for (int nt = 0; nt < 2; ++nt)
-    for (int i = 0; i < 4; ++i) {
-      const FragCoord q = mhr_ops::mma_m16n8_c_coord(lane, i);
-      acc[nt][i] = p.c[blockIdx.x * M * N + (16 * warp + q.row) * N + 8 * nt + q.col];
-    }
+    for (int i = 0; i < 4; ++i) acc[nt][i] = p.c[c_index(warp, lane, nt, i)];
   const int r = lane % 8, j = lane / 8, j2 = (lane % 16) / 8;
   for (int ks = 0; ks < K / 8; ++ks) {
     const int m0 = 16 * warp, k0 = 8 * ks;
@@ -217,10 +215,7 @@ __global__ void mma_tf32_kernel(TF32Args p) {
     for (int nt = 0; nt < 2; ++nt) mhr_ops::mma_m16n8k8_tf32(acc[nt], a, b[nt], acc[nt]);
   }
   for (int nt = 0; nt < 2; ++nt)
-    for (int i = 0; i < 4; ++i) {
-      const FragCoord q = mhr_ops::mma_m16n8_c_coord(lane, i);
-      p.d[blockIdx.x * M * N + (16 * warp + q.row) * N + 8 * nt + q.col] = acc[nt][i];
-    }
+    for (int i = 0; i < 4; ++i) p.d[c_index(warp, lane, nt, i)] = acc[nt][i];
 }
 
 // ---------------------------------------------------------------------------------------------

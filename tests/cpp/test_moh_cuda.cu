@@ -21,22 +21,6 @@ using namespace mhr_ops;
 
 namespace {
 
-template <typename T>
-double tol() {
-  return std::is_same<T, __half>::value          ? 3e-3
-         : std::is_same<T, __nv_bfloat16>::value ? 2e-2
-         : std::is_same<T, float>::value         ? 2e-5
-                                                 : 1e-12;
-}
-
-// Device copy of `v` (values in double) in T, element i at i * stride.
-template <typename T>
-T* device_strided(const std::vector<double>& v, int64_t stride) {
-  std::vector<T> h(std::max<size_t>(1, v.size() * stride), from_double<T>(NAN));
-  for (size_t i = 0; i < v.size(); ++i) h[i * stride] = from_double<T>(v[i]);
-  return to_device(h);
-}
-
 // ---- head_gates -------------------------------------------------------------------------------
 
 struct GateCase {
@@ -89,7 +73,7 @@ void run_gates(const GateCase& c) {
   EXPECT_TRUE(head_gates_fwd_cuda(D, dtype_of<T>(), nullptr) == 0);
   EXPECT_TRUE(head_gates_bwd_cuda(D, dtype_of<T>(), nullptr) == 0);
   EXPECT_TRUE(cudaDeviceSynchronize() == cudaSuccess);
-  const double t = tol<T>();
+  const double t = stored_tol<T>();
   const auto gates = to_host(d_gates, N * H);
   for (size_t i = 0; i < gates_ref.size(); ++i)
     expect_close("gates", c.name, i, to_double(gates[i]), gates_ref[i], t * (1 + std::fabs(gates_ref[i])));
@@ -171,7 +155,7 @@ void run_proj(const ProjCase& c) {
     if (std::isfinite(v)) mag = std::max(mag, std::fabs(v));
   for (size_t i = 0; i < y_ref.size(); ++i) {
     EXPECT_TRUE(!std::isinf(to_double(y[i])));  // no Inf of a closed head leaks through
-    expect_close("y", c.name, i, to_double(y[i]), y_ref[i], tol<T>() * mag);
+    expect_close("y", c.name, i, to_double(y[i]), y_ref[i], stored_tol<T>() * mag);
   }
   for (void* q : {(void*)d_o, (void*)d_g, (void*)d_W, (void*)d_b, (void*)d_y}) cudaFree(q);
 }

@@ -49,6 +49,24 @@ struct Case {
   bool bad_ids = false;     // ids outside [0, G), validation skipped
 };
 
+// The edge layouts and inputs, each on a base case (the SIMT and the tensor-core paths run them all).
+Case strided(Case c) {  // every other column, padded rows, int32 ids every other element
+  c.x_col = 2, c.row_pad = 3, c.int32_ids = true, c.ids_stride = 2;
+  return c;
+}
+Case accumulating(Case c) {
+  c.accumulate = true;
+  return c;
+}
+Case nan_input(Case c) {
+  c.nan_input = true;
+  return c;
+}
+Case bad_ids(Case c) {
+  c.bad_ids = true;
+  return c;
+}
+
 // Inputs rounded to their storage types, held in double; reference results in double.
 struct Problem {
   Case c;
@@ -352,19 +370,12 @@ int main() {
   run_case<float, float>(Case{"rank1", 5, 1, 2, 8, 1, 130, 5, 1, 1});
   run_case<float, float>(Case{"rank128", 9, 1, 2, 6, 128, 5, 2, 1, 1});
   run_case<float, float>(Case{"h64", 2, 64, 2, 2, 3, 1, 2, 1, 1});
-  Case strided{"strided", 35, 2, 2, 7, 4, 9, 5, 1, 1};
-  strided.x_col = 2, strided.row_pad = 3, strided.int32_ids = true, strided.ids_stride = 2;
-  run_case<float, float>(strided);
-  Case accum{"accumulate", 35, 2, 3, 7, 4, 9, 5, 5, 1};
-  accum.accumulate = true;
+  run_case<float, float>(strided({"strided", 35, 2, 2, 7, 4, 9, 5, 1, 1}));
+  const Case accum = accumulating({"accumulate", 35, 2, 3, 7, 4, 9, 5, 5, 1});
   run_case<float, float>(accum);
   run_case<__half, float>(accum);
-  Case nan_in{"nan-input", 35, 2, 3, 7, 4, 9, 5, 1, 0};
-  nan_in.nan_input = true;
-  run_case<float, float>(nan_in);
-  Case bad{"bad-ids", 40, 2, 2, 7, 4, 9, 3, 1, 1};
-  bad.bad_ids = true;
-  run_case<float, float>(bad);
+  run_case<float, float>(nan_input({"nan-input", 35, 2, 3, 7, 4, 9, 5, 1, 0}));
+  run_case<float, float>(bad_ids({"bad-ids", 40, 2, 2, 7, 4, 9, 3, 1, 1}));
   // Tensor cores (16-bit data, more than kRoutedLoraTensorCoreMinRows rows), every instantiation:
   // S*r not a multiple of 8, exactly 128 (one n pass), and over 128 with r not dividing it.
   const Case tc_mixed{"tc-mixed", 150, 2, 3, 37, 5, 45, 4, 3, 1};
@@ -378,18 +389,10 @@ int main() {
   run_case<__nv_bfloat16, __nv_bfloat16>(tc_train);
   run_case<__half, __half>(tc_wide);
   run_case<__nv_bfloat16, __nv_bfloat16>(Case{"tc-deep", 70, 1, 2, 150, 4, 70, 3, 1, 1});  // several dk tiles
-  Case tc_strided{"tc-strided", 99, 2, 2, 7, 4, 9, 5, 1, 1};
-  tc_strided.x_col = 2, tc_strided.row_pad = 3, tc_strided.int32_ids = true, tc_strided.ids_stride = 2;
-  run_case<__nv_bfloat16, float>(tc_strided);
-  Case tc_accum{"tc-accumulate", 100, 2, 3, 7, 4, 9, 5, 5, 1};
-  tc_accum.accumulate = true;
-  run_case<__half, float>(tc_accum);
-  Case tc_nan{"tc-nan-input", 70, 2, 3, 7, 4, 9, 5, 1, 0};
-  tc_nan.nan_input = true;
-  run_case<__nv_bfloat16, __nv_bfloat16>(tc_nan);
-  Case tc_bad{"tc-bad-ids", 80, 2, 2, 7, 4, 9, 3, 1, 1};
-  tc_bad.bad_ids = true;
-  run_case<__half, __half>(tc_bad);
+  run_case<__nv_bfloat16, float>(strided({"tc-strided", 99, 2, 2, 7, 4, 9, 5, 1, 1}));
+  run_case<__half, float>(accumulating({"tc-accumulate", 100, 2, 3, 7, 4, 9, 5, 5, 1}));
+  run_case<__nv_bfloat16, __nv_bfloat16>(nan_input({"tc-nan-input", 70, 2, 3, 7, 4, 9, 5, 1, 0}));
+  run_case<__half, __half>(bad_ids({"tc-bad-ids", 80, 2, 2, 7, 4, 9, 3, 1, 1}));
   Case tc_own{"tc-own-group", 65, 1, 4, 16, 8, 16, 65, 1, 2};
   run_case<__nv_bfloat16, float>(tc_own);
   return finish("test_routed_lora_cuda");

@@ -76,11 +76,22 @@ void check_moe_rows(const at::Tensor& t, const char* arg, const at::Tensor& x, c
   check_same_device(t, arg, x, "x");
 }
 
-void check_moe_bottleneck(const at::Tensor& z, const MoeDims& d, at::ScalarType compute_type) {
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(0) == d.rows && z.size(1) == d.top_k && z.size(2) == d.rank &&
-                        z.scalar_type() == compute_type,
-                    "z: expected the forward's bottleneck [", d.rows, ", ", d.top_k, ", ", d.rank, "] of dtype ",
-                    compute_type, ", got ", z.sizes(), " ", z.scalar_type());
+void check_moe_add_output(const at::Tensor& out, const at::Tensor& x, const MoeDims& d) {
+  check_moe_rows(out, "out", x, d, /*dtype_of_x=*/true);
+  check_no_internal_overlap(out, "out");
+}
+
+MoeDims check_moe_lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& z) {
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  check_moe_rows(grad_y, "grad_y", x, d, /*dtype_of_x=*/false);
+  const auto ct = accumulation_dtype(x.scalar_type());
+  TORCH_CHECK_VALUE(
+      z.dim() == 3 && z.size(0) == d.rows && z.size(1) == d.top_k && z.size(2) == d.rank && z.scalar_type() == ct,
+      "z: expected the forward's bottleneck [", d.rows, ", ", d.top_k, ", ", d.rank, "] of dtype ", ct, ", got ",
+      z.sizes(), " ", z.scalar_type());
+  check_same_device(z, "z", x, "x");
+  return d;
 }
 
 }  // namespace mhr_ops

@@ -25,7 +25,12 @@ MoeDims check_moe_lora(const at::Tensor& x, const at::Tensor& A, const at::Tenso
 // out / grad_y: [N, d_out]; `dtype_of_x`: also x's dtype. On x's device.
 void check_moe_rows(const at::Tensor& t, const char* arg, const at::Tensor& x, const MoeDims& d, bool dtype_of_x);
 
-// z: the forward's bottleneck [N, k, r] in the compute dtype.
-void check_moe_bottleneck(const at::Tensor& z, const MoeDims& d, at::ScalarType compute_type);
+// moe_lora_add_'s out: as check_moe_rows in x's dtype, without internal overlap.
+void check_moe_add_output(const at::Tensor& out, const at::Tensor& x, const MoeDims& d);
+
+// moe_lora_backward's arguments: those of the forward, grad_y [N, d_out] on x's device, and z,
+// the forward's bottleneck [N, k, r] in the compute dtype.
+MoeDims check_moe_lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& z);
 
 }  // namespace mhr_ops

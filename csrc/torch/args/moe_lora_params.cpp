@@ -36,6 +36,12 @@ MoeRowsParams moe_forward_params(const MoeRouting& routing, const MoeDims& d, co
   return p;
 }
 
+MoeTransposedExperts moe_transposed_experts(const at::Tensor& A, const at::Tensor& B, at::ScalarType compute_type,
+                                            bool need_dx) {
+  return {B.to(compute_type).transpose(1, 2).contiguous(),
+          need_dx ? A.to(compute_type).transpose(1, 2).contiguous() : at::Tensor()};
+}
+
 MoeRowsParams moe_backward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w,
                                   const at::Tensor& grad_y, const at::Tensor& Bt, double scale, const at::Tensor& z,
                                   at::Tensor& gz, at::Tensor& dw, const at::Tensor& At, at::Tensor& dx) {

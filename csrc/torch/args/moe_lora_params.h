@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "../../kernels/moe_lora.h"
 #include "moe_lora_args.h"
@@ -17,6 +18,14 @@ MoeRowsParams moe_forward_params(const MoeRouting& routing, const MoeDims& d, co
                                  const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& z, at::Tensor& y,
                                  bool accumulate);
 
+// The backward rows pass's experts, transposed and contiguous in the compute dtype: Bt
+// [E, d_out, r], and At [E, r, d_in] when dx is wanted (else undefined).
+struct MoeTransposedExperts {
+  at::Tensor Bt, At;
+};
+MoeTransposedExperts moe_transposed_experts(const at::Tensor& A, const at::Tensor& B, at::ScalarType compute_type,
+                                            bool need_dx);
+
 // Backward rows pass: gz = w * scale * grad_y @ B_e^T and dw = z . (scale * grad_y @ B_e^T) per
 // slot (Bt [E, d_out, r]); dx = sum_j gz @ A_e^T (At [E, r, d_in]) when dx is defined.
 MoeRowsParams moe_backward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w,
@@ -27,5 +36,17 @@ MoeRowsParams moe_backward_params(const MoeRouting& routing, const MoeDims& d, c
 MoeWgradParams moe_wgrad_params(const MoeDims& d, const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& z,
                                 const at::Tensor& gz, const at::Tensor& w, double scale, at::Tensor& dA,
                                 at::Tensor& dB);
+
+// moe_lora_add_ on a backend whose `forward(y, accumulate)` runs the forward into y and returns z:
+// out accumulates in place when the kernels can write it (`in_place`); otherwise the update lands
+// in a fresh tensor of out's shape in `update_dtype` and is added to out once.
+template <typename Forward>
+at::Tensor moe_add_into(at::Tensor& out, bool in_place, at::ScalarType update_dtype, Forward&& forward) {
+  if (in_place) return forward(out, /*accumulate=*/true);
+  at::Tensor y = at::empty(out.sizes(), out.options().dtype(update_dtype));
+  at::Tensor z = forward(y, /*accumulate=*/false);
+  out.add_(y);
+  return z;
+}
 
 }  // namespace mhr_ops

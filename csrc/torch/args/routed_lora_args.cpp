@@ -1,6 +1,5 @@
 #include "routed_lora_args.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include "../torch_to_kernel.h"
@@ -65,9 +64,7 @@ void check_rows_output(const at::Tensor& t, const char* arg, const at::Tensor& x
 
 void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims& d) {
   check_rows_output(out, "out", x, d);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-                    "out: expected a tensor without internal overlap (each element written once), got strides ",
-                    out.strides());
+  check_no_internal_overlap(out, "out");
 }
 
 void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d) {

@@ -5,7 +5,6 @@
 // expert with a counting sort on the host (the ids are host-visible on the CPU). No per-expert ATen calls: the
 // per-expert row counts (N*k/E) are small, and BLAS on gathered rows would cost a gather and a scatter pass on top.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -58,28 +57,20 @@ std::tuple<at::Tensor, at::Tensor> moe_lora_cpu(const at::Tensor& x, const at::T
 at::Tensor moe_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale) {
   const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
-  check_moe_rows(out, "out", x, d, /*dtype_of_x=*/true);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-                    "out: expected a tensor without internal overlap (each element written once), got strides ",
-                    out.strides());
+  check_moe_add_output(out, x, d);
   const auto ct = accumulation_dtype(x.scalar_type());
-  if (out.scalar_type() == ct && rows_layout(out).is_same(out))
-    return forward_into(out, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/true);
-  // half-precision or column-strided out: the update in the compute dtype, added once
-  at::Tensor y = at::empty({d.rows, d.d_out}, x.options().dtype(ct));
-  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
-  out.add_(y);
-  return z;
+  // a half-precision or column-strided out takes the update in the compute dtype
+  return moe_add_into(out, out.scalar_type() == ct && rows_layout(out).is_same(out), ct, [&](at::Tensor& y, bool acc) {
+    return forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, acc);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale, const at::Tensor& z_in,
     std::array<bool, 4> mask) {
-  const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
-  check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
+  const MoeDims d = check_moe_lora_backward(grad_y, x_in, A_in, B_in, topk_weights, topk_ids, z_in);
   const auto ct = accumulation_dtype(x_in.scalar_type());
-  check_moe_bottleneck(z_in, d, ct);
   const auto opts = x_in.options().dtype(ct);
   at::Tensor dx = mask[0] ? at::empty({d.rows, d.d_in}, opts) : at::Tensor();
   at::Tensor dA = mask[1] ? at::zeros({d.experts, d.d_in, d.rank}, opts) : at::Tensor();
@@ -95,9 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "moe_lora_backward", [&] {
       if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
-        const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
-        const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
-        const MoeRowsParams p = moe_backward_params(routing, d, w, gy, Bt, scale, z, gz, dw_all, At, dx);
+        const MoeTransposedExperts t = moe_transposed_experts(A_in, B_in, ct, mask[0]);
+        const MoeRowsParams p = moe_backward_params(routing, d, w, gy, t.Bt, scale, z, gz, dw_all, t.At, dx);
         rows_parallel<scalar_t>(p, d);
       }
       if (mask[1] || mask[2]) {

@@ -4,7 +4,6 @@
 // dtype (fp32; fp64 for fp64 x). The weight gradients' slot plan is built on the device: no host
 // sync, fixed grids (CUDA-graph safe). Deterministic: no atomics. Host code only.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
 #include "../../kernels/moe_lora.h"
 #include "../args/moe_lora_args.h"
@@ -51,17 +50,11 @@ at::Tensor moe_lora_add_cuda(at::Tensor& out, const at::Tensor& x, const at::Ten
   const CudaDeviceGuard guard(x.device());
   const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
   check_smem(d, "moe_lora_add_ (CUDA)");
-  check_moe_rows(out, "out", x, d, /*dtype_of_x=*/true);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-                    "out: expected a tensor without internal overlap (each element written once), got strides ",
-                    out.strides());
-  if (rows_layout(out).is_same(out))
-    return forward_into(out, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/true);
-  // column-strided out: the update, added once
-  at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
-  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false);
-  out.add_(y);
-  return z;
+  check_moe_add_output(out, x, d);
+  // a column-strided out takes the update in x's dtype
+  return moe_add_into(out, rows_layout(out).is_same(out), x.scalar_type(), [&](at::Tensor& y, bool acc) {
+    return forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, acc);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cuda(
@@ -69,11 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, double scale, const at::Tensor& z_in,
     std::array<bool, 4> mask) {
   const CudaDeviceGuard guard(x_in.device());
-  const MoeDims d = check_moe_lora(x_in, A_in, B_in, topk_weights, topk_ids);
+  const MoeDims d = check_moe_lora_backward(grad_y, x_in, A_in, B_in, topk_weights, topk_ids, z_in);
   check_smem(d, "moe_lora_backward (CUDA)");
-  check_moe_rows(grad_y, "grad_y", x_in, d, /*dtype_of_x=*/false);
   const auto ct = accumulation_dtype(x_in.scalar_type());
-  check_moe_bottleneck(z_in, d, ct);
   // The kernels read x and grad_y in one dtype: theirs when they agree, else the compute dtype.
   const bool same = grad_y.scalar_type() == x_in.scalar_type();
   const at::Tensor x = rows_layout(same ? x_in : x_in.to(ct)), gy = rows_layout(same ? grad_y : grad_y.to(ct));
@@ -93,9 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cud
     at::Tensor gz = need_gz ? at::empty({d.rows * d.top_k, d.rank}, opts) : at::Tensor();
     at::Tensor dw_all = dw.defined() ? dw : need_gz ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
     if (need_gz) {  // one row-block pass: gz_s = w_s g_s, dw_s = z_s . g_s; dx_n = sum_j gz_s @ A_e^T
-      const at::Tensor Bt = B_in.to(ct).transpose(1, 2).contiguous();                           // [E, d_out, r]
-      const at::Tensor At = mask[0] ? A_in.to(ct).transpose(1, 2).contiguous() : at::Tensor();  // [E, r, d_in]
-      const MoeRowsParams p = moe_backward_params(routing, d, w, gy, Bt, scale, z, gz, dw_all, At, dx);
+      const MoeTransposedExperts t = moe_transposed_experts(A_in, B_in, ct, mask[0]);
+      const MoeRowsParams p = moe_backward_params(routing, d, w, gy, t.Bt, scale, z, gz, dw_all, t.At, dx);
       check_launch(moe_lora_rows_cuda(p, data, current_stream()), "moe_lora_backward");
     }
     if (mask[1] || mask[2]) {

@@ -10,7 +10,7 @@ import torch
 import mhr_ops
 from mhr_ops import reference
 
-from ..harness import Stat, measure_ceilings, time_side_by_side
+from ..harness import Stat, measure_ceilings, step, time_side_by_side
 from ..layers import peft_poly_linear
 from ..results import Metric, Result
 from ..shapes import ShapeSet
@@ -73,20 +73,9 @@ def bench_linear(device: torch.device, shape_set: ShapeSet) -> list[Result]:
             "reference_fp64": lambda x, t, mode=mode: ref(x, t, mode),
         }
 
-        def run(fn, train=train):
-            def call(i):
-                x = xs[i % 3].requires_grad_(train)
-                if train:
-                    y = fn(x, tids[i % 3])
-                    y.backward(gy.to(y.dtype))
-                else:
-                    with torch.no_grad():
-                        fn(x, tids[i % 3])
-
-            return call
-
         case = "train fwd+bwd" if train else "eval fwd"
-        samples = time_side_by_side({k: run(f) for k, f in impls.items()}, device=device)
+        calls = {k: step(f, xs, [(t,) for t in tids], gy if train else None) for k, f in impls.items()}
+        samples = time_side_by_side(calls, device=device)
         result = Result(shape_set.name, case, dict(p), "bare", samples)
         result.ratio("mhr_ops", "bare", target=targets.get(case))
         result.ratio("peft", "bare")

@@ -10,7 +10,7 @@ import torch
 
 import mhr_ops
 
-from ..harness import time_side_by_side
+from ..harness import step, time_side_by_side
 from ..results import Result
 from ..shapes import ShapeSet
 
@@ -60,20 +60,9 @@ def bench_moe(device: torch.device, shape_set: ShapeSet) -> list[Result]:
     targets = TARGETS.get(shape_set.name, {})
     results = []
     for train in (False, True):
-
-        def run(fn, train=train):
-            def call(i):
-                x = xs[i % 3].requires_grad_(train)
-                if train:
-                    fn(x, *routing[i % 3]).backward(gy)
-                else:
-                    with torch.no_grad():
-                        fn(x, *routing[i % 3])
-
-            return call
-
         case = "fwd+bwd" if train else "fwd"
-        samples = time_side_by_side({name: run(fn) for name, fn in impls.items()}, device=device)
+        calls = {name: step(fn, xs, routing, gy if train else None) for name, fn in impls.items()}
+        samples = time_side_by_side(calls, device=device)
         result = Result(shape_set.name, case, dict(p), "bare", samples)
         result.ratio("mhr_ops", "bare", target=targets.get(case))
         result.ratio("gather_bmm", "bare")
