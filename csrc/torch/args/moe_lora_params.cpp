@@ -26,14 +26,21 @@ MoeRouting moe_routing(const at::Tensor& topk_ids, const MoeDims& d) {
   return r;
 }
 
-MoeRowsParams moe_forward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w, const at::Tensor& x,
-                                 const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& z, at::Tensor& y,
-                                 bool accumulate) {
-  MoeRowsParams p = rows_params(routing, d, w);
-  p.v = z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = A.const_data_ptr();
-  p.d_src = d.d_in, p.expand_mats = B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
+MoeForwardPass moe_forward_pass(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& topk_weights, const at::Tensor& topk_ids, const MoeDims& d,
+                                double scale, at::Tensor& y, bool accumulate) {
+  const auto ct = accumulation_dtype(x.scalar_type());
+  MoeForwardPass f{at::empty({d.rows, d.top_k, d.rank}, x.options().dtype(ct)),
+                   A.to(ct).contiguous(),
+                   B.to(ct).contiguous(),
+                   topk_weights.to(ct),
+                   {}};
+  MoeRowsParams& p = f.params;
+  p = rows_params(moe_routing(topk_ids, d), d, f.w);
+  p.v = f.z.data_ptr(), p.src = x.const_data_ptr(), p.src_stride_n = x.stride(0), p.shrink_mats = f.A.const_data_ptr();
+  p.d_src = d.d_in, p.expand_mats = f.B.const_data_ptr(), p.d_dst = d.d_out, p.expand_scale = scale;
   p.expand_weighted = true, p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate;
-  return p;
+  return f;
 }
 
 MoeTransposedExperts moe_transposed_experts(const at::Tensor& A, const at::Tensor& B, at::ScalarType compute_type,

@@ -13,10 +13,16 @@ namespace mhr_ops {
 
 MoeRouting moe_routing(const at::Tensor& topk_ids, const MoeDims& d);
 
-// Forward: z = x @ A_e per slot (into z [N, k, r]), y (+)= scale * sum_j w z @ B_e.
-MoeRowsParams moe_forward_params(const MoeRouting& routing, const MoeDims& d, const at::Tensor& w, const at::Tensor& x,
-                                 const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& z, at::Tensor& y,
-                                 bool accumulate);
+// The forward rows pass over x (already in the kernels' dtype and layout) into y [N, d_out]:
+// z = x @ A_e per slot into z [N, k, r], y (+)= scale * sum_j w z @ B_e. It allocates z and converts
+// the experts and the weights to the compute dtype, and holds them while the kernels run.
+struct MoeForwardPass {
+  at::Tensor z, A, B, w;
+  MoeRowsParams params;
+};
+MoeForwardPass moe_forward_pass(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& topk_weights, const at::Tensor& topk_ids, const MoeDims& d,
+                                double scale, at::Tensor& y, bool accumulate);
 
 // The backward rows pass's experts, transposed and contiguous in the compute dtype: Bt
 // [E, d_out, r], and At [E, r, d_in] when dx is wanted (else undefined).

@@ -24,14 +24,10 @@ void check_smem(const MoeDims& d, const char* op) {
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                         const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
                         bool accumulate) {
-  const auto ct = accumulation_dtype(x_in.scalar_type());
-  at::Tensor z = at::empty({d.rows, d.top_k, d.rank}, x_in.options().dtype(ct));
-  if (d.rows == 0) return z;
-  const at::Tensor x = rows_layout(x_in), A = A_in.to(ct).contiguous(), B = B_in.to(ct).contiguous();
-  const at::Tensor w = w_in.to(ct);
-  const MoeRowsParams p = moe_forward_params(moe_routing(ids, d), d, w, x, A, B, scale, z, y, accumulate);
-  check_launch(moe_lora_rows_cuda(p, kernel_dtype(x, "x"), current_stream()), "moe_lora");
-  return z;
+  const at::Tensor x = rows_layout(x_in);
+  const MoeForwardPass f = moe_forward_pass(x, A_in, B_in, w_in, ids, d, scale, y, accumulate);
+  if (d.rows > 0) check_launch(moe_lora_rows_cuda(f.params, kernel_dtype(x, "x"), current_stream()), "moe_lora");
+  return f.z;
 }
 
 std::tuple<at::Tensor, at::Tensor> moe_lora_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
