@@ -89,10 +89,12 @@ struct MoeRowsParams {
 template <typename T>
 void moe_lora_rows_cpu(const MoeRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2);
 
-// Expert weight gradients, as tasks: task t < E * ceil(d_in / kMoeColBlock) writes a column block
-// of dA_e, the others a column block of dB_e. Every expert's gradient is written whole (zero for an
-// expert no slot uses); each task sums its expert's slots in the plan's order.
+// Expert weight gradients, as tasks: task t < E * ceil(d_in / block) writes a column block of
+// dA_e, the others a column block of dB_e, with block = kMoeCpuColBlock on the CPU and kMoeColBlock
+// on CUDA. Every expert's gradient is written whole (zero for an expert no slot uses); each task
+// sums its expert's slots in the plan's order.
 constexpr int64_t kMoeColBlock = 16;
+constexpr int64_t kMoeCpuColBlock = 512;
 struct MoeWgradParams {
   const void* x = nullptr;  // [N, d_in] of T, unit column stride
   int64_t x_stride_n = 0;
@@ -113,8 +115,19 @@ struct MoeWgradParams {
   int64_t top_k = 0;
 };
 
-inline int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {  // inline: the CUDA side too
-  return experts * ((d_in + kMoeColBlock - 1) / kMoeColBlock + (d_out + kMoeColBlock - 1) / kMoeColBlock);
+// Inline: the CUDA side too.
+inline int64_t moe_wgrad_task_count(int64_t experts, int64_t d_in, int64_t d_out, int64_t block) {
+  return experts * ((d_in + block - 1) / block + (d_out + block - 1) / block);
+}
+inline int64_t moe_lora_wgrad_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
+  return moe_wgrad_task_count(experts, d_in, d_out, kMoeColBlock);
+}
+inline int64_t moe_lora_wgrad_cpu_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
+  return moe_wgrad_task_count(experts, d_in, d_out, kMoeCpuColBlock);
+}
+// The CPU's dA tasks, [0, this): a caller that wants only dA or only dB runs just its range.
+inline int64_t moe_lora_wgrad_cpu_a_tasks(int64_t experts, int64_t d_in) {
+  return moe_wgrad_task_count(experts, d_in, 0, kMoeCpuColBlock);
 }
 template <typename T>
 void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end,

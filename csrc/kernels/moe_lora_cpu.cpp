@@ -53,26 +53,50 @@ MoeSlotPlan moe_plan_slots(const MoeRouting& r) {
 
 namespace {
 
+// Elements ahead that the loops over scattered rows prefetch (no hardware stream follows them).
+constexpr int64_t kMoePrefetch = 64;
+
 template <typename T>
 MHR_MOE_INLINE T weight_of(const void* w, int64_t stride_n, int64_t stride_j, int64_t top_k, int64_t s) {
   return static_cast<const T*>(w)[(s / top_k) * stride_n + (s % top_k) * stride_j];
 }
 
+// L lanes of T as one value (GCC vector extension): an AVX2 register or a part of one, or two
+// SSE registers in the portable build. Alignment of T: loads and stores need no aligned address.
+template <typename T, int L>
+struct Lanes {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T))));
+};
+
 // acc[t][0 .. R) = src[t][0 .. d) @ m  (m: [d, R] row-major), one accumulator per (t, j) summed
-// over c in order: the same bits for any kT.
+// over c in order: the same bits for any kT. A compile-time rank of 2 or more keeps the sums as
+// vectors over the rank (explicitly: left to itself, GCC vectorizes over t instead, gathering
+// from kT rows element by element).
 template <typename T, int kR, int kT>
 MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t d, int64_t R, T* __restrict out) {
-  if constexpr (kR > 0) {
-    T acc[kT][kR] = {};
+  if constexpr (kR >= 2) {
+    constexpr int L = kR < 8 ? kR : 8, kV = kR / L;
+    using V = typename Lanes<T, L>::type;
+    V acc[kT][kV];
+    for (int t = 0; t < kT; ++t)
+      for (int v = 0; v < kV; ++v) acc[t][v] = V{};
     for (int64_t c = 0; c < d; ++c) {
-      const T* mr = m + c * kR;
+      if (c % 16 == 0)  // a line of each row ahead: the slots' rows are scattered
+        for (int t = 0; t < kT; ++t) __builtin_prefetch(src[t] + c + kMoePrefetch);
+      V mv[kV];
+      for (int v = 0; v < kV; ++v) mv[v] = reinterpret_cast<const V*>(m + c * kR)[v];
       for (int t = 0; t < kT; ++t) {
         const T xv = src[t][c];
-        for (int j = 0; j < kR; ++j) acc[t][j] += xv * mr[j];
+        for (int v = 0; v < kV; ++v) acc[t][v] += xv * mv[v];
       }
     }
     for (int t = 0; t < kT; ++t)
-      for (int j = 0; j < kR; ++j) out[t * kR + j] = acc[t][j];
+      for (int v = 0; v < kV; ++v) reinterpret_cast<V*>(out + t * kR)[v] = acc[t][v];
+  } else if constexpr (kR == 1) {
+    T acc[kT] = {};
+    for (int64_t c = 0; c < d; ++c)
+      for (int t = 0; t < kT; ++t) acc[t] += src[t][c] * m[c];
+    for (int t = 0; t < kT; ++t) out[t] = acc[t];
   } else {
     std::fill(out, out + kT * R, T(0));
     for (int64_t c = 0; c < d; ++c)
@@ -82,13 +106,6 @@ MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t 
       }
   }
 }
-
-// L lanes of T as one value (GCC vector extension): an AVX2 register or a part of one, or two
-// SSE registers in the portable build. Alignment of T: loads and stores need no aligned address.
-template <typename T, int L>
-struct Lanes {
-  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T))));
-};
 
 // Shrink of one block's slots, runs of one expert cut into tiles of kT slots; a short tile is
 // padded with its last slot, so every slot goes through the same code (the same bits whatever
@@ -217,138 +234,129 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
   }
 }
 
-// dA_e[c0 .. c0+W, :] = sum over e's slots of x_n[c0 ..]^T gz_s.
-template <typename T, int kR, int kW>
-MHR_MOE_INLINE void wgrad_a(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0, int64_t W,
-                            T* __restrict acc) {
-  const int64_t R = kR > 0 ? kR : p.rank;
-  std::fill(acc, acc + kMoeColBlock * R, T(0));
-  for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
-    const int64_t s = plan.order[i];
-    const T* x = static_cast<const T*>(p.x) + (s / p.top_k) * p.x_stride_n + c0;
-    const T* g = static_cast<const T*>(p.gz) + s * R;
-    const int64_t width = kW > 0 ? kW : W;
-    for (int64_t c = 0; c < width; ++c) {
-      const T xv = x[c];
-      if constexpr (kR > 0) {
-        for (int j = 0; j < kR; ++j) acc[c * kR + j] += xv * g[j];
-      } else {
-        for (int64_t j = 0; j < R; ++j) acc[c * R + j] += xv * g[j];
-      }
-    }
-  }
-  std::copy(acc, acc + W * R, static_cast<T*>(p.dA) + (e * p.d_in + c0) * R);
+// The weight gradients, one task per kMoeCpuColBlock-column block of dA_e or dB_e. A task walks
+// its expert's slots in the plan's order in chunks of kMoeSlotChunk, and adds each chunk to the
+// block's sums column group by column group, accumulators in registers, reading the chunk's rows of
+// x (or grad_y) in place and prefetching them (each row a run of up to kMoeCpuColBlock values: 16
+// columns per task made every row read a cache-line miss, and the old kernel 4x slower). Every
+// output element is one sum over the expert's slots in plan order, a multiply and an add per slot
+// (no contraction), so a column's bits do not depend on the group it falls in.
+constexpr int64_t kMoeSlotChunk = 32;
+
+// rows[q] = the chunk's rows from column c0 (row of slot s: src + (s / top_k) * stride).
+template <typename T>
+MHR_MOE_INLINE void chunk_rows(const void* src, int64_t stride, int64_t top_k, const int64_t* slots, int64_t count,
+                               int64_t c0, const T** rows) {
+  for (int64_t q = 0; q < count; ++q) rows[q] = static_cast<const T*>(src) + (slots[q] / top_k) * stride + c0;
 }
 
-// dB_e[:, c0 .. c0+W] = sum over e's slots of (scale w_s z_s)^T grad_y_n[c0 ..].
-template <typename T, int kR, int kW>
-MHR_MOE_INLINE void wgrad_b(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0, int64_t W,
-                            T* __restrict acc) {
-  const int64_t R = kR > 0 ? kR : p.rank;
-  const int64_t width = kW > 0 ? kW : W;
-  std::fill(acc, acc + kMoeColBlock * R, T(0));
-  for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
-    const int64_t s = plan.order[i];
-    const T* gy = static_cast<const T*>(p.grad_y) + (s / p.top_k) * p.gy_stride_n + c0;
-    const T* z = static_cast<const T*>(p.z) + s * R;
-    const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
-    for (int64_t j = 0; j < R; ++j) {
-      const T v = coef * z[j];
-      T* __restrict a = acc + j * kMoeColBlock;
-      for (int64_t c = 0; c < width; ++c) a[c] += v * gy[c];
-    }
-  }
-  T* dB = static_cast<T*>(p.dB) + e * R * p.d_out + c0;
-  for (int64_t j = 0; j < R; ++j) std::copy(acc + j * kMoeColBlock, acc + j * kMoeColBlock + W, dB + j * p.d_out);
-}
-
-// wgrad_a for a full block of kMoeColBlock columns and kR >= 4, accumulators in registers: the
-// block's columns cut into sub-blocks of kC columns x kR/L vectors (16 vectors), each summed
-// over the expert's slots in the plan's order.
+// dA_e[c0 + c, :] += sum over the chunk of rows[q][c] * gz_{s_q}; acc [kMoeCpuColBlock][R].
 template <typename T, int kR>
-MHR_MOE_INLINE void wgrad_a_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
-  constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 16 / kV < 1 ? 1 : 16 / kV;
+MHR_MOE_INLINE void chunk_a(const T* const* rows, const T* const* g, int64_t count, int64_t W, int64_t R,
+                            T* __restrict acc) {
+  int64_t c = 0;
+  if constexpr (kR >= 2) {
+    // kC columns x kV vectors of L rank values per group: at most 8 accumulator registers.
+    constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 8 / kV < 1 ? 1 : 8 / kV;
+    using V = typename Lanes<T, L>::type;
+    for (; c + kC <= W; c += kC) {
+      V a[kC][kV];
+      for (int i = 0; i < kC; ++i)
+        for (int v = 0; v < kV; ++v) a[i][v] = reinterpret_cast<const V*>(acc + (c + i) * kR)[v];
+      for (int64_t q = 0; q < count; ++q) {
+        const T* xq = rows[q] + c;
+        __builtin_prefetch(xq + kMoePrefetch);
+        V gv[kV];
+        for (int v = 0; v < kV; ++v) gv[v] = reinterpret_cast<const V*>(g[q])[v];
+        for (int i = 0; i < kC; ++i) {
+          const T xv = xq[i];
+          for (int v = 0; v < kV; ++v) a[i][v] += xv * gv[v];
+        }
+      }
+      for (int i = 0; i < kC; ++i)
+        for (int v = 0; v < kV; ++v) reinterpret_cast<V*>(acc + (c + i) * kR)[v] = a[i][v];
+    }
+  }
+  for (; c < W; ++c)
+    for (int64_t q = 0; q < count; ++q) {
+      const T xv = rows[q][c];
+      for (int64_t j = 0; j < R; ++j) acc[c * R + j] += xv * g[q][j];
+    }
+}
+
+// dB_e[j, c0 + c] += sum over the chunk of u_q[j] * rows[q][c] (u_q = scale w_s z_s);
+// acc [R][kMoeCpuColBlock].
+template <typename T, int kR>
+MHR_MOE_INLINE void chunk_b(const T* const* rows, const T* __restrict u, int64_t count, int64_t W, int64_t R,
+                            T* __restrict acc) {
+  constexpr int L = 8;
   using V = typename Lanes<T, L>::type;
-  for (int64_t cb = c0; cb < c0 + kMoeColBlock; cb += kC) {
-    V acc[kC][kV];
-    for (int c = 0; c < kC; ++c)
-      for (int v = 0; v < kV; ++v) acc[c][v] = V{};
-    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
-      const int64_t s = plan.order[i];
-      const T* x = static_cast<const T*>(p.x) + (s / p.top_k) * p.x_stride_n + cb;
-      const V* g = reinterpret_cast<const V*>(static_cast<const T*>(p.gz) + s * kR);
-      V gv[kV];
-      for (int v = 0; v < kV; ++v) gv[v] = g[v];
-      for (int c = 0; c < kC; ++c) {
-        const T xv = x[c];
-        for (int v = 0; v < kV; ++v) acc[c][v] += xv * gv[v];
+  int64_t c = 0;
+  if constexpr (kR > 0) {
+    constexpr int kJ = kR < 8 ? kR : 8;  // rank rows x one vector of 8 columns per group
+    for (; c + L <= W; c += L)
+      for (int jb = 0; jb < kR; jb += kJ) {
+        V a[kJ];
+        for (int j = 0; j < kJ; ++j) a[j] = *reinterpret_cast<const V*>(acc + (jb + j) * kMoeCpuColBlock + c);
+        for (int64_t q = 0; q < count; ++q) {
+          __builtin_prefetch(rows[q] + c + kMoePrefetch);
+          const V yv = *reinterpret_cast<const V*>(rows[q] + c);
+          const T* uq = u + q * kR + jb;
+          for (int j = 0; j < kJ; ++j) a[j] += uq[j] * yv;
+        }
+        for (int j = 0; j < kJ; ++j) *reinterpret_cast<V*>(acc + (jb + j) * kMoeCpuColBlock + c) = a[j];
       }
-    }
-    V* dA = reinterpret_cast<V*>(static_cast<T*>(p.dA) + (e * p.d_in + cb) * kR);
-    for (int c = 0; c < kC; ++c)
-      for (int v = 0; v < kV; ++v) dA[c * kV + v] = acc[c][v];
   }
-}
-
-// wgrad_b for a full block of kMoeColBlock columns, accumulators in registers: rank rows in
-// sub-blocks of kJ, each kJ x 2 vectors of 8 columns, summed over the slots in the plan's order.
-template <typename T, int kR>
-MHR_MOE_INLINE void wgrad_b_regs(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t e, int64_t c0) {
-  constexpr int kJ = kR < 8 ? kR : 8, kV = kMoeColBlock / 8;
-  using V = typename Lanes<T, 8>::type;
-  for (int jb = 0; jb < kR; jb += kJ) {
-    V acc[kJ][kV];
-    for (int j = 0; j < kJ; ++j)
-      for (int v = 0; v < kV; ++v) acc[j][v] = V{};
-    for (int64_t i = plan.start[e]; i < plan.start[e + 1]; ++i) {
-      const int64_t s = plan.order[i];
-      const V* gy = reinterpret_cast<const V*>(static_cast<const T*>(p.grad_y) + (s / p.top_k) * p.gy_stride_n + c0);
-      const T* z = static_cast<const T*>(p.z) + s * kR + jb;
-      const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, p.top_k, s);
-      V gv[kV];
-      for (int v = 0; v < kV; ++v) gv[v] = gy[v];
-      for (int j = 0; j < kJ; ++j) {
-        const T vj = coef * z[j];
-        for (int v = 0; v < kV; ++v) acc[j][v] += vj * gv[v];
-      }
+  for (; c < W; ++c)
+    for (int64_t j = 0; j < R; ++j) {
+      T a = acc[j * kMoeCpuColBlock + c];
+      for (int64_t q = 0; q < count; ++q) a += u[q * R + j] * rows[q][c];
+      acc[j * kMoeCpuColBlock + c] = a;
     }
-    for (int j = 0; j < kJ; ++j) {
-      V* dB = reinterpret_cast<V*>(static_cast<T*>(p.dB) + (e * kR + jb + j) * p.d_out + c0);
-      for (int v = 0; v < kV; ++v) dB[v] = acc[j][v];
-    }
-  }
 }
 
 template <typename T, int kR>
 MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t task_begin, int64_t task_end) {
-  const int64_t R = kR > 0 ? kR : p.rank;
-  const int64_t blocks_a = (p.d_in + kMoeColBlock - 1) / kMoeColBlock;
-  const int64_t blocks_b = (p.d_out + kMoeColBlock - 1) / kMoeColBlock;
-  T* acc = thread_scratch<T>(static_cast<size_t>(kMoeColBlock * R));
+  const int64_t R = kR > 0 ? kR : p.rank, K = p.top_k;
+  const int64_t blocks_a = (p.d_in + kMoeCpuColBlock - 1) / kMoeCpuColBlock;
+  const int64_t blocks_b = (p.d_out + kMoeCpuColBlock - 1) / kMoeCpuColBlock;
+  // acc [kMoeCpuColBlock * R], u [kMoeSlotChunk * R]
+  T* acc = thread_scratch<T>(static_cast<size_t>((kMoeCpuColBlock + kMoeSlotChunk) * R));
+  T* u = acc + kMoeCpuColBlock * R;
+  const T* rows[kMoeSlotChunk];
   for (int64_t t = task_begin; t < task_end; ++t) {
     const bool is_a = t < p.experts * blocks_a;
     const int64_t local = is_a ? t : t - p.experts * blocks_a;
     const int64_t blocks = is_a ? blocks_a : blocks_b;
-    const int64_t e = local / blocks, c0 = (local % blocks) * kMoeColBlock;
-    const int64_t W = std::min(kMoeColBlock, (is_a ? p.d_in : p.d_out) - c0);
-    // Full blocks of a compile-time rank keep their sums in registers; the others in scratch.
-    // Each block always takes the same path, so its bits depend on the ids alone.
-    if (is_a && p.dA != nullptr) {
-      if constexpr (kR >= 4)
-        if (W == kMoeColBlock) {
-          wgrad_a_regs<T, kR>(p, plan, e, c0);
-          continue;
+    const int64_t e = local / blocks, c0 = (local % blocks) * kMoeCpuColBlock;
+    const int64_t W = std::min(kMoeCpuColBlock, (is_a ? p.d_in : p.d_out) - c0);
+    if (is_a ? p.dA == nullptr : p.dB == nullptr) continue;
+    std::fill(acc, acc + kMoeCpuColBlock * R, T(0));
+    for (int64_t i0 = plan.start[e]; i0 < plan.start[e + 1]; i0 += kMoeSlotChunk) {
+      const int64_t count = std::min(kMoeSlotChunk, plan.start[e + 1] - i0);
+      const int64_t* slots = plan.order.data() + i0;
+      if (is_a) {
+        chunk_rows(p.x, p.x_stride_n, K, slots, count, c0, rows);
+        const T* g[kMoeSlotChunk];
+        for (int64_t q = 0; q < count; ++q) g[q] = static_cast<const T*>(p.gz) + slots[q] * R;
+        chunk_a<T, kR>(rows, g, count, W, R, acc);
+      } else {
+        chunk_rows(p.grad_y, p.gy_stride_n, K, slots, count, c0, rows);
+        for (int64_t q = 0; q < count; ++q) {
+          const int64_t s = slots[q];
+          const T coef = static_cast<T>(p.scale) * weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
+          const T* z = static_cast<const T*>(p.z) + s * R;
+          for (int64_t j = 0; j < R; ++j) u[q * R + j] = coef * z[j];
         }
-      W == kMoeColBlock ? wgrad_a<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc)
-                        : wgrad_a<T, kR, 0>(p, plan, e, c0, W, acc);
-    } else if (!is_a && p.dB != nullptr) {
-      if constexpr (kR > 0)
-        if (W == kMoeColBlock) {
-          wgrad_b_regs<T, kR>(p, plan, e, c0);
-          continue;
-        }
-      W == kMoeColBlock ? wgrad_b<T, kR, kMoeColBlock>(p, plan, e, c0, W, acc)
-                        : wgrad_b<T, kR, 0>(p, plan, e, c0, W, acc);
+        chunk_b<T, kR>(rows, u, count, W, R, acc);
+      }
+    }
+    if (is_a) {
+      std::copy(acc, acc + W * R, static_cast<T*>(p.dA) + (e * p.d_in + c0) * R);
+    } else {
+      T* dB = static_cast<T*>(p.dB) + e * R * p.d_out + c0;
+      for (int64_t j = 0; j < R; ++j)
+        std::copy(acc + j * kMoeCpuColBlock, acc + j * kMoeCpuColBlock + W, dB + j * p.d_out);
     }
   }
 }

@@ -92,7 +92,7 @@ void run_case(const Problem& p, double scale, bool avx2, double tol) {
   wp.z = z.data(), wp.gz = gz.data(), wp.weights = W.data(), wp.w_stride_n = p.K, wp.w_stride_j = 1;
   wp.scale = scale, wp.dA = dA.data(), wp.dB = dB.data(), wp.experts = p.E, wp.d_in = p.d_in, wp.d_out = p.d_out;
   wp.rank = R, wp.top_k = p.K;
-  moe_lora_wgrad_cpu<T>(wp, plan, 0, moe_lora_wgrad_tasks(p.E, p.d_in, p.d_out), avx2);
+  moe_lora_wgrad_cpu<T>(wp, plan, 0, moe_lora_wgrad_cpu_tasks(p.E, p.d_in, p.d_out), avx2);
 
   // double reference
   std::vector<double> rdA(p.E * p.d_in * R, 0.0), rdB(p.E * R * p.d_out, 0.0);
@@ -164,6 +164,8 @@ void test_sort() {
   EXPECT_TRUE(plan.invalid == invalid);
   EXPECT_TRUE(moe_expert_of(r, 4) == -1 && moe_expert_of(r, 3) == 1);
   EXPECT_TRUE(moe_lora_wgrad_tasks(3, 17, 32) == 3 * (2 + 2));
+  EXPECT_TRUE(moe_lora_wgrad_cpu_tasks(3, kMoeCpuColBlock + 2, kMoeCpuColBlock) == 3 * (2 + 1));
+  EXPECT_TRUE(moe_lora_wgrad_cpu_a_tasks(3, kMoeCpuColBlock + 2) == 3 * 2);
 }
 
 }  // namespace
@@ -180,6 +182,13 @@ int main() {
     }
   Problem big = make(200, 2, 64, 8, 64, 96, 3);  // many experts, some unused: their gradients are zero
   run_case<float>(big, 0.5, true, 2e-4);
+  // Weight gradients over several column blocks (the last one partial) and several slot chunks per
+  // expert (100 slots each), for a rank with a vector group tail and the run-time rank.
+  for (int64_t R : {8, 16, 5}) {
+    Problem wide = make(100, 2, 2, R, kMoeCpuColBlock + 150, 2 * kMoeCpuColBlock + 4, 5);
+    run_case<float>(wide, 0.5, true, 1e-3);  // sums of ~1000 unit terms: fp32 rounding near 1e-3 of a result near 1
+    run_case<double>(wide, 0.5, false, 1e-12);
+  }
   Problem one = make(33, 1, 1, 3, 17, 18, 4);
   run_case<double>(one, 1.0, true, 1e-12);
   return finish("moe_lora_cpu");

@@ -102,7 +102,7 @@ void run(const MoeCase& c) {
   W.gz = gz_ref.data(), W.weights = w.data(), W.w_stride_n = k, W.w_stride_j = 1, W.scale = scale;
   W.dA = dA_ref.data(), W.dB = dB_ref.data(), W.experts = E, W.d_in = d_in, W.d_out = d_out, W.rank = r;
   W.top_k = k;
-  moe_lora_wgrad_cpu<double>(W, plan, 0, moe_lora_wgrad_tasks(E, d_in, d_out), false);
+  moe_lora_wgrad_cpu<double>(W, plan, 0, moe_lora_wgrad_cpu_tasks(E, d_in, d_out), false);
 
   // Device: the same passes; ids int32 or int64, every `ids_stride`-th element.
   const int64_t st = c.ids_stride;

@@ -90,7 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
       if (mask[1] || mask[2]) {
         const MoeWgradParams wp = moe_wgrad_params(d, x, gy, z, gz, w, scale, dA, dB);
         const MoeSlotPlan plan = moe_plan_slots(routing);
-        at::parallel_for(0, moe_lora_wgrad_tasks(d.experts, d.d_in, d.d_out), 1,
+        const int64_t a_tasks = moe_lora_wgrad_cpu_a_tasks(d.experts, d.d_in);  // dA's tasks first, then dB's
+        at::parallel_for(mask[1] ? 0 : a_tasks,
+                         mask[2] ? moe_lora_wgrad_cpu_tasks(d.experts, d.d_in, d.d_out) : a_tasks, 1,
                          [&](int64_t b, int64_t e) { moe_lora_wgrad_cpu<scalar_t>(wp, plan, b, e, avx2); });
       }
     });
