@@ -125,9 +125,8 @@ class RoutedAdapter:
         calls while the logits and the routing options are unchanged (the logits' version
         counter moves with every in-place update, e.g. an optimizer step)."""
         logits = self.logits
-        every_task = torch.arange(logits.shape[0], device=logits.device)
         if needs_autograd(logits):
-            return self.routing_weights(every_task, mode=mode)
+            return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
         # .to() / .half() swap the Parameter's data without bumping its version: data_ptr and dtype
         key = (id(logits), logits.data_ptr(), logits._version, logits.dtype, logits.device, mode)
         key += (self.temperature, self.top_k, self.eps)
@@ -136,7 +135,7 @@ class RoutedAdapter:
         if cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            weights = self.routing_weights(every_task, mode=mode)
+            weights = self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
         if not torch.is_inference_mode_enabled():  # an inference tensor could not serve later no_grad calls
             kept[self._cache_slot] = (key, weights)
         return weights
