@@ -70,10 +70,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
   const auto ct = accumulation_dtype(x_in.scalar_type());
   const auto opts = x_in.options().dtype(ct);
   at::Tensor dx = mask[0] ? at::empty({d.rows, d.d_in}, opts) : at::Tensor();
-  at::Tensor dA = mask[1] ? at::zeros({d.experts, d.d_in, d.rank}, opts) : at::Tensor();
-  at::Tensor dB = mask[2] ? at::zeros({d.experts, d.rank, d.d_out}, opts) : at::Tensor();
+  // The weight-gradient tasks write every expert's gradient whole: no zero fill but for no rows.
+  at::Tensor dA = mask[1] ? at::empty({d.experts, d.d_in, d.rank}, opts) : at::Tensor();
+  at::Tensor dB = mask[2] ? at::empty({d.experts, d.rank, d.d_out}, opts) : at::Tensor();
   at::Tensor dw = mask[3] ? at::empty({d.rows, d.top_k}, opts) : at::Tensor();
-  if (d.rows > 0 && (mask[0] || mask[1] || mask[2] || mask[3])) {
+  if (d.rows == 0) {  // the weight gradients of no slot
+    if (dA.defined()) dA.zero_();
+    if (dB.defined()) dB.zero_();
+  } else if (mask[0] || mask[1] || mask[2] || mask[3]) {
     const at::Tensor x = rows_layout(x_in.to(ct)), gy = rows_layout(grad_y.to(ct)), z = z_in.contiguous();
     const at::Tensor w = topk_weights.to(ct);
     const MoeRouting routing = moe_routing(topk_ids, d);
