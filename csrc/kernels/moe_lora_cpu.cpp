@@ -12,6 +12,7 @@
 #include <limits>
 #include <utility>
 
+#include "cpu_lanes.h"
 #include "cpu_scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -60,13 +61,6 @@ template <typename T>
 MHR_MOE_INLINE T weight_of(const void* w, int64_t stride_n, int64_t stride_j, int64_t top_k, int64_t s) {
   return static_cast<const T*>(w)[(s / top_k) * stride_n + (s % top_k) * stride_j];
 }
-
-// L lanes of T as one value (GCC vector extension): an AVX2 register or a part of one, or two
-// SSE registers in the portable build. Alignment of T: loads and stores need no aligned address.
-template <typename T, int L>
-struct Lanes {
-  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T))));
-};
 
 // acc[t][0 .. R) = src[t][0 .. d) @ m  (m: [d, R] row-major), one accumulator per (t, j) summed
 // over c in order: the same bits for any kT. A compile-time rank of 2 or more keeps the sums as

@@ -151,10 +151,10 @@ LoraBackwardPlan plan_routed_lora_backward(const LoraDims& d, const LoraGroupIds
     plan.pieces = split_runs(runs, d.rows, std::max<int64_t>(1, threads));
   } else if (x_type == ct && d.rows * d.skills <= 256) {
     // Few rows in short runs (a training step on a few short sequences, one task each): the row
-    // kernel re-projects each row onto every skill (~4 S times LoRA's arithmetic per row) but
-    // makes no ATen calls per skill matrix; more rows take project-then-mix's batched GEMMs.
+    // kernel projects each row onto every skill (~4 S times LoRA's arithmetic per row), reading
+    // each skill matrix and writing its gradient once per call, with no ATen call per skill
+    // matrix; more rows take project-then-mix's batched GEMMs.
     plan.path = LoraBackwardPath::kRows;
-    plan.parts = std::max<int64_t>(1, std::min<int64_t>(threads, d.rows));
   } else {
     plan.path = LoraBackwardPath::kProjectThenMix;
   }
@@ -196,20 +196,5 @@ bool routed_lora_runs_grads_cpu(const LoraGroupGradParams& base, const LoraRun* 
   }
   return ok;
 }
-
-template <typename T>
-void routed_lora_rows_backward_parts_cpu(const LoraRowsGradParams& p, int64_t rows, int64_t parts, int64_t begin,
-                                         int64_t end, T* dA_parts, int64_t dA_size, T* dB_parts, int64_t dB_size,
-                                         T* dw_parts, int64_t dw_size, bool use_avx2) {
-  const auto part = [](T* base, int64_t size, int64_t i) { return base ? base + i * size : nullptr; };
-  for (int64_t i = begin; i < end; ++i)
-    routed_lora_rows_backward_cpu<T>(p, i * rows / parts, (i + 1) * rows / parts, part(dA_parts, dA_size, i),
-                                     part(dB_parts, dB_size, i), part(dw_parts, dw_size, i), use_avx2);
-}
-
-template void routed_lora_rows_backward_parts_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, int64_t, int64_t,
-                                                         float*, int64_t, float*, int64_t, float*, int64_t, bool);
-template void routed_lora_rows_backward_parts_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, int64_t, int64_t,
-                                                          double*, int64_t, double*, int64_t, double*, int64_t, bool);
 
 }  // namespace mhr_ops

@@ -73,7 +73,7 @@ LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& 
 
 enum class LoraBackwardPath {
   kNone,            // nothing to compute
-  kRows,            // the rows backward kernel, one fixed row range per thread
+  kRows,            // the rows backward kernel, in steps over heads and (head, skill) pairs
   kFusedRuns,       // runs of one group, the fused gradient kernel
   kBlasRuns,        // runs of one group, thin GEMMs
   kProjectThenMix,  // BLAS over all skills at once, mixed per row
@@ -86,9 +86,6 @@ struct LoraBackwardPlan {
   // Runs paths: cut runs, each with its own dA_g / dB_g accumulator (index in pieces).
   std::vector<LoraRun> pieces;
   CpuIsa isa = CpuIsa::kNone;  // kFusedRuns: the kernel's variant
-  // kRows: row ranges [part * N / parts, (part + 1) * N / parts), one set of accumulators each,
-  // summed in order afterwards: the result depends on the thread count only.
-  int64_t parts = 1;
   // The group of every piece, in piece order (the runs paths pass their partials back through
   // these groups' mixing weights).
   std::vector<int64_t> piece_groups() const {
@@ -110,14 +107,5 @@ bool routed_lora_runs_forward_cpu(const LoraGroupForwardParams& base, const Lora
                                   CpuIsa isa);
 bool routed_lora_runs_grads_cpu(const LoraGroupGradParams& base, const LoraRun* pieces, int64_t begin, int64_t end,
                                 CpuIsa isa);
-
-// The rows backward kernel (routed_lora_rows.h) over parts [begin, end) of a kRows plan with
-// `parts` parts over `rows` rows: part i takes its row range and its own accumulators
-// dA_parts + i * dA_size (likewise dB, dw; null: not needed), zeroed by the caller.
-// T = float or double; use_avx2 as routed_lora_rows_backward_cpu.
-template <typename T>
-void routed_lora_rows_backward_parts_cpu(const LoraRowsGradParams& p, int64_t rows, int64_t parts, int64_t begin,
-                                         int64_t end, T* dA_parts, int64_t dA_size, T* dB_parts, int64_t dB_size,
-                                         T* dw_parts, int64_t dw_size, bool use_avx2);
 
 }  // namespace mhr_ops

@@ -3,6 +3,7 @@
 // vectorizes; every sum has a fixed order (bitwise deterministic).
 #include "routed_lora_rows.h"
 
+#include "cpu_lanes.h"
 #include "cpu_scratch.h"
 
 #include <algorithm>
@@ -15,6 +16,9 @@
 // The bodies are inlined into one wrapper per instruction set (portable, AVX2 + FMA), which
 // compiles them for that set.
 #define MHR_ROWS_INLINE inline __attribute__((always_inline))
+// The Lanes helpers (cpu_lanes.h) are always inlined: no vector crosses a call, so GCC's note that
+// a 256-bit vector's calling convention differs without AVX (the portable build) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace mhr_ops {
 namespace {
@@ -49,30 +53,45 @@ struct Tile {
 template <typename T, int kR, int kT>
 MHR_ROWS_INLINE void project_tile(const Tile<T>& tile, int64_t x_offset, const T* __restrict a, int64_t d, int64_t R,
                                   T* __restrict out) {
-  if constexpr (kR > 0) {
-    // kP interleaved partial sums over c when the tile alone is too short to hide FMA latency.
-    constexpr int kP = kT >= 4 ? 1 : 4;
-    T acc[kP][kT][kR] = {};
-    int64_t c = 0;
-    for (; c + kP <= d; c += kP)
-      for (int q = 0; q < kP; ++q) {
-        const T* a_row = a + (c + q) * kR;
+  if constexpr (kR >= 2) {
+    // kP interleaved partial sums over c when the tile alone is too short to hide FMA latency;
+    // the sums are vectors over the rank (left to itself, GCC keeps them in memory).
+    constexpr int kP = kT >= 4 ? 1 : 4, L = kR < 8 ? kR : 8, kV = kR / L;
+    using V = typename Lanes<T, L>::type;
+    V acc[kP][kT][kV];
+    for (int q = 0; q < kP; ++q)
+      for (int t = 0; t < kT; ++t)
+        for (int v = 0; v < kV; ++v) acc[q][t][v] = V{};
+    for (int64_t c0 = 0; c0 < d; c0 += kP)
+      for (int q = 0; q < kP && c0 + q < d; ++q) {
+        const int64_t c = c0 + q;
+        V av[kV];
+        for (int v = 0; v < kV; ++v) av[v] = load_lanes<T, L>(a + c * kR + v * L);
         for (int t = 0; t < kT; ++t) {
-          const T xv = tile.x[t][x_offset + c + q];
-          for (int j = 0; j < kR; ++j) acc[q][t][j] += xv * a_row[j];
+          const T xv = tile.x[t][x_offset + c];
+          for (int v = 0; v < kV; ++v) acc[q][t][v] += xv * av[v];
         }
       }
-    for (; c < d; ++c)
-      for (int t = 0; t < kT; ++t) {
-        const T xv = tile.x[t][x_offset + c];
-        for (int j = 0; j < kR; ++j) acc[0][t][j] += xv * a[c * kR + j];
-      }
     for (int t = 0; t < kT; ++t)
-      for (int j = 0; j < kR; ++j) {
-        T v = acc[0][t][j];
-        for (int q = 1; q < kP; ++q) v += acc[q][t][j];
-        out[t * kR + j] = v;
+      for (int v = 0; v < kV; ++v) {
+        V sum = acc[0][t][v];
+        for (int q = 1; q < kP; ++q) sum += acc[q][t][v];
+        store_lanes<T, L>(out + t * kR + v * L, sum);
       }
+  } else if constexpr (kR == 1) {
+    constexpr int kP = kT >= 4 ? 1 : 4;
+    T acc[kP][kT] = {};
+    int64_t c = 0;
+    for (; c + kP <= d; c += kP)
+      for (int q = 0; q < kP; ++q)
+        for (int t = 0; t < kT; ++t) acc[q][t] += tile.x[t][x_offset + c + q] * a[c + q];
+    for (; c < d; ++c)
+      for (int t = 0; t < kT; ++t) acc[0][t] += tile.x[t][x_offset + c] * a[c];
+    for (int t = 0; t < kT; ++t) {
+      T v = acc[0][t];
+      for (int q = 1; q < kP; ++q) v += acc[q][t];
+      out[t] = v;
+    }
   } else {
     std::fill(out, out + kT * R, T(0));
     for (int64_t c = 0; c < d; ++c)
@@ -106,67 +125,105 @@ MHR_ROWS_INLINE void expand_tile(const T* __restrict u, const T* __restrict b, i
   }
 }
 
-// One tile of kT rows (x pointers and row numbers in `tile`) of the project-then-mix kernel.
-template <typename T, int kR, int kT>
-MHR_ROWS_INLINE void rows_tile(const LoraRowsParams& p, const Tile<T>& tile, T* z, T* proj, T* u, T* w, T* yacc) {
-  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / H, dk_out = p.d_out / H;
-  const T* A = static_cast<const T*>(p.A);
-  const T* B = static_cast<const T*>(p.B);
+// Row pointers and routing weights (w[g_n, k, :], NaN for an out-of-range group) of the rows of
+// tile `tile`, head k; returns the number of rows (kLoraRowTile, or fewer for the last tile).
+template <typename T>
+MHR_ROWS_INLINE int64_t head_tile(const LoraRowsParams& p, int64_t k, int64_t tile_index, Tile<T>& tile, T* w) {
+  const int64_t S = p.skills, n0 = tile_index * kLoraRowTile;
+  const int64_t rows = std::min<int64_t>(kLoraRowTile, p.rows - n0);
   const T* W = static_cast<const T*>(p.weights);
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int t = 0; t < kT; ++t) {
-    const int64_t g = p.row_group[tile.row[t]];
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t n = n0 + t, g = p.row_group[n];
     const bool valid = g >= 0 && g < p.groups;
-    for (int64_t i = 0; i < H * S; ++i) w[t * H * S + i] = valid ? W[g * H * S + i] : nan;
+    tile.row[t] = n;
+    tile.x[t] = static_cast<const T*>(p.x) + n * p.x_stride_n;
+    for (int64_t s = 0; s < S; ++s) w[t * S + s] = valid ? W[(g * p.heads + k) * S + s] : nan;
   }
-  // z[t] = sum_{k,s} w[t,k,s] * (x[t, k-block] @ A[k,s])
-  std::fill(z, z + kT * R, T(0));
-  for (int64_t k = 0; k < H; ++k)
-    for (int64_t s = 0; s < S; ++s) {
-      project_tile<T, kR, kT>(tile, k * dk_in, A + (k * S + s) * dk_in * R, dk_in, R, proj);
-      for (int t = 0; t < kT; ++t) {
-        const T wk = w[(t * H + k) * S + s];
-        for (int64_t j = 0; j < R; ++j) z[t * R + j] += wk * proj[t * R + j];
-      }
+  return rows;
+}
+
+// kProject for one head and a tile of kT rows starting at tile slot t0 (w: the tile's weights
+// [tile, S]): zh[n, k] = sum_s w[t, s] * (x[n, k-block] @ A[k, s]).
+template <typename T, int kR, int kT>
+MHR_ROWS_INLINE void project_head(const LoraRowsParams& p, int64_t k, const Tile<T>& tile, int t0, const T* w, T* proj,
+                                  T* zacc) {
+  const int64_t S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / p.heads;
+  const T* A = static_cast<const T*>(p.A);
+  Tile<T> sub;
+  for (int t = 0; t < kT; ++t) sub.x[t] = tile.x[t0 + t], sub.row[t] = tile.row[t0 + t];
+  std::fill(zacc, zacc + kT * R, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    project_tile<T, kR, kT>(sub, k * dk_in, A + (k * S + s) * dk_in * R, dk_in, R, proj);
+    for (int t = 0; t < kT; ++t) {
+      const T ws = w[(t0 + t) * S + s];
+      for (int64_t j = 0; j < R; ++j) zacc[t * R + j] += ws * proj[t * R + j];
     }
-  for (int t = 0; t < kT; ++t) std::copy(z + t * R, z + (t + 1) * R, static_cast<T*>(p.z) + tile.row[t] * R);
-  // y[t, k-block] = sum_s (scale w[t,k,s] z[t]) @ B[k,s]
-  std::fill(yacc, yacc + kT * p.d_out, T(0));
-  for (int64_t k = 0; k < H; ++k)
-    for (int64_t s = 0; s < S; ++s) {
-      for (int t = 0; t < kT; ++t) {
-        const T ws = static_cast<T>(p.scale) * w[(t * H + k) * S + s];
-        for (int64_t j = 0; j < R; ++j) u[t * R + j] = ws * z[t * R + j];
-      }
-      expand_tile<T, kR, kT>(u, B + (k * S + s) * R * dk_out, dk_out, R, yacc + k * dk_out, p.d_out);
+  }
+  T* zh = static_cast<T*>(p.zh);
+  for (int t = 0; t < kT; ++t) std::copy(zacc + t * R, zacc + (t + 1) * R, zh + (sub.row[t] * p.heads + k) * R);
+}
+
+// kExpand for one head and kT rows from tile slot t0: y[n, k-block] (+)= sum_s (scale w z[n]) @ B[k, s].
+template <typename T, int kR, int kT>
+MHR_ROWS_INLINE void expand_head(const LoraRowsParams& p, int64_t k, const Tile<T>& tile, int t0, const T* w, T* u,
+                                 T* yacc) {
+  const int64_t S = p.skills, R = kR > 0 ? kR : p.rank, dk_out = p.d_out / p.heads;
+  const T* B = static_cast<const T*>(p.B);
+  const T* z = static_cast<const T*>(p.z);
+  std::fill(yacc, yacc + kT * dk_out, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    for (int t = 0; t < kT; ++t) {
+      const T ws = static_cast<T>(p.scale) * w[(t0 + t) * S + s];
+      const T* zt = z + tile.row[t0 + t] * R;
+      for (int64_t j = 0; j < R; ++j) u[t * R + j] = ws * zt[j];
     }
-  store_rows(static_cast<T*>(p.y), p.y_stride_n, tile.row, kT, yacc, p.d_out, p.accumulate,
-             static_cast<const T*>(nullptr));
+    expand_tile<T, kR, kT>(u, B + (k * S + s) * R * dk_out, dk_out, R, yacc, dk_out);
+  }
+  for (int t = 0; t < kT; ++t) {
+    T* out = static_cast<T*>(p.y) + tile.row[t0 + t] * p.y_stride_n + k * dk_out;
+    const T* acc = yacc + t * dk_out;
+    if (p.accumulate)
+      for (int64_t c = 0; c < dk_out; ++c) out[c] += acc[c];
+    else
+      std::copy(acc, acc + dk_out, out);
+  }
 }
 
 template <typename T, int kR>
-MHR_ROWS_INLINE void rows_forward(const LoraRowsParams& p, int64_t row_begin, int64_t row_end) {
+MHR_ROWS_INLINE void rows_forward_step(const LoraRowsParams& p, LoraRowsStep step, int64_t begin, int64_t end) {
   const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank;
   constexpr int kT = static_cast<int>(kLoraRowTile);
-  // Scratch: z, projection and u [tile, r], the tile's weights [tile, h, S], yacc [tile, d_out].
-  T* z = thread_scratch<T>(static_cast<size_t>(kT) * (3 * R + H * S + p.d_out));
-  T* proj = z + kT * R;
-  T* u = proj + kT * R;
-  T* w = u + kT * R;
-  T* yacc = w + kT * H * S;
-  Tile<T> tile;
-  int64_t n = row_begin;
-  for (; n + kT <= row_end; n += kT) {
-    for (int t = 0; t < kT; ++t) {
-      tile.row[t] = n + t;
-      tile.x[t] = static_cast<const T*>(p.x) + (n + t) * p.x_stride_n;
-    }
-    rows_tile<T, kR, kT>(p, tile, z, proj, u, w, yacc);
+  if (step == LoraRowsStep::kSumHeads) {
+    const T* zh = static_cast<const T*>(p.zh);
+    T* z = static_cast<T*>(p.z);
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t j = 0; j < R; ++j) {
+        T v = zh[n * H * R + j];
+        for (int64_t k = 1; k < H; ++k) v += zh[(n * H + k) * R + j];
+        z[n * R + j] = v;
+      }
+    return;
   }
-  for (; n < row_end; ++n) {
-    tile.row[0] = n;
-    tile.x[0] = static_cast<const T*>(p.x) + n * p.x_stride_n;
-    rows_tile<T, kR, 1>(p, tile, z, proj, u, w, yacc);
+  // Scratch: the tile's weights [tile, S], proj / u and zacc [tile, r], yacc [tile, d_out / h].
+  T* w = thread_scratch<T>(static_cast<size_t>(kT) * (S + 2 * R + p.d_out / H));
+  T* proj = w + kT * S;
+  T* zacc = proj + kT * R;
+  T* yacc = zacc + kT * R;
+  const int64_t tiles = lora_row_tiles(p.rows);
+  Tile<T> tile;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t k = item / tiles;
+    const int64_t rows = head_tile(p, k, item % tiles, tile, w);
+    const bool project = step == LoraRowsStep::kProject;
+    if (rows == kT) {
+      project ? project_head<T, kR, kT>(p, k, tile, 0, w, proj, zacc)
+              : expand_head<T, kR, kT>(p, k, tile, 0, w, proj, yacc);
+    } else {
+      for (int t = 0; t < rows; ++t)
+        project ? project_head<T, kR, 1>(p, k, tile, t, w, proj, zacc)
+                : expand_head<T, kR, 1>(p, k, tile, t, w, proj, yacc);
+    }
   }
 }
 
@@ -227,141 +284,274 @@ MHR_ROWS_INLINE T lane_dot(const T* __restrict u, const T* __restrict v, int64_t
   return acc;
 }
 
+// out[j] = gy[0 .. d) . b[j, 0 .. d) for kJ rows j of b (rows d apart): kJ independent vector
+// sums over the columns (one dot at a time would wait on its one accumulator), each summed in
+// lane order, then the columns past the last full vector in order.
+template <typename T, int kJ>
+MHR_ROWS_INLINE void dots(const T* __restrict gy, const T* __restrict b, int64_t d, T* __restrict out) {
+  constexpr int L = 32 / sizeof(T) > 0 ? static_cast<int>(32 / sizeof(T)) : 1;
+  using V = typename Lanes<T, L>::type;
+  V acc[kJ];
+  for (int j = 0; j < kJ; ++j) acc[j] = V{};
+  int64_t c = 0;
+  for (; c + L <= d; c += L) {
+    const V g = load_lanes<T, L>(gy + c);
+    for (int j = 0; j < kJ; ++j) acc[j] += g * load_lanes<T, L>(b + j * d + c);
+  }
+  for (int j = 0; j < kJ; ++j) {
+    T v = sum_lanes<T, L>(acc[j]);
+    for (int64_t e = c; e < d; ++e) v += gy[e] * b[j * d + e];
+    out[j] = v;
+  }
+}
+
+// kProject of the backward, item (k, n): pgy[n, k, s] = gy[n, k-block] @ B[k,s]^T for every s,
+// gzh[n, k] = scale * sum_s w pgy[n, k, s].
 template <typename T, int kR>
-MHR_ROWS_INLINE void rows_backward(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB,
-                                   T* dw) {
-  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / H, dk_out = p.d_out / H;
-  const T* A = static_cast<const T*>(p.A);
+MHR_ROWS_INLINE void grad_project(const LoraRowsGradParams& p, int64_t k, int64_t n) {
+  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_out = p.d_out / H;
   const T* B = static_cast<const T*>(p.B);
+  const T* w = static_cast<const T*>(p.weights) + (p.row_group[n] * H + k) * S;
+  const T* gy = static_cast<const T*>(p.grad_y) + n * p.gy_stride_n + k * dk_out;
+  const T scale = static_cast<T>(p.scale);
+  T* pgy = static_cast<T*>(p.pgy) + (n * H + k) * S * R;
+  T* gzh = static_cast<T*>(p.gzh) + (n * H + k) * R;
+  std::fill(gzh, gzh + R, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    const T* b = B + (k * S + s) * R * dk_out;  // [r, dk_out]
+    T* out = pgy + s * R;
+    if constexpr (kR > 0) {
+      constexpr int kJ = kR < 8 ? kR : 8;
+      for (int64_t j = 0; j < kR; j += kJ) dots<T, kJ>(gy, b + j * dk_out, dk_out, out + j);
+    } else {
+      for (int64_t j = 0; j < R; ++j) dots<T, 1>(gy, b + j * dk_out, dk_out, out + j);
+    }
+    const T ws = scale * w[s];
+    for (int64_t j = 0; j < R; ++j) gzh[j] += ws * out[j];
+  }
+}
+
+// kWeights, item (k, s): dA[k,s] and dB[k,s] written whole, dw[g_n, k, s] accumulated row by row.
+template <typename T, int kR>
+MHR_ROWS_INLINE void grad_weights(const LoraRowsGradParams& p, int64_t k, int64_t s) {
+  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, N = p.rows;
+  const int64_t dk_in = p.d_in / H, dk_out = p.d_out / H, ks = k * S + s;
+  const T* x = static_cast<const T*>(p.x);
+  const T* gy = static_cast<const T*>(p.grad_y);
+  const T* z = static_cast<const T*>(p.z);
+  const T* gz = static_cast<const T*>(p.gz);
   const T* W = static_cast<const T*>(p.weights);
   const T scale = static_cast<T>(p.scale);
-  // Scratch: gy projections [h, S, r], x projections [h, S, r], gz [r], u [r].
-  T* pgy = thread_scratch<T>(static_cast<size_t>(2 * H * S * R + 2 * R));
-  T* px = pgy + H * S * R;
-  T* gz = px + H * S * R;
-  T* u = gz + R;
-  Tile<T> tile;
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    const T* x = static_cast<const T*>(p.x) + n * p.x_stride_n;
-    const T* gy = static_cast<const T*>(p.grad_y) + n * p.gy_stride_n;
-    const T* z = static_cast<const T*>(p.z) + n * R;
-    const int64_t g = p.row_group[n];
-    const T* w = W + g * H * S;
-    tile.row[0] = n;
-    tile.x[0] = x;
-    std::fill(gz, gz + R, T(0));
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t ks = k * S + s;
-        const T* b = B + ks * R * dk_out;  // [r, dk_out]
-        for (int64_t j = 0; j < R; ++j) pgy[ks * R + j] = lane_dot(gy + k * dk_out, b + j * dk_out, dk_out);
-        project_tile<T, kR, 1>(tile, k * dk_in, A + ks * dk_in * R, dk_in, R, px + ks * R);
-        const T ws = scale * w[ks];
-        for (int64_t j = 0; j < R; ++j) gz[j] += ws * pgy[ks * R + j];
+  // The rows' weights for (k, s), and each row's x block scaled by it: wx[n, c] = w x[n, c].
+  T* wn = thread_scratch<T>(static_cast<size_t>(N * (1 + (p.dA ? dk_in : 0))));
+  for (int64_t n = 0; n < N; ++n) wn[n] = W[p.row_group[n] * H * S + ks];
+  if (p.dA != nullptr) {  // dA[k,s][c, :] = sum_n wx[n, c] gz[n]
+    T* __restrict wx = wn + N;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < dk_in; ++c) wx[n * dk_in + c] = wn[n] * x[n * p.x_stride_n + k * dk_in + c];
+    T* __restrict da = static_cast<T*>(p.dA) + ks * dk_in * R;
+    int64_t c = 0;
+    if constexpr (kR >= 2) {  // kC columns at a time: kC independent sums over the rows
+      constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 4;
+      using V = typename Lanes<T, L>::type;
+      for (; c + kC <= dk_in; c += kC) {
+        V acc[kC][kV];
+        for (int q = 0; q < kC; ++q)
+          for (int v = 0; v < kV; ++v) acc[q][v] = V{};
+        for (int64_t n = 0; n < N; ++n) {
+          V g[kV];
+          for (int v = 0; v < kV; ++v) g[v] = load_lanes<T, L>(gz + n * kR + v * L);
+          for (int q = 0; q < kC; ++q) {
+            const T xv = wx[n * dk_in + c + q];
+            for (int v = 0; v < kV; ++v) acc[q][v] += xv * g[v];
+          }
+        }
+        for (int q = 0; q < kC; ++q)
+          for (int v = 0; v < kV; ++v) store_lanes<T, L>(da + (c + q) * kR + v * L, acc[q][v]);
       }
-    std::copy(gz, gz + R, static_cast<T*>(p.gz) + n * R);
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t ks = k * S + s;
-        const T wk = w[ks];
-        if (dw != nullptr) {
-          T acc = 0;
-          for (int64_t j = 0; j < R; ++j) acc += px[ks * R + j] * gz[j] + scale * z[j] * pgy[ks * R + j];
-          dw[g * H * S + ks] += acc;
+    }
+    for (; c < dk_in; ++c) {
+      T* out = da + c * R;
+      for (int64_t j = 0; j < R; ++j) out[j] = T(0);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < R; ++j) out[j] += wx[n * dk_in + c] * gz[n * R + j];
+    }
+  }
+  if (p.dB != nullptr) {  // dB[k,s][j, :] = sum_n (scale w z[n, j]) gy[n, k-block], in column blocks
+    T* __restrict db = static_cast<T*>(p.dB) + ks * R * dk_out;
+    constexpr int L = static_cast<int>(32 / sizeof(T)), kV = 4;  // 4 independent vector sums
+    using V = typename Lanes<T, L>::type;
+    for (int64_t j = 0; j < R; ++j) {
+      int64_t c0 = 0;
+      for (; c0 + kV * L <= dk_out; c0 += kV * L) {
+        V acc[kV];
+        for (int v = 0; v < kV; ++v) acc[v] = V{};
+        for (int64_t n = 0; n < N; ++n) {
+          const T coef = scale * wn[n] * z[n * R + j];
+          const T* g = gy + n * p.gy_stride_n + k * dk_out + c0;
+          for (int v = 0; v < kV; ++v) acc[v] += coef * load_lanes<T, L>(g + v * L);
         }
-        if (dA != nullptr) {  // dA[k,s][c, :] += w x[c] gz
-          T* __restrict da = dA + ks * dk_in * R;
-          for (int64_t c = 0; c < dk_in; ++c) {
-            const T xv = wk * x[k * dk_in + c];
-            for (int64_t j = 0; j < R; ++j) da[c * R + j] += xv * gz[j];
-          }
-        }
-        if (dB != nullptr) {  // dB[k,s][j, :] += scale w z[j] gy[k-block]
-          T* __restrict db = dB + ks * R * dk_out;
-          for (int64_t j = 0; j < R; ++j) {
-            const T coef = scale * wk * z[j];
-            for (int64_t c = 0; c < dk_out; ++c) db[j * dk_out + c] += coef * gy[k * dk_out + c];
-          }
+        for (int v = 0; v < kV; ++v) store_lanes<T, L>(db + j * dk_out + c0 + v * L, acc[v]);
+      }
+      if (c0 < dk_out) {
+        T* out = db + j * dk_out;
+        std::fill(out + c0, out + dk_out, T(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const T coef = scale * wn[n] * z[n * R + j];
+          const T* g = gy + n * p.gy_stride_n + k * dk_out;
+          for (int64_t c = c0; c < dk_out; ++c) out[c] += coef * g[c];
         }
       }
-    if (p.dx != nullptr) {  // dx[k-block] (+)= sum_s w gz @ A[k,s]^T
-      T* dx = static_cast<T*>(p.dx) + n * p.dx_stride_n;
-      for (int64_t k = 0; k < H; ++k) {
-        T* __restrict out = dx + k * dk_in;
-        if (!p.dx_accumulate) std::fill(out, out + dk_in, T(0));
-        for (int64_t s = 0; s < S; ++s) {
-          const T* a = A + (k * S + s) * dk_in * R;
-          for (int64_t j = 0; j < R; ++j) u[j] = w[k * S + s] * gz[j];
-          for (int64_t c = 0; c < dk_in; ++c) {
-            T prod[kR > 0 ? kR : 1];
-            T acc = 0;
-            if constexpr (kR > 0) {
-              for (int j = 0; j < kR; ++j) prod[j] = u[j] * a[c * kR + j];
-              for (int j = 0; j < kR; ++j) acc += prod[j];
-            } else {
-              for (int64_t j = 0; j < R; ++j) acc += u[j] * a[c * R + j];
-            }
-            out[c] += acc;
-          }
+    }
+  }
+  if (p.dw != nullptr) {  // dw[g, k, s] += (x[n, k-block] @ A[k,s]) . gz[n] + scale z[n] . pgy[n, k, s]
+    const T* a = static_cast<const T*>(p.A) + ks * dk_in * R;
+    const T* pgy = static_cast<const T*>(p.pgy);
+    T* dw = static_cast<T*>(p.dw);
+    constexpr int kT = static_cast<int>(kLoraRowTile);
+    T* px = thread_scratch<T>(static_cast<size_t>(kT * R));
+    Tile<T> tile;
+    for (int64_t n0 = 0; n0 < N; n0 += kT) {
+      const int rows = static_cast<int>(std::min<int64_t>(kT, N - n0));
+      for (int t = 0; t < rows; ++t) tile.x[t] = x + (n0 + t) * p.x_stride_n, tile.row[t] = n0 + t;
+      if (rows == kT) {
+        project_tile<T, kR, kT>(tile, k * dk_in, a, dk_in, R, px);
+      } else {
+        Tile<T> one;
+        for (int t = 0; t < rows; ++t) {
+          one.x[0] = tile.x[t];
+          project_tile<T, kR, 1>(one, k * dk_in, a, dk_in, R, px + t * R);
         }
+      }
+      for (int t = 0; t < rows; ++t) {
+        const int64_t n = n0 + t;
+        const T* pg = pgy + ((n * H + k) * S + s) * R;
+        T acc = 0;
+        for (int64_t j = 0; j < R; ++j) acc += px[t * R + j] * gz[n * R + j] + scale * z[n * R + j] * pg[j];
+        dw[p.row_group[n] * H * S + ks] += acc;
       }
     }
   }
 }
 
-// The instantiations for one instruction set: the common ranks at compile time, others at run time.
-#define MHR_ROWS_DISPATCH(BODY, T, P, B, E) \
-  switch (P.rank) {                         \
-    case 1:                                 \
-      return BODY<T, 1>(P, B, E);           \
-    case 2:                                 \
-      return BODY<T, 2>(P, B, E);           \
-    case 4:                                 \
-      return BODY<T, 4>(P, B, E);           \
-    case 8:                                 \
-      return BODY<T, 8>(P, B, E);           \
-    case 16:                                \
-      return BODY<T, 16>(P, B, E);          \
-    case 32:                                \
-      return BODY<T, 32>(P, B, E);          \
-    default:                                \
-      return BODY<T, 0>(P, B, E);           \
+// kDx, item (k, n): dx[n, k-block] (+)= sum_s w gz[n] @ A[k,s]^T, as (sum_s w A[k,s][c, :]) . gz[n]
+// per column c: the skills are mixed over the rank vector (kC columns at a time, independent
+// sums), and one horizontal sum per column remains.
+template <typename T, int kR>
+MHR_ROWS_INLINE void grad_dx(const LoraRowsGradParams& p, int64_t k, int64_t n) {
+  const int64_t H = p.heads, S = p.skills, R = kR > 0 ? kR : p.rank, dk_in = p.d_in / H;
+  const T* A = static_cast<const T*>(p.A) + k * S * dk_in * R;
+  const T* w = static_cast<const T*>(p.weights) + (p.row_group[n] * H + k) * S;
+  const T* gz = static_cast<const T*>(p.gz) + n * R;
+  T* __restrict out = static_cast<T*>(p.dx) + n * p.dx_stride_n + k * dk_in;
+  int64_t c = 0;
+  if constexpr (kR >= 2) {
+    constexpr int L = kR < 8 ? kR : 8, kV = kR / L, kC = 4;
+    using V = typename Lanes<T, L>::type;
+    V g[kV];
+    for (int v = 0; v < kV; ++v) g[v] = load_lanes<T, L>(gz + v * L);
+    for (; c + kC <= dk_in; c += kC) {
+      V mix[kC][kV];
+      for (int q = 0; q < kC; ++q)
+        for (int v = 0; v < kV; ++v) mix[q][v] = V{};
+      for (int64_t s = 0; s < S; ++s) {
+        const T ws = w[s];
+        const T* a = A + (s * dk_in + c) * kR;
+        for (int q = 0; q < kC; ++q)
+          for (int v = 0; v < kV; ++v) mix[q][v] += ws * load_lanes<T, L>(a + q * kR + v * L);
+      }
+      for (int q = 0; q < kC; ++q) {
+        T acc = 0;
+        for (int v = 0; v < kV; ++v) acc += sum_lanes<T, L>(mix[q][v] * g[v]);
+        out[c + q] = p.dx_accumulate ? out[c + q] + acc : acc;
+      }
+    }
   }
+  T fixed[kR > 0 ? kR : 1];
+  T* __restrict mix = kR > 0 ? fixed : thread_scratch<T>(static_cast<size_t>(R));
+  for (; c < dk_in; ++c) {
+    for (int64_t j = 0; j < R; ++j) mix[j] = T(0);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < R; ++j) mix[j] += w[s] * A[(s * dk_in + c) * R + j];
+    T acc = 0;
+    for (int64_t j = 0; j < R; ++j) acc += mix[j] * gz[j];
+    out[c] = p.dx_accumulate ? out[c] + acc : acc;
+  }
+}
 
-#define MHR_ROWS_BWD_DISPATCH(T, P, B, E, DA, DB, DW)   \
-  switch (P.rank) {                                     \
-    case 1:                                             \
-      return rows_backward<T, 1>(P, B, E, DA, DB, DW);  \
-    case 2:                                             \
-      return rows_backward<T, 2>(P, B, E, DA, DB, DW);  \
-    case 4:                                             \
-      return rows_backward<T, 4>(P, B, E, DA, DB, DW);  \
-    case 8:                                             \
-      return rows_backward<T, 8>(P, B, E, DA, DB, DW);  \
-    case 16:                                            \
-      return rows_backward<T, 16>(P, B, E, DA, DB, DW); \
-    case 32:                                            \
-      return rows_backward<T, 32>(P, B, E, DA, DB, DW); \
-    default:                                            \
-      return rows_backward<T, 0>(P, B, E, DA, DB, DW);  \
+template <typename T, int kR>
+MHR_ROWS_INLINE void rows_backward_step(const LoraRowsGradParams& p, LoraRowsGradStep step, int64_t begin,
+                                        int64_t end) {
+  const int64_t H = p.heads, R = kR > 0 ? kR : p.rank, N = p.rows;
+  for (int64_t item = begin; item < end; ++item) {
+    switch (step) {
+      case LoraRowsGradStep::kProject:
+        grad_project<T, kR>(p, item / N, item % N);
+        break;
+      case LoraRowsGradStep::kSumHeads: {
+        const T* gzh = static_cast<const T*>(p.gzh) + item * H * R;
+        T* gz = static_cast<T*>(p.gz) + item * R;
+        for (int64_t j = 0; j < R; ++j) {
+          T v = gzh[j];
+          for (int64_t k = 1; k < H; ++k) v += gzh[k * R + j];
+          gz[j] = v;
+        }
+        break;
+      }
+      case LoraRowsGradStep::kWeights:
+        grad_weights<T, kR>(p, item / p.skills, item % p.skills);
+        break;
+      case LoraRowsGradStep::kDx:
+        if (p.dx != nullptr) grad_dx<T, kR>(p, item / N, item % N);
+        break;
+    }
+  }
+}
+
+// The instantiations for one instruction set: the common ranks at compile time, others at run time.
+#define MHR_ROWS_DISPATCH(BODY, T, ...) \
+  switch (p.rank) {                     \
+    case 1:                             \
+      return BODY<T, 1>(__VA_ARGS__);   \
+    case 2:                             \
+      return BODY<T, 2>(__VA_ARGS__);   \
+    case 4:                             \
+      return BODY<T, 4>(__VA_ARGS__);   \
+    case 8:                             \
+      return BODY<T, 8>(__VA_ARGS__);   \
+    case 16:                            \
+      return BODY<T, 16>(__VA_ARGS__);  \
+    case 32:                            \
+      return BODY<T, 32>(__VA_ARGS__);  \
+    default:                            \
+      return BODY<T, 0>(__VA_ARGS__);   \
   }
 
 template <typename T>
-void rows_portable(const LoraRowsParams& p, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_forward, T, p, b, e)
+void rows_portable(const LoraRowsParams& p, LoraRowsStep step, int64_t b, int64_t e) {
+  MHR_ROWS_DISPATCH(rows_forward_step, T, p, step, b, e)
 }
 template <typename T>
 void gathered_portable(const LoraGatheredParams& p, int64_t b, int64_t e) {
   MHR_ROWS_DISPATCH(gathered_forward, T, p, b, e)
 }
+template <typename T>
+void rows_backward_portable(const LoraRowsGradParams& p, LoraRowsGradStep step, int64_t b, int64_t e) {
+  MHR_ROWS_DISPATCH(rows_backward_step, T, p, step, b, e)
+}
 #if defined(MHR_ROWS_X86)
 template <typename T>
-__attribute__((target("avx2,fma"))) void rows_avx2(const LoraRowsParams& p, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_forward, T, p, b, e)
+__attribute__((target("avx2,fma"))) void rows_avx2(const LoraRowsParams& p, LoraRowsStep step, int64_t b, int64_t e) {
+  MHR_ROWS_DISPATCH(rows_forward_step, T, p, step, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void gathered_avx2(const LoraGatheredParams& p, int64_t b, int64_t e) {
   MHR_ROWS_DISPATCH(gathered_forward, T, p, b, e)
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, LoraRowsGradStep step,
+                                                            int64_t b, int64_t e) {
+  MHR_ROWS_DISPATCH(rows_backward_step, T, p, step, b, e)
 }
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -369,37 +559,39 @@ bool has_avx2() {
 }
 #endif
 
-template <typename T>
-void rows_backward_portable(const LoraRowsGradParams& p, int64_t b, int64_t e, T* dA, T* dB, T* dw) {
-  MHR_ROWS_BWD_DISPATCH(T, p, b, e, dA, dB, dw)
-}
-#if defined(MHR_ROWS_X86)
-template <typename T>
-__attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, int64_t b, int64_t e, T* dA,
-                                                            T* dB, T* dw) {
-  MHR_ROWS_BWD_DISPATCH(T, p, b, e, dA, dB, dw)
-}
-#endif
-
 }  // namespace
 
 template <typename T>
-void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, int64_t row_begin, int64_t row_end, T* dA, T* dB, T* dw,
-                                   bool use_avx2) {
+void routed_lora_rows_backward_step_cpu(const LoraRowsGradParams& p, LoraRowsGradStep step, int64_t begin, int64_t end,
+                                        bool use_avx2) {
 #if defined(MHR_ROWS_X86)
-  if (use_avx2 && has_avx2()) return rows_backward_avx2<T>(p, row_begin, row_end, dA, dB, dw);
+  if (use_avx2 && has_avx2()) return rows_backward_avx2<T>(p, step, begin, end);
 #endif
   (void)use_avx2;
-  rows_backward_portable<T>(p, row_begin, row_end, dA, dB, dw);
+  rows_backward_portable<T>(p, step, begin, end);
 }
 
 template <typename T>
-void routed_lora_rows_forward_cpu(const LoraRowsParams& p, int64_t row_begin, int64_t row_end, bool use_avx2) {
+void routed_lora_rows_backward_cpu(const LoraRowsGradParams& p, bool use_avx2) {
+  for (LoraRowsGradStep step :
+       {LoraRowsGradStep::kProject, LoraRowsGradStep::kSumHeads, LoraRowsGradStep::kWeights, LoraRowsGradStep::kDx})
+    routed_lora_rows_backward_step_cpu<T>(p, step, 0, lora_rows_grad_step_items(p, step), use_avx2);
+}
+
+template <typename T>
+void routed_lora_rows_forward_step_cpu(const LoraRowsParams& p, LoraRowsStep step, int64_t begin, int64_t end,
+                                       bool use_avx2) {
 #if defined(MHR_ROWS_X86)
-  if (use_avx2 && has_avx2()) return rows_avx2<T>(p, row_begin, row_end);
+  if (use_avx2 && has_avx2()) return rows_avx2<T>(p, step, begin, end);
 #endif
   (void)use_avx2;
-  rows_portable<T>(p, row_begin, row_end);
+  rows_portable<T>(p, step, begin, end);
+}
+
+template <typename T>
+void routed_lora_rows_forward_cpu(const LoraRowsParams& p, bool use_avx2) {
+  for (LoraRowsStep step : {LoraRowsStep::kProject, LoraRowsStep::kSumHeads, LoraRowsStep::kExpand})
+    routed_lora_rows_forward_step_cpu<T>(p, step, 0, lora_rows_step_items(p, step), use_avx2);
 }
 
 template <typename T>
@@ -431,13 +623,14 @@ int64_t sort_rows_by_group(const int64_t* row_group, int64_t rows, int64_t group
   return invalid;
 }
 
-template void routed_lora_rows_forward_cpu<float>(const LoraRowsParams&, int64_t, int64_t, bool);
-template void routed_lora_rows_forward_cpu<double>(const LoraRowsParams&, int64_t, int64_t, bool);
-template void routed_lora_gathered_forward_cpu<float>(const LoraGatheredParams&, int64_t, int64_t, bool);
-template void routed_lora_gathered_forward_cpu<double>(const LoraGatheredParams&, int64_t, int64_t, bool);
-template void routed_lora_rows_backward_cpu<float>(const LoraRowsGradParams&, int64_t, int64_t, float*, float*, float*,
-                                                   bool);
-template void routed_lora_rows_backward_cpu<double>(const LoraRowsGradParams&, int64_t, int64_t, double*, double*,
-                                                    double*, bool);
+#define MHR_ROWS_INSTANTIATE(T)                                                                                      \
+  template void routed_lora_rows_forward_step_cpu<T>(const LoraRowsParams&, LoraRowsStep, int64_t, int64_t, bool);   \
+  template void routed_lora_rows_forward_cpu<T>(const LoraRowsParams&, bool);                                        \
+  template void routed_lora_gathered_forward_cpu<T>(const LoraGatheredParams&, int64_t, int64_t, bool);              \
+  template void routed_lora_rows_backward_step_cpu<T>(const LoraRowsGradParams&, LoraRowsGradStep, int64_t, int64_t, \
+                                                      bool);                                                         \
+  template void routed_lora_rows_backward_cpu<T>(const LoraRowsGradParams&, bool);
+MHR_ROWS_INSTANTIATE(float)
+MHR_ROWS_INSTANTIATE(double)
 
 }  // namespace mhr_ops

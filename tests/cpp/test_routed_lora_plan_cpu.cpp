@@ -1,7 +1,7 @@
 // The CPU planner of routed_lora (routed_lora_plan_cpu.h) and its mixing loops
 // (routed_lora_mix_cpu.h): row groups from int32 / int64 ids with a stride and rows_per_id,
 // out-of-range ids, the path each cost regime takes, pieces that cover every row once with the
-// right slots, the runs and rows-backward drivers against direct kernel calls, and the loops
+// right slots, the runs drivers against direct kernel calls, and the loops
 // against double loops over any split of the rows.
 #include <cmath>
 #include <cstdint>
@@ -132,7 +132,7 @@ void check_backward_paths() {
   std::vector<int64_t> few = {1, 0, 1};
   const auto rows =
       mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kFloat32, CpuIsa::kNone, 8);
-  EXPECT_TRUE(rows.path == LoraBackwardPath::kRows && rows.parts == 3);
+  EXPECT_TRUE(rows.path == LoraBackwardPath::kRows);
   const auto half =
       mhr_ops::plan_routed_lora_backward(dims(3, 64, 2, 4, 8, 2, 1), ids_of(few), DType::kBFloat16, CpuIsa::kNone, 8);
   EXPECT_TRUE(half.path == LoraBackwardPath::kProjectThenMix);
@@ -178,46 +178,6 @@ void check_grads_driver() {
     for (int64_t n = p.row_begin; n < p.row_end; ++n)
       for (int64_t c = 0; c < d_in; ++c) EXPECT_TRUE(dx[n * d_in + c] == dx1[n * d_in + c]);
   }
-}
-
-// The rows backward driver: parts of the rows, each with its own accumulators, sum to what one
-// call over all rows accumulates; the per-row outputs (gz, dx) do not depend on the split.
-void check_rows_backward_parts() {
-  const int64_t N = 7, H = 2, S = 3, R = 4, dk_in = 5, dk_out = 3, G = 3, parts = 3;
-  const int64_t d_in = H * dk_in, d_out = H * dk_out;
-  std::mt19937 gen(5);
-  auto filled = [&](size_t n) { return normal_vector<double>(n, gen); };
-  const auto x = filled(N * d_in), gy = filled(N * d_out), z = filled(N * R);
-  const auto A = filled(H * S * dk_in * R), B = filled(H * S * R * dk_out), W = filled(G * H * S);
-  const std::vector<int64_t> group = {2, 0, 0, 1, 2, 2, 1};
-  const int64_t nA = H * S * dk_in * R, nB = H * S * R * dk_out, nW = G * H * S;
-  mhr_ops::LoraRowsGradParams p;
-  p.x = x.data(), p.x_stride_n = d_in, p.grad_y = gy.data(), p.gy_stride_n = d_out, p.z = z.data();
-  p.A = A.data(), p.B = B.data(), p.weights = W.data(), p.row_group = group.data();
-  p.d_in = d_in, p.d_out = d_out, p.heads = H, p.skills = S, p.rank = R, p.scale = 0.5;
-  std::vector<double> gz1(N * R), dx1(N * d_in), dA1(nA, 0.0), dB1(nB, 0.0), dw1(nW, 0.0);
-  mhr_ops::LoraRowsGradParams one = p;
-  one.gz = gz1.data(), one.dx = dx1.data(), one.dx_stride_n = d_in;
-  mhr_ops::routed_lora_rows_backward_cpu<double>(one, 0, N, dA1.data(), dB1.data(), dw1.data(), false);
-  std::vector<double> gz(N * R), dx(N * d_in), dA(parts * nA, 0.0), dB(parts * nB, 0.0), dw(parts * nW, 0.0);
-  p.gz = gz.data(), p.dx = dx.data(), p.dx_stride_n = d_in;
-  mhr_ops::routed_lora_rows_backward_parts_cpu<double>(p, N, parts, 0, 2, dA.data(), nA, dB.data(), nB, dw.data(), nW,
-                                                       false);
-  mhr_ops::routed_lora_rows_backward_parts_cpu<double>(p, N, parts, 2, parts, dA.data(), nA, dB.data(), nB, dw.data(),
-                                                       nW, false);
-  for (int64_t i = 0; i < N * R; ++i) EXPECT_TRUE(gz[i] == gz1[i]);
-  for (int64_t i = 0; i < N * d_in; ++i) EXPECT_TRUE(dx[i] == dx1[i]);
-  const auto sum_parts = [&](const std::vector<double>& v, const std::vector<double>& whole, int64_t n) {
-    for (int64_t e = 0; e < n; ++e) EXPECT_NEAR(v[e] + v[n + e] + v[2 * n + e], whole[e], 1e-12);
-  };
-  sum_parts(dA, dA1, nA);
-  sum_parts(dB, dB1, nB);
-  sum_parts(dw, dw1, nW);
-  // no dB asked for: the driver passes null through
-  std::vector<double> dA2(parts * nA, 0.0);
-  mhr_ops::routed_lora_rows_backward_parts_cpu<double>(p, N, parts, 0, parts, dA2.data(), nA, nullptr, 0, nullptr, 0,
-                                                       false);
-  sum_parts(dA2, dA1, nA);
 }
 
 template <typename T>
@@ -273,7 +233,6 @@ int main() {
   check_forward_paths();
   check_backward_paths();
   check_grads_driver();
-  check_rows_backward_parts();
   check_mix_loops<float>(1e-4);
   check_mix_loops<double>(1e-12);
   return finish("routed_lora_plan_cpu");

@@ -28,40 +28,40 @@ struct LoraGrads {
   bool dx_written = false;
 };
 
-// The row kernel: one fixed row range per part, each with its own accumulators, summed in order.
+// The row kernel in steps over heads, (head, skill) pairs and rows (routed_lora_rows.h): dA and
+// dB are written whole, dw (zeroed) accumulated, each by the one item that owns it.
 void rows_backward(LoraGrads& g, const LoraOperands& o, const at::Tensor& gy, const at::Tensor& z,
                    const LoraBackwardPlan& plan, const LoraDims& d, double scale) {
   const at::Tensor w = o.w.contiguous();
   const at::Tensor gz = at::empty({d.rows, d.rank}, z.options());
-  const int64_t parts = plan.parts;
-  const auto part_buffer = [&](const at::Tensor& t) {
-    return t.defined() ? at::zeros({parts, t.numel()}, t.options()) : at::Tensor();
-  };
-  const at::Tensor dA_parts = part_buffer(g.dA), dB_parts = part_buffer(g.dB), dw_parts = part_buffer(g.dw);
+  const at::Tensor pgy = at::empty({d.rows, d.heads * d.skills * d.rank}, z.options());
+  const at::Tensor gzh = at::empty({d.rows, d.heads * d.rank}, z.options());
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
   LoraRowsGradParams p;
   p.x = o.x.const_data_ptr(), p.x_stride_n = o.x.stride(0), p.grad_y = gy.const_data_ptr();
   p.gy_stride_n = gy.stride(0), p.z = z.const_data_ptr(), p.A = o.A.const_data_ptr(), p.B = o.B.const_data_ptr();
-  p.weights = w.const_data_ptr(), p.row_group = plan.groups.row_group.data(), p.gz = gz.data_ptr();
+  p.weights = w.const_data_ptr(), p.row_group = plan.groups.row_group.data(), p.rows = d.rows;
+  p.gz = gz.data_ptr(), p.pgy = pgy.data_ptr(), p.gzh = gzh.data_ptr();
+  p.dA = ptr(g.dA), p.dB = ptr(g.dB), p.dw = ptr(g.dw);
   if (g.dx.defined()) p.dx = g.dx.data_ptr(), p.dx_stride_n = g.dx.stride(0), p.dx_accumulate = g.dx_written;
   p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills, p.rank = d.rank, p.scale = scale;
   const bool avx2 = allowed_cpu_isa() >= CpuIsa::kAvx2;
+  const bool weights_step = p.dA || p.dB || p.dw;
   AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "routed_lora_rows_backward", [&] {
-    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    const auto size = [](const at::Tensor& t) { return t.defined() ? t.size(1) : int64_t(0); };
-    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      routed_lora_rows_backward_parts_cpu<scalar_t>(p, d.rows, parts, b, e, ptr(dA_parts), size(dA_parts),
-                                                    ptr(dB_parts), size(dB_parts), ptr(dw_parts), size(dw_parts), avx2);
+    const auto run = [&](LoraRowsGradStep step, int64_t b, int64_t e) {
+      routed_lora_rows_backward_step_cpu<scalar_t>(p, step, b, e, avx2);
+    };
+    const int64_t head_rows = lora_rows_grad_step_items(p, LoraRowsGradStep::kProject);
+    at::parallel_for(0, head_rows, 1, [&](int64_t b, int64_t e) { run(LoraRowsGradStep::kProject, b, e); });
+    run(LoraRowsGradStep::kSumHeads, 0, d.rows);  // a few adds per row
+    // The weight-gradient items, then the dx items, in one parallel region (they are independent).
+    const int64_t n_weights = weights_step ? lora_rows_grad_step_items(p, LoraRowsGradStep::kWeights) : 0;
+    const int64_t n_dx = p.dx ? head_rows : 0;
+    at::parallel_for(0, n_weights + n_dx, 1, [&](int64_t b, int64_t e) {
+      if (b < n_weights) run(LoraRowsGradStep::kWeights, b, std::min(e, n_weights));
+      if (e > n_weights) run(LoraRowsGradStep::kDx, std::max(b, n_weights) - n_weights, e - n_weights);
     });
   });
-  const auto reduce = [&](const at::Tensor& out, const at::Tensor& parts_t) {
-    if (!out.defined()) return;
-    at::Tensor flat = out.view({-1});
-    flat.copy_(parts_t[0]);
-    for (int64_t i = 1; i < parts; ++i) flat.add_(parts_t[i]);
-  };
-  reduce(g.dA, dA_parts);
-  reduce(g.dB, dB_parts);
-  reduce(g.dw, dw_parts);
 }
 
 // Runs of one group, cut into pieces, the pieces in parallel: they write disjoint dx rows and

@@ -38,15 +38,20 @@ void row_tile_forward(at::Tensor& y, at::Tensor& z, const LoraOperands& o, const
     p.x = o.x.const_data_ptr(), p.x_stride_n = o.x.stride(0);
     p.A = o.A.const_data_ptr(), p.B = o.B.const_data_ptr();
     const at::Tensor w = o.w.contiguous();
-    p.weights = w.const_data_ptr(), p.row_group = plan.groups.row_group.data();
+    const at::Tensor zh = at::empty({d.rows, d.heads, d.rank}, z.options());
+    p.weights = w.const_data_ptr(), p.row_group = plan.groups.row_group.data(), p.rows = d.rows;
     p.y = y.data_ptr(), p.y_stride_n = y.stride(0), p.accumulate = accumulate, p.z = z.data_ptr();
-    p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills, p.rank = d.rank;
-    p.groups = d.groups, p.scale = scale;
-    at::parallel_for(0, (d.rows + kLoraRowTile - 1) / kLoraRowTile, 1, [&](int64_t b, int64_t e) {
-      const int64_t r0 = b * kLoraRowTile, r1 = std::min(d.rows, e * kLoraRowTile);
-      dbl ? routed_lora_rows_forward_cpu<double>(p, r0, r1, avx2)
-          : routed_lora_rows_forward_cpu<float>(p, r0, r1, avx2);
-    });
+    p.zh = zh.data_ptr(), p.d_in = d.d_in, p.d_out = d.d_out, p.heads = d.heads, p.skills = d.skills;
+    p.rank = d.rank, p.groups = d.groups, p.scale = scale;
+    // Items are (head, row tile) pairs: one row still keeps every thread busy.
+    for (LoraRowsStep step : {LoraRowsStep::kProject, LoraRowsStep::kSumHeads, LoraRowsStep::kExpand}) {
+      const int64_t items = lora_rows_step_items(p, step);
+      const int64_t grain = step == LoraRowsStep::kSumHeads ? items : 1;  // a few adds per row
+      at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+        dbl ? routed_lora_rows_forward_step_cpu<double>(p, step, b, e, avx2)
+            : routed_lora_rows_forward_step_cpu<float>(p, step, b, e, avx2);
+      });
+    }
     return;
   }
   const auto [a_mix, bt_mix] = mix_groups(o, plan.slot_groups, d, scale);  // [n, d_in, r], scale B_g^T [n, d_out, r]
