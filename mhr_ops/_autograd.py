@@ -54,8 +54,8 @@ def needs_autograd(*tensors) -> bool:
 def call_op(op, args: tuple, grad_inputs: tuple):
     """Calls the op packet ``op`` on ``args``. When no autograd is needed (see
     :func:`needs_autograd` over ``grad_inputs``) the call goes past the Autograd dispatch key,
-    straight to the backend kernel: it skips the Python autograd kernel that
-    ``torch.library.register_autograd`` installs (about 13 us a call on the CPU), which would do
+    straight to the backend kernel: it skips the autograd kernel (for the ops whose autograd is
+    Python, ``torch.library.register_autograd``'s, about 13 us a call on the CPU), which would do
     exactly this after deciding there is nothing to record."""
     if needs_autograd(*grad_inputs):
         return op(*args)

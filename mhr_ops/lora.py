@@ -1,6 +1,6 @@
-"""`routed_lora` and `mhr_linear` (docs/API.md), with fake kernels and autograd registration
-for torch.ops.mhr_ops.routed_lora / routed_lora_add_ / routed_lora_backward / mhr_linear /
-mhr_linear_backward."""
+"""`routed_lora` and `mhr_linear` (docs/API.md), with the fake kernels of torch.ops.mhr_ops.routed_lora /
+routed_lora_add_ / routed_lora_backward / mhr_linear / mhr_linear_backward (their autograd is C++:
+csrc/torch/autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_op, needed_grads, register_bottleneck_autograd, register_no_double_backward
+from ._autograd import call_op, register_no_double_backward
 from ._checks import (
     accumulation_dtype,
     as_index_tensor,
@@ -184,29 +184,8 @@ def _mhr_linear_backward_fake(
     return _grads_like((x, weight, bias_like, A, B, weights), mask)
 
 
-# ---- autograd: the forward's z is saved, so the backward reads x once less ----
+# ---- autograd: in C++ (csrc/torch/autograd.cpp), saving the forward's z so that the backward
+# reads x once less; the backward ops refuse double backward ----
 
-
-def _mhr_linear_setup(ctx, inputs, output):
-    x, weight, bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale = inputs
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, A, B, weights, group_ids, output[1])
-
-
-def _mhr_linear_backward(ctx, grad_y, grad_z):
-    mask = ctx.needs_input_grad[:6]
-    if not any(mask):
-        return (None,) * 9
-    x, weight, A, B, weights, group_ids, z = ctx.saved_tensors
-    grads = torch.ops.mhr_ops.mhr_linear_backward(
-        grad_y, x, weight, ctx.has_bias, A, B, weights, group_ids, ctx.rows_per_group_id, ctx.scale, z, list(mask)
-    )
-    return *needed_grads(grads, mask), None, None, None
-
-
-# routed_lora (x, A, B, weights, group_ids, rows_per_group_id, scale): gradients for the first four
-register_bottleneck_autograd("mhr_ops::routed_lora", torch.ops.mhr_ops.routed_lora_backward, n_tensors=5, n_grads=4)
-torch.library.register_autograd("mhr_ops::mhr_linear", _mhr_linear_backward, setup_context=_mhr_linear_setup)
 register_no_double_backward("mhr_ops::routed_lora_backward", "routed_lora")
 register_no_double_backward("mhr_ops::mhr_linear_backward", "mhr_linear")

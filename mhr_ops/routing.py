@@ -129,18 +129,5 @@ def _route_backward_fake(grad_weights, logits, task_ids, noise, n_skills, mode, 
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _route_setup_context(ctx, inputs, output):
-    logits, task_ids, noise, *ctx.options = inputs
-    ctx.save_for_backward(logits, task_ids, noise)
-
-
-def _route_backward(ctx, grad_weights):
-    logits, task_ids, noise = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.mhr_ops.route_backward(grad_weights, logits, task_ids, noise, *ctx.options)
-    return grad_logits, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("mhr_ops::route", _route_backward, setup_context=_route_setup_context)
+# autograd of route: C++ (csrc/torch/autograd.cpp); its backward op refuses double backward
 register_no_double_backward("mhr_ops::route_backward", "route")

@@ -1,6 +1,7 @@
 // Schemas of every mhr_ops op, declared once. Backends register their kernels in their own files
-// (TORCH_LIBRARY_IMPL: cpu/, cuda/, composite/, one file per op and backend); fake kernels and autograd are registered
-// from Python (mhr_ops/routing.py, mhr_ops/lora.py, mhr_ops/moh.py).
+// (TORCH_LIBRARY_IMPL: cpu/, cuda/, composite/, one file per op and backend); fake kernels are registered from
+// Python (mhr_ops/routing.py, mhr_ops/lora.py, mhr_ops/moe.py, mhr_ops/moh.py), and so is autograd, except for the
+// ops every training step of an adapted layer calls (route, routed_lora, mhr_linear: autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mhr_ops, m) {
