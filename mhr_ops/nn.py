@@ -176,14 +176,18 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         mode = self.train_mode if self.training else self.eval_mode
         if mode == "relaxed_bernoulli" or _is_compiling():
             return None
+        # Parameters straight from _parameters (nn.Module.__getattr__ costs ~0.5 us a read); one that
+        # is not there (a parametrization, or a plain tensor put in its place) is the general flow's
         params = self._parameters
-        A, B, logits = params["A"], params["B"], params["logits"]
+        A, B, logits = params.get("A"), params.get("B"), params.get("logits")
         base = self._modules["base"]
-        if type(base) is not nn.Linear and not _is_plain_linear(base):
+        if A is None or B is None or logits is None or (type(base) is not nn.Linear and not _is_plain_linear(base)):
             return None
-        W, b = base._parameters["weight"], base._parameters["bias"]
-        if x.dtype != W.dtype:
+        base_params = base._parameters
+        W = base_params.get("weight")
+        if W is None or "bias" not in base_params or x.dtype != W.dtype:
             return None
+        b = base_params["bias"]
         if torch.is_grad_enabled() and (
             x.requires_grad
             or W.requires_grad

@@ -92,12 +92,14 @@ def test_no_grad_calls_skip_the_autograd_layer_but_grad_calls_do_not():
     assert x.grad is not None and m.logits.grad is not None
 
 
-def test_missing_task_ids_error_names_the_layer():
+@pytest.mark.parametrize("serving", [False, True])
+def test_missing_task_ids_error_names_the_layer(serving):
     from conftest import tiny_llama
 
-    model = mhr_ops.patch(tiny_llama(), ["q_proj"], r=2, n_skills=2, n_tasks=3)
-    with pytest.raises(ValueError, match=r"layer MHRLinear 'model\.layers\.0\.self_attn\.q_proj' needs task ids"):
-        model(input_ids=torch.tensor([[1, 2, 3]]))
+    model = mhr_ops.patch(tiny_llama(), ["q_proj"], r=2, n_skills=2, n_tasks=3).train(not serving)
+    with torch.set_grad_enabled(not serving):
+        with pytest.raises(ValueError, match=r"layer MHRLinear 'model\.layers\.0\.self_attn\.q_proj' needs task ids"):
+            model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
 def general_path(m, x, task_ids):
@@ -179,6 +181,28 @@ def test_serving_fast_path_declines_what_the_general_flow_handles():
         assert big.eval()._serve(x, ids) is None
 
 
+def test_serving_with_parametrized_tensors_takes_the_general_flow():
+    """A parametrized base weight or adapter tensor is not in _parameters: the fast path declines,
+    and the general flow reads the parametrized value."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    for where, name in (("base", "weight"), ("base", "bias"), ("layer", "logits"), ("layer", "A")):
+        m = layer().eval()
+        with torch.no_grad():
+            plain = m(x, task_ids=ids)
+        parametrize.register_parametrization(m.base if where == "base" else m, name, Double())
+        with torch.no_grad():
+            assert m._serve(x, ids) is None, name
+            y = m(x, task_ids=ids)
+        assert not torch.equal(y, plain), name
+        assert torch.equal(y, general_path(m, x, ids)), name
+
+
 def test_serving_fast_path_checks_ids_once_per_tensor(monkeypatch):
     import mhr_ops._tasks as tasks
 
@@ -193,6 +217,25 @@ def test_serving_fast_path_checks_ids_once_per_tensor(monkeypatch):
         assert len(calls) == 1
         with pytest.raises(ValueError, match=r"task_ids: expected task ids in \[0, 6\), got 6"):
             m(x, task_ids=torch.tensor([0, 6]))
+
+
+def test_serving_use_tasks_checks_ids_once_per_forward(monkeypatch):
+    """In eval under no_grad every layer takes the fast path, and the ids set by use_tasks are
+    range-checked once for the whole model, as in the general flow."""
+    import mhr_ops._tasks as tasks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 6))
+    mhr_ops.patch(model, ["0", "1", "2"], r=2, n_skills=3, n_tasks=4).eval()
+    calls = []
+    original = tasks.check_id_range
+    monkeypatch.setattr(tasks, "check_id_range", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), mhr_ops.use_tasks(model, torch.tensor([3, 1])):
+        assert model[0]._serve(x, None) is not None
+        model(x)
+        model(x.repeat_interleave(2, dim=0))  # an expanded batch follows the ids
+    assert len(calls) == 1
 
 
 def test_serving_cache_follows_optimizer_steps_and_state_dicts():
