@@ -204,7 +204,7 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         if not ids_checked_once(ids, n_tasks):
             return None
         key = task_weights_key(logits, mode, self.temperature, self.top_k, self.eps)
-        kept = self.__dict__.get("_mhr_task_weights")
+        kept = self.__dict__.get("_mhr_task_weights")  # RoutedAdapter._task_weights' cache; our slot: None
         cached = None if kept is None else kept.get(None)
         weights = cached[1] if cached is not None and cached[0] == key else self._adapter()._task_weights(mode)
         if len(shape) == 2:
