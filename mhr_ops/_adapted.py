@@ -127,9 +127,7 @@ class RoutedAdapter:
         logits = self.logits
         if needs_autograd(logits):
             return self.routing_weights(torch.arange(logits.shape[0], device=logits.device), mode=mode)
-        # .to() / .half() swap the Parameter's data without bumping its version: data_ptr and dtype
-        key = (id(logits), logits.data_ptr(), logits._version, logits.dtype, logits.device, mode)
-        key += (self.temperature, self.top_k, self.eps)
+        key = task_weights_key(logits, mode, self.temperature, self.top_k, self.eps)
         kept = self.layer.__dict__.setdefault("_mhr_task_weights", {})
         cached = kept.get(self._cache_slot)
         if cached is not None and cached[0] == key:
@@ -150,6 +148,14 @@ class RoutedAdapter:
         a = torch.einsum("ks,ksdr->kdr", w, A).reshape(h * dk_in, r)
         b = torch.einsum("ks,ksrd->krd", w, B).transpose(0, 1).reshape(r, -1)
         return (self.scale * (a @ b)).T
+
+
+def task_weights_key(logits: torch.Tensor, mode: str, temperature, top_k, eps) -> tuple:
+    """What kept task weights were computed from, compared whole on every serving call: the logits
+    Parameter, its storage and version counter (an optimizer step or ``load_state_dict`` bumps the
+    version; ``.to()`` / ``.half()`` swap the data without bumping it: data_ptr, dtype and device),
+    and the routing options."""
+    return (id(logits), logits.data_ptr(), logits._version, logits.dtype, logits.device, mode, temperature, top_k, eps)
 
 
 def n_tasks(adapters: Sequence[RoutedAdapter]) -> int:

@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from ._checks import as_index_tensor, check_id_range
+from ._checks import INDEX_DTYPES, as_index_tensor, check_id_range
 
 # Ids tensors already range-checked against a task count: id(tensor) -> (weakref, n_tasks).
 _checked: dict[int, tuple[weakref.ref, int]] = {}
@@ -23,6 +23,20 @@ def _check_once(ids: torch.Tensor, n_tasks: int) -> None:
     if not torch.compiler.is_compiling():
         key = id(ids)
         _checked[key] = (weakref.ref(ids, lambda _, key=key: _checked.pop(key, None)), n_tasks)
+
+
+def ids_checked_once(ids: torch.Tensor, n_tasks: int) -> bool:
+    """For a layer's serving fast path: ``ids`` (a 1-D tensor) range-checked against ``n_tasks``,
+    once per tensor as :func:`resolve_task_ids` does; on the common hit, one dict lookup and no
+    other work. False for a tensor that is not an index tensor: the caller's general path then
+    raises the error that names ``task_ids``."""
+    entry = _checked.get(id(ids))
+    if entry is not None and entry[0]() is ids and entry[1] <= n_tasks:
+        return True
+    if ids.dtype not in INDEX_DTYPES:
+        return False
+    _check_once(ids, n_tasks)
+    return True
 
 
 _merged_checked: dict[tuple[int, int], weakref.ref] = {}

@@ -20,6 +20,10 @@ from ._checks import (
     check_tensor,
 )
 
+# The OpOverload itself, read once (torch.ops.mhr_ops.mhr_linear.default is an attribute chain
+# of about half a us): for serving paths that call the op directly.
+MHR_LINEAR_OP = torch.ops.mhr_ops.mhr_linear.default
+
 
 def _check_tensors(x, named) -> None:
     """What the op cannot see: arguments that are not tensors, x's leading dims, and tensors off

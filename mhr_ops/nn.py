@@ -7,9 +7,15 @@ import math
 import torch
 from torch import nn
 
-from ._adapted import RoutedAdapter, adapted_forward
+from ._adapted import RoutedAdapter, _is_plain_linear, adapted_forward, task_weights_key
+from ._tasks import ids_checked_once
+from .lora import MHR_LINEAR_OP
 from .moh import head_gates
 from .routing import check_route_options
+
+# Read once: each is an attribute chain of a few hundred ns, and the serving path is a few us.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_is_compiling = torch.compiler.is_compiling
 
 
 class _AdaptsLinear:
@@ -145,7 +151,70 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         return self._adapter().routing_groups(ids, device)
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        return adapted_forward((self._adapter(),), x, task_ids)
+        y = self._serve(x, task_ids)
+        return adapted_forward((self._adapter(),), x, task_ids) if y is None else y
+
+    def _serve(self, x: torch.Tensor, task_ids) -> torch.Tensor | None:
+        """The common serving call, as directly as Python allows: ``mhr_linear`` on the kept task
+        weights, below the Autograd key. ``adapted_forward`` does the same for this call, but its
+        generic steps (the adapter view, id resolution, the task count, the kept weights' lookup,
+        the plain-linear test, reshapes, the autograd test) cost several times the op's own
+        Python overhead at small N (issue 11).
+
+        Returns None, for the general flow to run (and raise where it should), unless: the ids are
+        a 1-D tensor on x's device whose length divides ``x.shape[0]`` (the batch, possibly
+        expanded), x is at least 2-D and not empty, no autograd is needed and nothing is being
+        compiled, no task is merged, the routing mode draws no per-example noise and groups by
+        task, and the base is a plain ``nn.Linear`` with x's dtype. Same op call, same arguments
+        (an expanded batch's ids are not repeated: rows_per_id covers the copies; the kernels map
+        row n to ``ids[n // rows_per_id]`` either way), so the same bits; the same id checks
+        (once per ids tensor) and the same kept weights as the general flow."""
+        ids = self._mhr_task_ids if task_ids is None else task_ids
+        shape = x.shape
+        if type(ids) is not torch.Tensor or self.merged_task is not None or ids.dim() != 1 or len(shape) < 2:
+            return None
+        mode = self.train_mode if self.training else self.eval_mode
+        if mode == "relaxed_bernoulli" or _is_compiling():
+            return None
+        # Parameters straight from _parameters (nn.Module.__getattr__ costs ~0.5 us a read); one that
+        # is not there (a parametrization, or a plain tensor put in its place) is the general flow's
+        params = self._parameters
+        A, B, logits = params.get("A"), params.get("B"), params.get("logits")
+        base = self._modules["base"]
+        if A is None or B is None or logits is None or (type(base) is not nn.Linear and not _is_plain_linear(base)):
+            return None
+        base_params = base._parameters
+        W = base_params.get("weight")
+        if W is None or "bias" not in base_params or x.dtype != W.dtype:
+            return None
+        b = base_params["bias"]
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or W.requires_grad
+            or A.requires_grad
+            or B.requires_grad
+            or logits.requires_grad
+            or (b is not None and b.requires_grad)
+        ):
+            return None
+        n, n_ids, n_tasks = shape[0], ids.shape[0], logits.shape[0]
+        rows = n if len(shape) == 2 else n * shape[1] if len(shape) == 3 else n * math.prod(shape[1:-1])
+        if rows == 0 or n_ids == 0 or n % n_ids or (n_tasks > 256 and n_tasks > n) or ids.device != x.device:
+            return None
+        if not ids_checked_once(ids, n_tasks):
+            return None
+        key = task_weights_key(logits, mode, self.temperature, self.top_k, self.eps)
+        kept = self.__dict__.get("_mhr_task_weights")  # RoutedAdapter._task_weights' cache; our slot: None
+        cached = None if kept is None else kept.get(None)
+        weights = cached[1] if cached is not None and cached[0] == key else self._adapter()._task_weights(mode)
+        if len(shape) == 2:
+            with _below_autograd():
+                return MHR_LINEAR_OP(x, W, b, A, B, weights, ids, rows // n_ids, self.scale)[0]
+        x2 = x.reshape(rows, shape[-1])
+        with _below_autograd():
+            y = MHR_LINEAR_OP(x2, W, b, A, B, weights, ids, rows // n_ids, self.scale)[0]
+        # view(n, L, -1) rather than view(*shape[:-1], -1): unpacking a torch.Size costs ~0.7 us
+        return y.view(n, shape[1], -1) if len(shape) == 3 else y.view(*shape[:-1], -1)
 
     def task_delta(self, task_id: int) -> torch.Tensor:
         """The task's adapter as a dense ``[d_out, d_in]`` fp32 matrix: ``scale * (A_t @ B_t)^T``

@@ -92,9 +92,171 @@ def test_no_grad_calls_skip_the_autograd_layer_but_grad_calls_do_not():
     assert x.grad is not None and m.logits.grad is not None
 
 
-def test_missing_task_ids_error_names_the_layer():
+@pytest.mark.parametrize("serving", [False, True])
+def test_missing_task_ids_error_names_the_layer(serving):
     from conftest import tiny_llama
 
-    model = mhr_ops.patch(tiny_llama(), ["q_proj"], r=2, n_skills=2, n_tasks=3)
-    with pytest.raises(ValueError, match=r"layer MHRLinear 'model\.layers\.0\.self_attn\.q_proj' needs task ids"):
-        model(input_ids=torch.tensor([[1, 2, 3]]))
+    model = mhr_ops.patch(tiny_llama(), ["q_proj"], r=2, n_skills=2, n_tasks=3).train(not serving)
+    with torch.set_grad_enabled(not serving):
+        with pytest.raises(ValueError, match=r"layer MHRLinear 'model\.layers\.0\.self_attn\.q_proj' needs task ids"):
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def general_path(m, x, task_ids):
+    """The shared adapted-layer flow, which the serving fast path must agree with bit for bit."""
+    from mhr_ops._adapted import adapted_forward
+
+    return adapted_forward((m._adapter(),), x, task_ids)
+
+
+@pytest.mark.parametrize(
+    "lead,n_ids,kw",
+    [
+        ((1, 1), 1, {}),
+        ((8, 1), 8, {}),
+        ((5, 3), 5, {}),
+        ((6,), 6, {}),  # x [N, d_in]: no reshape at all
+        ((6, 2), 3, {}),  # an expanded batch: each id covers two examples
+        ((4, 3), 1, {}),
+        ((5, 2), 5, dict(top_k=2, eval_mode="softmax", temperature=0.7)),
+        ((5, 2), 5, dict(bias=False)),
+    ],
+)
+def test_serving_fast_path_is_bitwise_the_general_path(lead, n_ids, kw):
+    """The fast path (taken: _serve returns a tensor) gives exactly the general flow's bits, and
+    the functional mhr_linear's with the eval routing weights of every task."""
+    bias = kw.pop("bias", True)
+    m = layer(**kw)
+    if not bias:
+        m.base.bias = None
+    m.eval()
+    x = torch.randn(*lead, 12)
+    ids = torch.randint(0, 6, (n_ids,))
+    with torch.no_grad():
+        fast = m._serve(x, ids)
+        assert fast is not None, "the serving call did not take the fast path"
+        y = m(x, task_ids=ids)
+        general = general_path(m, x, ids)
+        weights = m.routing_weights(torch.arange(6))
+        per_example = ids.repeat_interleave(lead[0] // n_ids)
+        functional = mhr_ops.mhr_linear(x, m.base.weight, m.base.bias, m.A, m.B, weights, per_example, scale=m.scale)
+    assert y.shape == (*lead, 10)
+    for name, other in (("general", general), ("functional", functional), ("_serve", fast)):
+        assert torch.equal(y, other), f"fast path vs {name}: max diff {(y - other).abs().max().item():.3e}"
+
+
+def test_serving_fast_path_with_grad_enabled_and_nothing_to_train():
+    """A frozen layer called without no_grad needs no autograd either: fast path, no graph."""
+    m = layer().eval().requires_grad_(False)
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    assert m._serve(x, ids) is not None
+    y = m(x, task_ids=ids)
+    assert y.grad_fn is None and torch.equal(y, general_path(m, x, ids))
+
+
+def test_serving_fast_path_declines_what_the_general_flow_handles():
+    """Calls the fast path does not cover go to the general flow (which raises where it should)."""
+    m = layer().eval()
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    with torch.no_grad():
+        assert m._serve(x, [1, 0, 5]) is None  # not a tensor
+        assert m._serve(x, ids.view(3, 1)) is None  # not 1-D
+        assert m._serve(x, None) is None  # no ids: the general flow names the layer
+        assert m._serve(x[0, 0], ids[:1]) is None  # x 1-D
+        assert m._serve(x[:0], ids[:0]) is None  # empty batch
+        assert m._serve(x, ids[:2]) is None  # 2 ids for 3 examples: the general flow's error
+        assert m._serve(x.double(), ids) is None  # x's dtype is not the base's
+        assert m._serve(x, ids.float()) is None  # not an index tensor
+        m.train()  # relaxed-Bernoulli noise per example
+        assert m._serve(x, ids) is None
+        m.train_mode = "sigmoid"
+        assert torch.equal(m._serve(x, ids), general_path(m, x, ids))
+        m.eval()
+    assert m._serve(x.requires_grad_(), ids) is None  # autograd needed
+    mhr_ops.merge_task(torch.nn.Sequential(m), 1)
+    with torch.no_grad():
+        assert m._serve(x, torch.tensor([1, 1, 1])) is None
+    big = layer(T=300)
+    with torch.no_grad():  # far more tasks than examples: per-example routing
+        assert big.eval()._serve(x, ids) is None
+
+
+def test_serving_with_parametrized_tensors_takes_the_general_flow():
+    """A parametrized base weight or adapter tensor is not in _parameters: the fast path declines,
+    and the general flow reads the parametrized value."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    for where, name in (("base", "weight"), ("base", "bias"), ("layer", "logits"), ("layer", "A")):
+        m = layer().eval()
+        with torch.no_grad():
+            plain = m(x, task_ids=ids)
+        parametrize.register_parametrization(m.base if where == "base" else m, name, Double())
+        with torch.no_grad():
+            assert m._serve(x, ids) is None, name
+            y = m(x, task_ids=ids)
+        assert not torch.equal(y, plain), name
+        assert torch.equal(y, general_path(m, x, ids)), name
+
+
+def test_serving_fast_path_checks_ids_once_per_tensor(monkeypatch):
+    import mhr_ops._tasks as tasks
+
+    m = layer().eval()
+    calls = []
+    original = tasks.check_id_range
+    monkeypatch.setattr(tasks, "check_id_range", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    x, ids = torch.randn(2, 1, 12), torch.tensor([5, 0])
+    with torch.no_grad():
+        for _ in range(3):
+            assert m._serve(x, ids) is not None
+        assert len(calls) == 1
+        with pytest.raises(ValueError, match=r"task_ids: expected task ids in \[0, 6\), got 6"):
+            m(x, task_ids=torch.tensor([0, 6]))
+
+
+def test_serving_use_tasks_checks_ids_once_per_forward(monkeypatch):
+    """In eval under no_grad every layer takes the fast path, and the ids set by use_tasks are
+    range-checked once for the whole model, as in the general flow."""
+    import mhr_ops._tasks as tasks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 6))
+    mhr_ops.patch(model, ["0", "1", "2"], r=2, n_skills=3, n_tasks=4).eval()
+    calls = []
+    original = tasks.check_id_range
+    monkeypatch.setattr(tasks, "check_id_range", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), mhr_ops.use_tasks(model, torch.tensor([3, 1])):
+        assert model[0]._serve(x, None) is not None
+        model(x)
+        model(x.repeat_interleave(2, dim=0))  # an expanded batch follows the ids
+    assert len(calls) == 1
+
+
+def test_serving_cache_follows_optimizer_steps_and_state_dicts():
+    """Between two serving calls, an optimizer step on the logits and a load_state_dict change
+    the output; each call matches the general flow bit for bit (no stale task weights)."""
+    m = layer().eval()
+    x, ids = torch.randn(4, 1, 12), torch.tensor([0, 5, 2, 5])
+    with torch.no_grad():
+        before = m(x, task_ids=ids)
+    opt = torch.optim.SGD([m.logits], lr=1.0)
+    m.logits.grad = torch.ones_like(m.logits)
+    opt.step()
+    with torch.no_grad():
+        stepped = m(x, task_ids=ids)
+        assert not torch.equal(stepped, before)
+        assert torch.equal(stepped, general_path(m, x, ids))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["logits"].normal_()
+    m.load_state_dict(state)
+    with torch.no_grad():
+        loaded = m(x, task_ids=ids)
+        assert not torch.equal(loaded, stepped)
+        assert torch.equal(loaded, general_path(m, x, ids))
+    assert_close(loaded, per_example_reference(m, x, ids, "sigmoid"), atol=1e-5, rtol=1e-5, what="after load")
