@@ -121,4 +121,29 @@ MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, a
   return q * (acc_t(1) - q) * dz * dpr;
 }
 
+// route_prob and route_prob_grad of one skill in one pass (the transcendentals shared): returns the
+// probability, bit for bit route_prob's, and writes d p / d l, route_prob_grad's.
+template <typename acc_t>
+MHR_HD acc_t route_prob_with_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny,
+                                  acc_t inv_skills, acc_t* grad) {
+  if (mode != RouteMode::kRelaxedBernoulli && mode != RouteMode::kSigmoid) {
+    *grad = route_prob_grad(mode, l, u, inv_temp, ceps, tiny);
+    return route_prob(mode, l, u, inv_temp, ceps, tiny, inv_skills);
+  }
+  const acc_t pr = mhr_sigmoid(l);
+  const acc_t dpr = pr * (acc_t(1) - pr);
+  if (mode == RouteMode::kSigmoid) {
+    *grad = dpr;
+    return pr;
+  }
+  const acc_t pc = mhr_clamp(pr, ceps, acc_t(1) - ceps);
+  const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
+  const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pc) - mhr_log1p(-pc)) * inv_temp;
+  const acc_t q = mhr_sigmoid(z);
+  const bool passes = pr >= ceps && pr <= acc_t(1) - ceps && q >= tiny && q <= acc_t(1) - ceps;
+  const acc_t dz = (acc_t(1) / pr + acc_t(1) / (acc_t(1) - pr)) * inv_temp;
+  *grad = passes ? q * (acc_t(1) - q) * dz * dpr : acc_t(0);
+  return mhr_clamp(q, tiny, acc_t(1) - ceps);
+}
+
 }  // namespace mhr_ops

@@ -9,9 +9,10 @@ namespace mhr_ops {
 namespace {
 
 // Fills p[0..S) with the routing probabilities of one row (before top-k) and returns the row's
-// logits pointer offset, or -1 when the task id is out of range.
+// task, or -1 when the task id is out of range. dp (elementwise modes only; may be null): also
+// d p / d l, computed with p (the backward then pays the transcendentals once).
 template <typename scalar_t>
-int64_t row_probs(const RouteParams& P, int64_t g, int64_t k, scalar_t* p, scalar_t* l) {
+int64_t row_probs(const RouteParams& P, int64_t g, int64_t k, scalar_t* p, scalar_t* l, scalar_t* dp = nullptr) {
   const int64_t S = P.num_skills;
   const int64_t task = load_index(P.task_ids, P.index_type, P.task_ids_stride, g);
   if (task < 0 || task >= P.num_tasks) return -1;
@@ -31,7 +32,9 @@ int64_t row_probs(const RouteParams& P, int64_t g, int64_t k, scalar_t* p, scala
     for (int64_t s = 0; s < S; ++s) {
       const scalar_t u =
           noise ? noise[g * P.noise_stride_g + k * P.noise_stride_h + s * P.noise_stride_s] : scalar_t(0);
-      p[s] = route_prob(P.mode, l[s], u, inv_temp, ceps, tiny, scalar_t(1) / scalar_t(S));
+      const scalar_t inv_skills = scalar_t(1) / scalar_t(S);
+      p[s] = dp ? route_prob_with_grad(P.mode, l[s], u, inv_temp, ceps, tiny, inv_skills, dp + s)
+                : route_prob(P.mode, l[s], u, inv_temp, ceps, tiny, inv_skills);
     }
   }
   return task;
@@ -76,17 +79,15 @@ void route_bwd_cpu(const RouteParams& P, int64_t task_begin, int64_t task_end) {
   if (P.mode == RouteMode::kAverage) return;  // constant weights: zero gradient
   const int64_t S = P.num_skills;
   const scalar_t inv_temp = scalar_t(1) / scalar_t(P.temperature);
-  const scalar_t ceps = scalar_t(P.clamp_eps), tiny = scalar_t(P.clamp_tiny);
-  std::vector<scalar_t> p(S), l(S), gp(S);
+  std::vector<scalar_t> p(S), l(S), gp(S), dp(S);
   std::unique_ptr<bool[]> kept(new bool[S]);
   const scalar_t* grad_w = static_cast<const scalar_t*>(P.grad_weights);
-  const scalar_t* noise = static_cast<const scalar_t*>(P.noise);
   scalar_t* grad_l = static_cast<scalar_t*>(P.grad_logits);
   for (int64_t g = 0; g < P.num_groups; ++g) {
     const int64_t task_of_g = load_index(P.task_ids, P.index_type, P.task_ids_stride, g);
     if (task_of_g < task_begin || task_of_g >= task_end) continue;
     for (int64_t k = 0; k < P.num_heads; ++k) {
-      const int64_t task = row_probs(P, g, k, p.data(), l.data());
+      const int64_t task = row_probs(P, g, k, p.data(), l.data(), dp.data());
       if (task < 0) continue;
       const scalar_t denom = select_top_k(P, p.data(), kept.get()) + scalar_t(P.eps);
       // w_s = p_s / denom over kept s  =>  dL/dp_s = (gw_s - sum_j gw_j w_j) / denom.
@@ -102,12 +103,8 @@ void route_bwd_cpu(const RouteParams& P, int64_t task_begin, int64_t task_end) {
         for (int64_t s = 0; s < S; ++s) gpp += gp[s] * p[s];
         for (int64_t s = 0; s < S; ++s) out[s] += p[s] * (gp[s] - gpp) * inv_temp;
       } else {
-        for (int64_t s = 0; s < S; ++s) {
-          if (!kept[s]) continue;
-          const scalar_t u =
-              noise ? noise[g * P.noise_stride_g + k * P.noise_stride_h + s * P.noise_stride_s] : scalar_t(0);
-          out[s] += gp[s] * route_prob_grad(P.mode, l[s], u, inv_temp, ceps, tiny);
-        }
+        for (int64_t s = 0; s < S; ++s)
+          if (kept[s]) out[s] += gp[s] * dp[s];
       }
     }
   }
