@@ -138,8 +138,8 @@ def mhr_linear(x, weight, bias, A, B, weights, group_ids, *, scale: float, check
 def adapted_linear(x, weight, bias, A, B, weights, group_ids, scale: float):
     """``mhr_linear`` for adapted layers (``nn.MHRLinear``), whose own tensors are known good: one
     group id per ``x.shape[0]`` (or a 0-d id for a 1-D ``x``). No Python checks (the op checks
-    shapes, dtypes and devices) and no Python autograd layer when nothing needs a gradient: the
-    per-call cost a serving layer pays."""
+    shapes, dtypes and devices) and no autograd kernel when nothing needs a gradient: the per-call
+    cost a serving layer pays."""
     d_in = x.shape[-1]
     x2 = x.reshape(-1, d_in)
     ids = group_ids.reshape(-1)
