@@ -343,7 +343,12 @@ MHR_ROWS_INLINE void grad_weights(const LoraRowsGradParams& p, int64_t k, int64_
   const T* W = static_cast<const T*>(p.weights);
   const T scale = static_cast<T>(p.scale);
   // The rows' weights for (k, s), and each row's x block scaled by it: wx[n, c] = w x[n, c].
-  T* wn = thread_scratch<T>(static_cast<size_t>(N * (1 + (p.dA ? dk_in : 0))));
+  // Scratch (one thread_scratch buffer per call: a second request could move the first):
+  // wn [N], wx [N, dk_in] (dA only), px [tile, r] (dw only).
+  constexpr int kT = static_cast<int>(kLoraRowTile);
+  const int64_t wx_size = p.dA ? N * dk_in : 0;
+  T* wn = thread_scratch<T>(static_cast<size_t>(N + wx_size + kT * R));
+  T* px = wn + N + wx_size;
   for (int64_t n = 0; n < N; ++n) wn[n] = W[p.row_group[n] * H * S + ks];
   if (p.dA != nullptr) {  // dA[k,s][c, :] = sum_n wx[n, c] gz[n]
     T* __restrict wx = wn + N;
@@ -408,8 +413,6 @@ MHR_ROWS_INLINE void grad_weights(const LoraRowsGradParams& p, int64_t k, int64_
     const T* a = static_cast<const T*>(p.A) + ks * dk_in * R;
     const T* pgy = static_cast<const T*>(p.pgy);
     T* dw = static_cast<T*>(p.dw);
-    constexpr int kT = static_cast<int>(kLoraRowTile);
-    T* px = thread_scratch<T>(static_cast<size_t>(kT * R));
     Tile<T> tile;
     for (int64_t n0 = 0; n0 < N; n0 += kT) {
       const int rows = static_cast<int>(std::min<int64_t>(kT, N - n0));
