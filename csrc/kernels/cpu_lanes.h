@@ -38,3 +38,23 @@ inline __attribute__((always_inline)) T sum_lanes(typename Lanes<T, L>::type v) 
 }  // namespace mhr_ops
 
 #pragma GCC diagnostic pop
+
+// Calls BODY<T, R>(args...) with the rank R at compile time for the common ranks (the kernels'
+// accumulators then stay in registers), BODY<T, 0> (rank at run time) otherwise.
+#define MHR_CPU_RANK_DISPATCH(BODY, T, RANK, ...) \
+  switch (RANK) {                                 \
+    case 1:                                       \
+      return BODY<T, 1>(__VA_ARGS__);             \
+    case 2:                                       \
+      return BODY<T, 2>(__VA_ARGS__);             \
+    case 4:                                       \
+      return BODY<T, 4>(__VA_ARGS__);             \
+    case 8:                                       \
+      return BODY<T, 8>(__VA_ARGS__);             \
+    case 16:                                      \
+      return BODY<T, 16>(__VA_ARGS__);            \
+    case 32:                                      \
+      return BODY<T, 32>(__VA_ARGS__);            \
+    default:                                      \
+      return BODY<T, 0>(__VA_ARGS__);             \
+  }

@@ -355,42 +355,25 @@ MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int6
   }
 }
 
-// The instantiations for one instruction set: the common ranks at compile time, others at run time.
-#define MHR_MOE_DISPATCH(BODY, T, RANK, ...) \
-  switch (RANK) {                            \
-    case 1:                                  \
-      return BODY<T, 1>(__VA_ARGS__);        \
-    case 2:                                  \
-      return BODY<T, 2>(__VA_ARGS__);        \
-    case 4:                                  \
-      return BODY<T, 4>(__VA_ARGS__);        \
-    case 8:                                  \
-      return BODY<T, 8>(__VA_ARGS__);        \
-    case 16:                                 \
-      return BODY<T, 16>(__VA_ARGS__);       \
-    case 32:                                 \
-      return BODY<T, 32>(__VA_ARGS__);       \
-    default:                                 \
-      return BODY<T, 0>(__VA_ARGS__);        \
-  }
+// The instantiations for one instruction set: MHR_CPU_RANK_DISPATCH (cpu_lanes.h).
 
 template <typename T>
 void rows_portable(const MoeRowsParams& p, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_pass, T, p.rank, p, b, e)
 }
 template <typename T>
 void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
+  MHR_CPU_RANK_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
 }
 #if defined(MHR_MOE_X86)
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const MoeRowsParams& p, int64_t b, int64_t e) {
-  MHR_MOE_DISPATCH(rows_pass, T, p.rank, p, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_pass, T, p.rank, p, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void wgrad_avx2(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
                                                     int64_t e) {
-  MHR_MOE_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
+  MHR_CPU_RANK_DISPATCH(wgrad, T, p.rank, p, plan, b, e)
 }
 bool cpu_has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

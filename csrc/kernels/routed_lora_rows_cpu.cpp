@@ -511,50 +511,33 @@ MHR_ROWS_INLINE void rows_backward_step(const LoraRowsGradParams& p, LoraRowsGra
   }
 }
 
-// The instantiations for one instruction set: the common ranks at compile time, others at run time.
-#define MHR_ROWS_DISPATCH(BODY, T, ...) \
-  switch (p.rank) {                     \
-    case 1:                             \
-      return BODY<T, 1>(__VA_ARGS__);   \
-    case 2:                             \
-      return BODY<T, 2>(__VA_ARGS__);   \
-    case 4:                             \
-      return BODY<T, 4>(__VA_ARGS__);   \
-    case 8:                             \
-      return BODY<T, 8>(__VA_ARGS__);   \
-    case 16:                            \
-      return BODY<T, 16>(__VA_ARGS__);  \
-    case 32:                            \
-      return BODY<T, 32>(__VA_ARGS__);  \
-    default:                            \
-      return BODY<T, 0>(__VA_ARGS__);   \
-  }
+// The instantiations for one instruction set: MHR_CPU_RANK_DISPATCH (cpu_lanes.h).
 
 template <typename T>
 void rows_portable(const LoraRowsParams& p, LoraRowsStep step, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_forward_step, T, p, step, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_forward_step, T, p.rank, p, step, b, e)
 }
 template <typename T>
 void gathered_portable(const LoraGatheredParams& p, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(gathered_forward, T, p, b, e)
+  MHR_CPU_RANK_DISPATCH(gathered_forward, T, p.rank, p, b, e)
 }
 template <typename T>
 void rows_backward_portable(const LoraRowsGradParams& p, LoraRowsGradStep step, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_backward_step, T, p, step, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_backward_step, T, p.rank, p, step, b, e)
 }
 #if defined(MHR_ROWS_X86)
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const LoraRowsParams& p, LoraRowsStep step, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_forward_step, T, p, step, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_forward_step, T, p.rank, p, step, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void gathered_avx2(const LoraGatheredParams& p, int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(gathered_forward, T, p, b, e)
+  MHR_CPU_RANK_DISPATCH(gathered_forward, T, p.rank, p, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_backward_avx2(const LoraRowsGradParams& p, LoraRowsGradStep step,
                                                             int64_t b, int64_t e) {
-  MHR_ROWS_DISPATCH(rows_backward_step, T, p, step, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_backward_step, T, p.rank, p, step, b, e)
 }
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
