@@ -84,66 +84,52 @@ int64_t route_cuda_max_skills();
 // ---- Per-element math shared by the CPU and CUDA kernels. ----
 
 // Routing probability of one skill before top-k and normalization (not used for softmax, which
-// needs the row max and sum). `u` is the uniform noise (relaxed Bernoulli only).
+// needs the row max and sum), and its derivative d p / d l in `grad`: the same chain autograd
+// takes through PEFT's ops, clamps included (a clamped value passes no gradient). `u` is the
+// uniform noise (relaxed Bernoulli only). One formula for both, so the backward pays the
+// transcendentals once; route_prob / route_prob_grad take one half (the other is dead code).
 template <typename acc_t>
-MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny, acc_t inv_skills) {
+MHR_HD acc_t route_prob_with_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny,
+                                  acc_t inv_skills, acc_t* grad) {
   switch (mode) {
-    case RouteMode::kSigmoid:
-      return mhr_sigmoid(l);
+    case RouteMode::kSigmoid: {
+      const acc_t pr = mhr_sigmoid(l);
+      *grad = pr * (acc_t(1) - pr);
+      return pr;
+    }
     case RouteMode::kRelaxedBernoulli: {
       // torch.distributions.RelaxedBernoulli(temperature, logits=l).rsample(), term order kept.
-      const acc_t pc = mhr_clamp(mhr_sigmoid(l), ceps, acc_t(1) - ceps);
+      const acc_t pr = mhr_sigmoid(l);
+      const acc_t pc = mhr_clamp(pr, ceps, acc_t(1) - ceps);
       const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
       const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pc) - mhr_log1p(-pc)) * inv_temp;
-      return mhr_clamp(mhr_sigmoid(z), tiny, acc_t(1) - ceps);
+      const acc_t q = mhr_sigmoid(z);
+      // where pr passes its clamp, pc == pr: the logit term is the unclamped one
+      const bool passes = pr >= ceps && pr <= acc_t(1) - ceps && q >= tiny && q <= acc_t(1) - ceps;
+      const acc_t dz = (acc_t(1) / pr + acc_t(1) / (acc_t(1) - pr)) * inv_temp;
+      *grad = passes ? q * (acc_t(1) - q) * dz * (pr * (acc_t(1) - pr)) : acc_t(0);
+      return mhr_clamp(q, tiny, acc_t(1) - ceps);
     }
     case RouteMode::kAverage:
+      *grad = acc_t(0);
       return inv_skills;
     default:
+      *grad = acc_t(0);
       return l;  // softmax is handled per row by the caller
   }
 }
 
-// d p / d l for one skill of the elementwise modes (sigmoid, relaxed Bernoulli); the same chain
-// autograd takes through PEFT's ops, clamps included (a clamped value passes no gradient).
 template <typename acc_t>
-MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny) {
-  const acc_t pr = mhr_sigmoid(l);
-  const acc_t dpr = pr * (acc_t(1) - pr);
-  if (mode == RouteMode::kSigmoid) return dpr;
-  if (mode != RouteMode::kRelaxedBernoulli) return acc_t(0);
-  if (!(pr >= ceps && pr <= acc_t(1) - ceps)) return acc_t(0);
-  const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
-  const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pr) - mhr_log1p(-pr)) * inv_temp;
-  const acc_t q = mhr_sigmoid(z);
-  if (!(q >= tiny && q <= acc_t(1) - ceps)) return acc_t(0);
-  const acc_t dz = (acc_t(1) / pr + acc_t(1) / (acc_t(1) - pr)) * inv_temp;
-  return q * (acc_t(1) - q) * dz * dpr;
+MHR_HD acc_t route_prob(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny, acc_t inv_skills) {
+  acc_t unused;
+  return route_prob_with_grad(mode, l, u, inv_temp, ceps, tiny, inv_skills, &unused);
 }
 
-// route_prob and route_prob_grad of one skill in one pass (the transcendentals shared): returns the
-// probability, bit for bit route_prob's, and writes d p / d l, route_prob_grad's.
 template <typename acc_t>
-MHR_HD acc_t route_prob_with_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny,
-                                  acc_t inv_skills, acc_t* grad) {
-  if (mode != RouteMode::kRelaxedBernoulli && mode != RouteMode::kSigmoid) {
-    *grad = route_prob_grad(mode, l, u, inv_temp, ceps, tiny);
-    return route_prob(mode, l, u, inv_temp, ceps, tiny, inv_skills);
-  }
-  const acc_t pr = mhr_sigmoid(l);
-  const acc_t dpr = pr * (acc_t(1) - pr);
-  if (mode == RouteMode::kSigmoid) {
-    *grad = dpr;
-    return pr;
-  }
-  const acc_t pc = mhr_clamp(pr, ceps, acc_t(1) - ceps);
-  const acc_t uc = mhr_clamp(u, ceps, acc_t(1) - ceps);
-  const acc_t z = (mhr_log(uc) - mhr_log1p(-uc) + mhr_log(pc) - mhr_log1p(-pc)) * inv_temp;
-  const acc_t q = mhr_sigmoid(z);
-  const bool passes = pr >= ceps && pr <= acc_t(1) - ceps && q >= tiny && q <= acc_t(1) - ceps;
-  const acc_t dz = (acc_t(1) / pr + acc_t(1) / (acc_t(1) - pr)) * inv_temp;
-  *grad = passes ? q * (acc_t(1) - q) * dz * dpr : acc_t(0);
-  return mhr_clamp(q, tiny, acc_t(1) - ceps);
+MHR_HD acc_t route_prob_grad(RouteMode mode, acc_t l, acc_t u, acc_t inv_temp, acc_t ceps, acc_t tiny) {
+  acc_t grad;
+  route_prob_with_grad(mode, l, u, inv_temp, ceps, tiny, acc_t(0), &grad);
+  return grad;
 }
 
 }  // namespace mhr_ops
