@@ -116,7 +116,7 @@ class RoutedAdapter:
         ``T > max(256, len(ids))``; otherwise one group per example (relaxed-Bernoulli noise is
         drawn per example, PEFT's stream)."""
         mode = self.routing_mode()
-        if mode != "relaxed_bernoulli" and self.logits.shape[0] <= max(256, ids.shape[0]):
+        if routes_per_task(mode, self.logits.shape[0], ids.shape[0]):
             return self._task_weights(mode), ids
         return self.routing_weights(ids, mode=mode), torch.arange(ids.shape[0], device=device)
 
@@ -148,6 +148,13 @@ class RoutedAdapter:
         a = torch.einsum("ks,ksdr->kdr", w, A).reshape(h * dk_in, r)
         b = torch.einsum("ks,ksrd->krd", w, B).transpose(0, 1).reshape(r, -1)
         return (self.scale * (a @ b)).T
+
+
+def routes_per_task(mode: str, n_tasks: int, n_examples: int) -> bool:
+    """Whether a batch of ``n_examples`` routes per task (``G = T``, group ids = task ids) rather
+    than per example: a mode without per-example noise, unless there are far more tasks than
+    examples (``T > max(256, n_examples)``: computing every task's weights would cost more)."""
+    return mode != "relaxed_bernoulli" and n_tasks <= max(256, n_examples)
 
 
 def task_weights_key(logits: torch.Tensor, mode: str, temperature, top_k, eps) -> tuple:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ._adapted import RoutedAdapter, _is_plain_linear, adapted_forward, task_weights_key
+from ._adapted import RoutedAdapter, _is_plain_linear, adapted_forward, routes_per_task, task_weights_key
 from ._tasks import ids_checked_once
 from .lora import MHR_LINEAR_OP
 from .moh import head_gates
@@ -174,7 +174,7 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         if type(ids) is not torch.Tensor or self.merged_task is not None or ids.dim() != 1 or len(shape) < 2:
             return None
         mode = self.train_mode if self.training else self.eval_mode
-        if mode == "relaxed_bernoulli" or _is_compiling():
+        if _is_compiling():
             return None
         # Parameters straight from _parameters (nn.Module.__getattr__ costs ~0.5 us a read); one that
         # is not there (a parametrization, or a plain tensor put in its place) is the general flow's
@@ -199,7 +199,7 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             return None
         n, n_ids, n_tasks = shape[0], ids.shape[0], logits.shape[0]
         rows = n if len(shape) == 2 else n * shape[1] if len(shape) == 3 else n * math.prod(shape[1:-1])
-        if rows == 0 or n_ids == 0 or n % n_ids or (n_tasks > 256 and n_tasks > n) or ids.device != x.device:
+        if rows == 0 or n_ids == 0 or n % n_ids or not routes_per_task(mode, n_tasks, n) or ids.device != x.device:
             return None
         if not ids_checked_once(ids, n_tasks):
             return None
