@@ -259,9 +259,9 @@ def make_emulated_extension():
     emulation = os.path.join(ROOT, "csrc", "emulation")
     shared = sorted(glob.glob(os.path.join(KERNELS, "*.cu")))
     shared += binding_sources("cuda", "args")
-    # The one composite the CPU backend overrides with a kernel of its own: under emulation it
-    # registers for the CPU key (composite/mhr_linear.cpp), as CUDA tensors take it.
-    shared.append(os.path.join(BINDING, "composite", "mhr_linear.cpp"))
+    # The composites the CPU backend overrides with kernels of its own: under emulation they
+    # register for the CPU key, as CUDA tensors take them.
+    shared += [os.path.join(BINDING, "composite", f) for f in ("mhr_linear.cpp", "task_lora_linear.cpp")]
     wrapper_dir = os.path.join(ROOT, "build", "emulated")
     os.makedirs(wrapper_dir, exist_ok=True)
     sources = [os.path.join(emulation, "simt.cpp"), os.path.join(emulation, "torch_module.cpp")]

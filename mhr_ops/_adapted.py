@@ -142,12 +142,23 @@ class RoutedAdapter:
     def task_delta(self, task_id: int) -> torch.Tensor:
         """The task's adapter as a dense ``[d_out, d_in]`` fp32 matrix: ``scale * (A_t @ B_t)^T``
         with the eval-mode routing weights."""
-        w = self.routing_weights(torch.tensor([task_id], device=self.logits.device), mode=self.eval_mode)[0].float()
-        A, B = self.A.float(), self.B.float()
-        h, _, dk_in, r = A.shape
-        a = torch.einsum("ks,ksdr->kdr", w, A).reshape(h * dk_in, r)
-        b = torch.einsum("ks,ksrd->krd", w, B).transpose(0, 1).reshape(r, -1)
-        return (self.scale * (a @ b)).T
+        w = self.routing_weights(torch.tensor([task_id], device=self.logits.device), mode=self.eval_mode)
+        a, b = mix_task_adapters(w, self.A, self.B, torch.float32)
+        return (self.scale * (a[0] @ b[0])).T
+
+
+def mix_task_adapters(
+    weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each task's mixed LoRA, as PEFT's Poly layer forms it: ``a [T, d_in, r]`` (head k's rows
+    ``sum_s w[t, k, s] A[k, s]``) and ``b [T, r, d_out]`` (head k's columns ``sum_s w[t, k, s]
+    B[k, s]``), in ``dtype``, from ``weights [T, h, S]``, ``A [h, S, d_in/h, r]`` and
+    ``B [h, S, r, d_out/h]``."""
+    w, A, B = weights.to(dtype), A.to(dtype), B.to(dtype)
+    n, r = w.shape[0], A.shape[3]
+    a = torch.einsum("tks,ksdr->tkdr", w, A).reshape(n, -1, r)
+    b = torch.einsum("tks,ksrd->trkd", w, B).reshape(n, r, -1)
+    return a, b
 
 
 def routes_per_task(mode: str, n_tasks: int, n_examples: int) -> bool:

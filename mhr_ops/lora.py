@@ -23,6 +23,7 @@ from ._checks import (
 # The OpOverload itself, read once (torch.ops.mhr_ops.mhr_linear.default is an attribute chain
 # of about half a us): for serving paths that call the op directly.
 MHR_LINEAR_OP = torch.ops.mhr_ops.mhr_linear.default
+TASK_LORA_LINEAR_OP = torch.ops.mhr_ops.task_lora_linear.default
 
 
 def _check_tensors(x, named) -> None:
@@ -160,6 +161,11 @@ def _bottleneck_like(x, A):
 @torch.library.register_fake("mhr_ops::routed_lora")
 def _routed_lora_fake(x, A, B, weights, group_ids, rows_per_group_id, scale):
     return x.new_empty((x.shape[0], A.shape[0] * B.shape[3])), _bottleneck_like(x, A)
+
+
+@torch.library.register_fake("mhr_ops::task_lora_linear")
+def _task_lora_linear_fake(x, weight, bias, A, B, task_ids, rows_per_task_id):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("mhr_ops::routed_lora_add_")

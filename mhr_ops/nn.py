@@ -7,15 +7,27 @@ import math
 import torch
 from torch import nn
 
-from ._adapted import RoutedAdapter, _is_plain_linear, adapted_forward, routes_per_task, task_weights_key
+from ._adapted import (
+    RoutedAdapter,
+    _is_plain_linear,
+    adapted_forward,
+    mix_task_adapters,
+    routes_per_task,
+    task_weights_key,
+)
 from ._tasks import ids_checked_once
-from .lora import MHR_LINEAR_OP
+from .lora import MHR_LINEAR_OP, TASK_LORA_LINEAR_OP
 from .moh import head_gates
 from .routing import check_route_options
 
 # Read once: each is an attribute chain of a few hundred ns, and the serving path is a few us.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
+_HALF = (torch.float16, torch.bfloat16)
+
+# Serving calls of at most this many rows use the kept per-task mixed adapters (MHRLinear._serve);
+# larger ones the routed op, which mixes only the groups a call uses (bench/NOTES.md, session 9).
+MIXED_MAX_ROWS = 256
 
 
 class _AdaptsLinear:
@@ -59,7 +71,17 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         init_weights: PEFT's ``init_weights``: B = 0 (the adapter starts as a no-op).
     Parameters: ``A [h, S, d_in/h, r]``, ``B [h, S, r, d_out/h]``, ``logits [T, h*S]``, on the base
     layer's device; fp32 unless ``adapter_dtype`` says otherwise (PEFT keeps adapters in fp32).
+
+    Serving (eval, no autograd, noise-free routing, at most ``MIXED_MAX_ROWS`` rows): the layer
+    keeps every task's mixed adapter, ``T (d_in + d_out) r`` numbers in fp32, while they take at
+    most ``mixed_cache_fraction`` of the base weight's bytes (set it to 0 to keep none); they are
+    recomputed when the logits, ``A`` or ``B`` change and dropped by ``train()``. Results then
+    agree with the routed op to rounding, not bit for bit.
     """
+
+    #: The per-task mixed adapters kept for serving may take at most this fraction of the base
+    #: weight's bytes (0: none are kept, every call runs the routed op).
+    mixed_cache_fraction: float = 0.25
 
     def __init__(
         self,
@@ -155,20 +177,23 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         return adapted_forward((self._adapter(),), x, task_ids) if y is None else y
 
     def _serve(self, x: torch.Tensor, task_ids) -> torch.Tensor | None:
-        """The common serving call, as directly as Python allows: ``mhr_linear`` on the kept task
-        weights, below the Autograd key. ``adapted_forward`` does the same for this call, but its
-        generic steps (the adapter view, id resolution, the task count, the kept weights' lookup,
-        the plain-linear test, reshapes, the autograd test) cost several times the op's own
-        Python overhead at small N (issue 11).
+        """The common serving call, as directly as Python allows: ``task_lora_linear`` on the kept
+        mixed adapters, or ``mhr_linear`` on the kept task weights below the Autograd key.
+        ``adapted_forward`` runs the latter too, but its generic steps (the adapter view, id
+        resolution, the task count, the kept weights' lookup, the plain-linear test, reshapes, the
+        autograd test) cost several times the op's own Python overhead at small N (issue 11).
 
         Returns None, for the general flow to run (and raise where it should), unless: the ids are
         a 1-D tensor on x's device whose length divides ``x.shape[0]`` (the batch, possibly
         expanded), x is at least 2-D and not empty, no autograd is needed and nothing is being
         compiled, no task is merged, the routing mode draws no per-example noise and groups by
-        task, and the base is a plain ``nn.Linear`` with x's dtype. Same op call, same arguments
-        (an expanded batch's ids are not repeated: rows_per_id covers the copies; the kernels map
-        row n to ``ids[n // rows_per_id]`` either way), so the same bits; the same id checks
-        (once per ids tensor) and the same kept weights as the general flow."""
+        task, and the base is a plain ``nn.Linear`` with x's dtype. Then: at most MIXED_MAX_ROWS
+        rows, with the tasks' mixed adapters kept within their budget, run ``task_lora_linear``
+        on them (the general flow's values to rounding); any other call is the general flow's op
+        call with the same arguments (an expanded batch's ids are not repeated: rows_per_id covers
+        the copies; the kernels map row n to ``ids[n // rows_per_id]`` either way), so the same
+        bits. Both take the same id checks (once per ids tensor) and the same kept weights as the
+        general flow."""
         ids = self._mhr_task_ids if task_ids is None else task_ids
         shape = x.shape
         if type(ids) is not torch.Tensor or self.merged_task is not None or ids.dim() != 1 or len(shape) < 2:
@@ -204,9 +229,12 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         if not ids_checked_once(ids, n_tasks):
             return None
         key = task_weights_key(logits, mode, self.temperature, self.top_k, self.eps)
-        kept = self.__dict__.get("_mhr_task_weights")  # RoutedAdapter._task_weights' cache; our slot: None
-        cached = None if kept is None else kept.get(None)
-        weights = cached[1] if cached is not None and cached[0] == key else self._adapter()._task_weights(mode)
+        mixed = self._mixed_task_adapters(key, mode, A, B, W, x.dtype) if rows <= MIXED_MAX_ROWS else None
+        if mixed is not None:
+            # x's leading dims as they are (the op flattens them), and no _below_autograd: the op has no
+            # autograd kernel, and nothing here needs one
+            return TASK_LORA_LINEAR_OP(x, W, b, mixed[0], mixed[1], ids, rows // n_ids)
+        weights = self._kept_task_weights(key, mode)
         if len(shape) == 2:
             with _below_autograd():
                 return MHR_LINEAR_OP(x, W, b, A, B, weights, ids, rows // n_ids, self.scale)[0]
@@ -215,6 +243,48 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             y = MHR_LINEAR_OP(x2, W, b, A, B, weights, ids, rows // n_ids, self.scale)[0]
         # view(n, L, -1) rather than view(*shape[:-1], -1): unpacking a torch.Size costs ~0.7 us
         return y.view(n, shape[1], -1) if len(shape) == 3 else y.view(*shape[:-1], -1)
+
+    def _kept_task_weights(self, key: tuple, mode: str) -> torch.Tensor:
+        """Every task's routing weights, as ``RoutedAdapter._task_weights`` keeps them (its cache,
+        our slot: None) when they were computed from ``key``."""
+        kept = self.__dict__.get("_mhr_task_weights")
+        cached = None if kept is None else kept.get(None)
+        return cached[1] if cached is not None and cached[0] == key else self._adapter()._task_weights(mode)
+
+    def _mixed_task_adapters(
+        self, key: tuple, mode: str, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, x_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every task's mixed adapter for the serving path, kept between calls: ``a [T, d_in, r]``
+        and ``scale * b [T, r, d_out]`` (``mix_task_adapters``) in the op's accumulation dtype (fp64
+        for fp64 x, else fp32), from the routing weights of ``key``. Kept while the logits, the
+        routing options, ``A``, ``B`` and the scale are unchanged (each Parameter's identity,
+        storage and version counter). None, for the routed op to run, when they would take more
+        than ``mixed_cache_fraction`` of the base weight's bytes, or when the adapters' dtype is
+        not one the routed op takes for x (it then raises)."""
+        ct = torch.float64 if x_dtype == torch.float64 else torch.float32
+        scale = self.scale
+        full_key = (key, id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, A.dtype, ct, scale)
+        kept = self.__dict__.get("_mhr_mixed")
+        if kept is not None and kept[0] == full_key:
+            return kept[1]
+        if B.dtype != A.dtype or not (A.dtype == x_dtype or (A.dtype == torch.float32 and x_dtype in _HALF)):
+            return None
+        h, _, dk_in, r = A.shape
+        n_bytes = self.logits.shape[0] * (h * dk_in + B.shape[0] * B.shape[3]) * r * (8 if ct == torch.float64 else 4)
+        if n_bytes > self.mixed_cache_fraction * W.numel() * W.element_size():
+            return None
+        weights = self._kept_task_weights(key, mode)
+        # Normal tensors even under inference_mode: they serve later no_grad calls too.
+        with torch.inference_mode(False), torch.no_grad():
+            a, b = mix_task_adapters(weights, A, B, ct)
+            mixed = (a, b.mul_(scale))
+        self.__dict__["_mhr_mixed"] = (full_key, mixed)
+        return mixed
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.__dict__.pop("_mhr_mixed", None)  # serving's mixed adapters: no use while training
+        return super().train(mode)
 
     def task_delta(self, task_id: int) -> torch.Tensor:
         """The task's adapter as a dense ``[d_out, d_in]`` fp32 matrix: ``scale * (A_t @ B_t)^T``

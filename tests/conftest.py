@@ -37,9 +37,10 @@ if EMULATED_CUDA:
         "moe_lora",
         "moe_lora_add_",
         "moe_lora_backward",
+        "task_lora_linear",
     ):
         cpu = [line for line in torch._C._dispatch_dump_table(f"mhr_ops::{op}").splitlines() if line.startswith("CPU:")]
-        if not cpu or not any(f in cpu[0] for f in ("_cuda.cpp", "mhr_linear.cpp")):
+        if not cpu or not any(f in cpu[0] for f in ("_cuda.cpp", "mhr_linear.cpp", "task_lora_linear.cpp")):
             raise pytest.UsageError(
                 f"MHR_OPS_EMULATED_CUDA=1: mhr_ops::{op} on CPU is not the emulated CUDA kernel: {cpu}"
             )

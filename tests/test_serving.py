@@ -21,7 +21,7 @@ def layer(T=6, h=2, S=3, r=4, d_in=12, d_out=10, seed=0, **kw):
 
 def per_example_reference(m, x, task_ids, mode):
     """Per-example routing (PEFT's way) in float64: the grouping by task must not change it."""
-    w = reference.route(m.logits, task_ids, n_skills=m.A.shape[1], mode=mode, top_k=m.top_k)
+    w = reference.route(m.logits, task_ids, n_skills=m.A.shape[1], mode=mode, top_k=m.top_k, temperature=m.temperature)
     groups = torch.arange(task_ids.shape[0])
     return reference.mhr_linear(x, m.base.weight, m.base.bias, m.A, m.B, w, groups, scale=m.scale)
 
@@ -260,3 +260,221 @@ def test_serving_cache_follows_optimizer_steps_and_state_dicts():
         assert not torch.equal(loaded, stepped)
         assert torch.equal(loaded, general_path(m, x, ids))
     assert_close(loaded, per_example_reference(m, x, ids, "sigmoid"), atol=1e-5, rtol=1e-5, what="after load")
+
+
+# ---- the kept per-task mixed adapters (MHRLinear.mixed_cache_fraction) and task_lora_linear ----
+
+
+def mixed_layer(**kw):
+    """A layer whose mixed adapters the serving path keeps: the test layers' base weights are tiny,
+    so the default budget (a quarter of the base weight's bytes) would keep none."""
+    m = layer(**kw).eval()
+    m.mixed_cache_fraction = float("inf")
+    return m
+
+
+@pytest.mark.parametrize(
+    "lead,n_ids,kw",
+    [
+        ((1, 1), 1, {}),
+        ((8, 1), 8, {}),
+        ((5, 3), 5, {}),
+        ((6,), 6, {}),
+        ((6, 2), 3, {}),  # an expanded batch: each id covers two examples
+        ((2, 3, 2), 2, {}),  # 4-D x
+        ((5, 2), 5, dict(top_k=2, eval_mode="softmax", temperature=0.7)),
+        ((5, 2), 5, dict(bias=False)),
+    ],
+)
+def test_serving_with_mixed_adapters_matches_per_example_routing(lead, n_ids, kw):
+    """Small serving calls run task_lora_linear on the kept mixed adapters: the float64 reference's
+    values (to fp32 rounding, not the routed op's bits), and the general flow's to rounding."""
+    bias = kw.pop("bias", True)
+    m = mixed_layer(**kw)
+    if not bias:
+        m.base.bias = None
+    x = torch.randn(*lead, 12)
+    ids = torch.randint(0, 6, (n_ids,))
+    with torch.no_grad():
+        y = m(x, task_ids=ids)
+        assert "_mhr_mixed" in m.__dict__, "the call did not keep the mixed adapters"
+        general = general_path(m, x, ids)
+    per_example = ids.repeat_interleave(lead[0] // n_ids)
+    xs = x if x.dim() > 2 else x.unsqueeze(1)
+    ref = per_example_reference(m, xs.reshape(lead[0], -1, 12), per_example, m.eval_mode).reshape(y.shape)
+    assert y.shape == (*lead, 10)
+    assert_close(y, ref, atol=1e-5, rtol=1e-5, what=f"mixed {lead}")
+    assert_close(y, general, atol=1e-5, rtol=1e-5, what=f"mixed vs general {lead}")
+
+
+def test_mixed_adapters_are_the_reference_mix_with_the_scale():
+    m = mixed_layer()
+    x, ids = torch.randn(3, 12), torch.tensor([4, 0, 4])
+    with torch.no_grad():
+        m(x, task_ids=ids)
+    a, b = m.__dict__["_mhr_mixed"][1]
+    ref_a, ref_b = reference.mixed_adapters(m.A, m.B, m.routing_weights(torch.arange(6)))
+    assert a.dtype == b.dtype == torch.float32 and a.shape == (6, 12, 4) and b.shape == (6, 4, 10)
+    assert_close(a, ref_a, atol=1e-6, rtol=1e-6, what="a")
+    assert_close(b, m.scale * ref_b, atol=1e-6, rtol=1e-6, what="scale * b")
+
+
+def test_mixed_adapters_follow_every_change():
+    """The kept mixed adapters are recomputed after an optimizer step on A, B or the logits, a new
+    scale, load_state_dict and .double(); train() drops them."""
+    m = mixed_layer()
+    x, ids = torch.randn(4, 1, 12), torch.tensor([0, 5, 2, 5])
+
+    def serve():
+        with torch.no_grad():
+            y = m(x.to(m.A.dtype), task_ids=ids)
+        assert_close(y, per_example_reference(m, x, ids, "sigmoid"), atol=1e-5, rtol=1e-5, what="after a change")
+        return y
+
+    before = serve()
+    for name in ("A", "B", "logits"):
+        p = getattr(m, name)
+        opt = torch.optim.SGD([p], lr=0.5)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        after = serve()
+        assert not torch.equal(after, before), name
+        before = after
+    m.scale *= 3
+    assert not torch.equal(serve(), before)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["B"].normal_()
+    m.load_state_dict(state)
+    serve()
+    m.double()
+    assert serve().dtype == torch.float64 and m.__dict__["_mhr_mixed"][1][0].dtype == torch.float64
+    m.train()
+    assert "_mhr_mixed" not in m.__dict__
+
+
+def test_mixed_adapters_kept_under_inference_mode_serve_later_calls():
+    m = mixed_layer()
+    x, ids = torch.randn(2, 1, 12), torch.tensor([3, 1])
+    with torch.inference_mode():
+        first = m(x, task_ids=ids)
+    assert not m.__dict__["_mhr_mixed"][1][0].is_inference()
+    with torch.no_grad():
+        assert torch.equal(m(x, task_ids=ids), first)
+
+
+def test_mixed_adapters_only_within_their_budget_and_for_small_calls():
+    """The routed op (bit for bit the general flow) when the mixed adapters would exceed
+    mixed_cache_fraction of the base weight's bytes, or for more than MIXED_MAX_ROWS rows."""
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    m = layer().eval()  # 6 tasks x (12 + 10) x 4 fp32 = 2112 bytes > a quarter of 480
+    for fraction in (0.25, 0.0):
+        m.mixed_cache_fraction = fraction
+        with torch.no_grad():
+            assert torch.equal(m(x, task_ids=ids), general_path(m, x, ids))
+        assert "_mhr_mixed" not in m.__dict__
+    big = torch.nn.Linear(64, 64)  # 4 tasks x 128 x 2 x 4 bytes = 4 KB <= a quarter of 16 KB
+    m = mhr_ops.nn.MHRLinear(big, r=2, n_skills=3, n_tasks=4, n_splits=2).eval()
+    rows = mhr_ops.nn.MIXED_MAX_ROWS + 1
+    x, ids = torch.randn(rows, 64), torch.randint(0, 4, (rows,))
+    with torch.no_grad():
+        assert torch.equal(m(x, task_ids=ids), general_path(m, x, ids))
+        assert "_mhr_mixed" not in m.__dict__
+        m(x[:5], task_ids=ids[:5])
+        assert "_mhr_mixed" in m.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_adapters_with_half_activations(dtype):
+    """Half x and base with fp32 adapters (PEFT's layout): fp32 mixed adapters, the update rounded
+    into the half output once more than the routed op does."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48).to(dtype)
+    m = mhr_ops.nn.MHRLinear(base, r=4, n_skills=3, n_tasks=5, n_splits=4).eval()
+    m.mixed_cache_fraction = float("inf")
+    with torch.no_grad():
+        m.B.normal_()
+        m.logits.normal_()
+    x, ids = torch.randn(6, 2, 64, dtype=dtype), torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        y = m(x, task_ids=ids)
+        routed = general_path(m, x, ids)
+    assert "_mhr_mixed" in m.__dict__ and y.dtype == dtype
+    ref = per_example_reference(m, x, ids, "sigmoid")
+    tol = 2 * (routed.double() - ref).abs().max().item() + 1e-2
+    assert_close(y, ref, atol=tol, rtol=0, what=f"{dtype}")
+
+
+def task_lora_reference(x, W, b, A, B, ids, rows_per_id):
+    """float64: F.linear(x, W, b) + (x @ A[t]) @ B[t] per row; NaN rows for ids outside [0, T)."""
+    rows = x.double().reshape(-1, x.shape[-1])
+    per_row = ids.long().repeat_interleave(rows_per_id)
+    y = rows @ W.double().T + (0 if b is None else b.double())
+    for n, t in enumerate(per_row.tolist()):
+        if 0 <= t < A.shape[0]:
+            y[n] += (rows[n] @ A[t].double()) @ B[t].double()
+        else:
+            y[n] = float("nan")
+    return y.reshape(*x.shape[:-1], W.shape[0])
+
+
+@pytest.mark.parametrize(
+    "lead,n_ids,dtype,bias,index",
+    [
+        ((1,), 1, torch.float32, True, torch.int64),
+        ((9,), 9, torch.float32, True, torch.int32),
+        ((40,), 20, torch.float32, False, torch.int64),
+        ((3, 7), 3, torch.float64, True, torch.int64),
+        ((2, 3, 5), 2, torch.float32, True, torch.int64),
+        ((0,), 0, torch.float32, True, torch.int64),
+        ((11,), 11, torch.bfloat16, True, torch.int64),
+    ],
+)
+def test_task_lora_linear_matches_its_reference(lead, n_ids, dtype, bias, index):
+    """The op on odd sizes, a non-contiguous x, int32 ids, repeated rows per id, leading dims,
+    no rows, fp64, and half x (the composite path); out-of-range ids give NaN rows, only those."""
+    torch.manual_seed(1)
+    T, d_in, d_out, r = 5, 37, 29, 3
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(*lead, d_in * 2, dtype=dtype)[..., ::2]  # non-contiguous rows
+    W, b = torch.randn(d_out, d_in, dtype=dtype), torch.randn(d_out, dtype=dtype) if bias else None
+    A, B = torch.randn(T, d_in, r, dtype=ct), torch.randn(T, r, d_out, dtype=ct)
+    ids = torch.randint(0, T, (n_ids,), dtype=index)
+    if n_ids > 2:
+        ids[1], ids[2] = T, -1
+    rows_per_id = max(1, x.numel() // d_in // max(n_ids, 1)) if n_ids else 1
+    y = torch.ops.mhr_ops.task_lora_linear(x, W, b, A, B, ids, rows_per_id)
+    ref = task_lora_reference(x, W, b, A, B, ids, rows_per_id)
+    assert y.shape == ref.shape and y.dtype == dtype
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(y), nan)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4 if dtype == torch.float32 else 1e-10
+    assert_close(y[~nan], ref[~nan], atol=tol, rtol=tol, what=f"task_lora_linear {lead} {dtype}")
+
+
+def test_task_lora_linear_opcheck():
+    torch.manual_seed(2)
+    x, W, b = torch.randn(6, 2, 16), torch.randn(12, 16), torch.randn(12)
+    A, B, ids = torch.randn(4, 16, 3), torch.randn(4, 3, 12), torch.tensor([3, 0, 1, 3, 2, 0])
+    torch.library.opcheck(torch.ops.mhr_ops.task_lora_linear, (x, W, b, A, B, ids, 2))
+    torch.library.opcheck(torch.ops.mhr_ops.task_lora_linear, (x[:, 0], W, None, A, B, ids, 1))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(A=torch.randn(4, 16, 3, dtype=torch.float64)), r"A: expected dtype torch\.float32"),
+        (dict(A=torch.randn(4, 15, 3)), r"A: expected shape \(T, 16, r\)"),
+        (dict(B=torch.randn(4, 2, 12)), r"B: expected shape \(4, 3, d_out\)"),
+        (dict(ids=torch.tensor([0, 1, 2])), r"task_ids: expected 6 / 1 ids for 6 rows, got 3"),
+        (dict(ids=torch.zeros(6)), r"task_ids"),
+        (dict(rows_per_id=0), r"rows_per_task_id: expected >= 1"),
+        (dict(W=torch.randn(12, 17)), r"weight: expected shape \(12, 16\)"),
+        (dict(x=torch.randn(16)), r"x: expected a 2-D tensor"),
+    ],
+)
+def test_task_lora_linear_errors_name_the_argument(change, match):
+    args = dict(x=torch.randn(6, 16), W=torch.randn(12, 16), b=torch.randn(12), A=torch.randn(4, 16, 3))
+    args.update(B=torch.randn(4, 3, 12), ids=torch.tensor([3, 0, 1, 3, 2, 0]), rows_per_id=1)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.mhr_ops.task_lora_linear(*args.values())

@@ -41,6 +41,15 @@ TORCH_LIBRARY(mhr_ops, m) {
       "Tensor weights, Tensor group_ids, int rows_per_group_id, float scale, Tensor z, bool[6] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // The serving step of a routed layer whose tasks' adapters are already mixed (MHRLinear keeps
+  // them: mhr_ops/nn.py): F.linear(x, weight, bias) + (x @ A[t]) @ B[t] for row n of x's rows
+  // ([..., d_in], at least 2-D, as N rows) of task t = task_ids[n / rows_per_task_id]; A [T, d_in, r]
+  // and B [T, r, d_out] (the scale folded in) in fp32 (fp64 for fp64 x). Returns [..., d_out] in x's
+  // dtype. Ids outside [0, T) give NaN rows. No autograd: serving only.
+  m.def(
+      "task_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor task_ids, "
+      "int rows_per_task_id) -> Tensor");
+
   // SPEC section 4, on rows: x [N, d_in], A [E, d_in, r], B [E, r, d_out], topk_weights / topk_ids
   // [N, k]. Returns y [N, d_out] in x's dtype and the per-slot bottleneck z = x_n @ A_e [N, k, r]
   // in fp32 (fp64 for fp64 x), which the backward reuses. Ids outside [0, E) give NaN rows.

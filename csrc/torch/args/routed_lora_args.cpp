@@ -91,4 +91,45 @@ void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const 
   check_same_device(*bias, "bias", x, "x");
 }
 
+LoraDims check_task_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& A, const at::Tensor& B, const at::Tensor& task_ids,
+                                int64_t rows_per_task_id) {
+  const auto dims = [](const at::Tensor& t, const char* arg, int64_t dim, const char* layout) {
+    TORCH_CHECK_VALUE(t.dim() == dim, arg, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
+                      py_shape(t.sizes()));
+  };
+  dims(x, "x", 2, "[N, d_in]");
+  kernel_dtype(x, "x");
+  dims(A, "A", 3, "[T, d_in, r]");
+  dims(B, "B", 3, "[T, r, d_out]");
+  dims(task_ids, "task_ids", 1, "[N / rows_per_task_id]");
+  kernel_index_type(task_ids, "task_ids");
+  const auto ct = accumulation_dtype(x.scalar_type());
+  TORCH_CHECK_VALUE(A.scalar_type() == ct, "A: expected dtype ", py_dtype(ct), " (the accumulation dtype of x, ",
+                    py_dtype(x.scalar_type()), "), got ", py_dtype(A.scalar_type()));
+  TORCH_CHECK_VALUE(B.scalar_type() == ct, "B: expected dtype ", py_dtype(ct), " (A's), got ",
+                    py_dtype(B.scalar_type()));
+  LoraDims d;
+  d.rows = x.size(0);
+  d.d_in = x.size(1);
+  d.heads = 1;
+  d.skills = 1;
+  d.groups = A.size(0);
+  d.rank = A.size(2);
+  TORCH_CHECK_VALUE(d.groups >= 1 && d.rank >= 1 && A.size(1) == d.d_in, "A: expected shape (T, ", d.d_in,
+                    ", r) [T, d_in, r] with T, r >= 1, got ", py_shape(A.sizes()));
+  d.d_out = B.size(2);
+  TORCH_CHECK_VALUE(B.size(0) == d.groups && B.size(1) == d.rank && d.d_out >= 1, "B: expected shape (", d.groups, ", ",
+                    d.rank, ", d_out) to match A ", py_shape(A.sizes()), ", got ", py_shape(B.sizes()));
+  d.dk_in = d.d_in, d.dk_out = d.d_out;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{A, "A"}, {B, "B"}, {task_ids, "task_ids"}})
+    check_same_device(t, name, x, "x");
+  TORCH_CHECK_VALUE(rows_per_task_id >= 1, "rows_per_task_id: expected >= 1, got ", rows_per_task_id);
+  d.rows_per_id = rows_per_task_id;
+  TORCH_CHECK_VALUE(task_ids.size(0) * rows_per_task_id == d.rows, "task_ids: expected ", d.rows, " / ",
+                    rows_per_task_id, " ids for ", d.rows, " rows, got ", task_ids.size(0));
+  check_mhr_linear_base(x, weight, bias, d);
+  return d;
+}
+
 }  // namespace mhr_ops

@@ -1,5 +1,5 @@
-// Argument checks shared by the CPU and CUDA registrations of routed_lora, mhr_linear and their
-// backwards: the ops' contract. Failures raise ValueError in Python (TORCH_CHECK_VALUE) and name
+// Argument checks shared by the CPU and CUDA registrations of routed_lora, mhr_linear, their
+// backwards and task_lora_linear: the ops' contract. Failures raise ValueError in Python (TORCH_CHECK_VALUE) and name
 // the argument; the Python layer checks only what the op cannot see (docs/API.md, Errors).
 #pragma once
 
@@ -32,5 +32,12 @@ void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& 
 // device.
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const LoraDims& d);
+
+// task_lora_linear: x [N, d_in]; A [T, d_in, r] and B [T, r, d_out] in x's accumulation dtype (fp32,
+// fp64 for fp64 x); task_ids [N / rows_per_task_id]; the base as check_mhr_linear_base. Returns the
+// dims with one head and one skill per task (groups = T).
+LoraDims check_task_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& A, const at::Tensor& B, const at::Tensor& task_ids,
+                                int64_t rows_per_task_id);
 
 }  // namespace mhr_ops
