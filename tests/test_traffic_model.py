@@ -276,12 +276,39 @@ def test_bench_emulated_without_the_module_is_a_clear_error(monkeypatch, capsys)
     [
         (["--device", "cuda"], "--emulated runs the CUDA kernels on the CPU"),
         (["--shapes", "cpu-small"], "no emulated cases for cpu-small"),
+        (["--shapes", "gpu-moe", "--merge", "--json", "/nonexistent/record.json"], "--merge: expected --json"),
+        (["--shapes", "gpu-moe", "--merge"], "--merge: expected --json"),
     ],
 )
 def test_bench_emulated_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--emulated", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_merge_replaces_only_the_merged_sets_cases():
+    model = {"hbm_bytes_per_s": 3.35e12}
+    record = {
+        "commit": "a" * 40,
+        "command": "python -m mhr_ops bench --emulated",
+        "model": model,
+        "complete": True,
+        "cases": [{"name": "gpu-train routed_lora fwd"}, {"name": "gpu-moe moe_lora fwd", "old": True}],
+    }
+    part = {"commit": "b" * 40, "command": "... --shapes gpu-moe --merge", "model": model, "complete": True}
+    part["cases"] = [{"name": "gpu-moe moe_lora fwd"}, {"name": "gpu-moe moe_lora fwd+bwd"}]
+    out = emulated.merge_records(record, part)
+    assert [c["name"] for c in out["cases"]] == [
+        "gpu-train routed_lora fwd",
+        "gpu-moe moe_lora fwd",
+        "gpu-moe moe_lora fwd+bwd",
+    ]
+    assert not any(c.get("old") for c in out["cases"]) and out["commit"] == "a" * 40 and out["complete"]
+    assert out["merged"] == [{"shape_sets": ["gpu-moe"], "commit": "b" * 40, "command": part["command"]}]
+    again = emulated.merge_records(out, dict(part, commit="c" * 40, complete=False))  # a rerun replaces its entry
+    assert [m["commit"] for m in again["merged"]] == ["c" * 40] and not again["complete"]
+    with pytest.raises(ValueError, match="different models"):
+        emulated.merge_records(record, dict(part, model={"hbm_bytes_per_s": 4.8e12}))
 
 
 RECORDS = sorted((ROOT / "bench" / "results").glob("emulated*.json"))

@@ -654,11 +654,37 @@ def format_case(c: dict) -> str:
     return line
 
 
-def run(shapes: list[str] | None = None, json_path: str | None = None, log: Callable[[str], None] = print) -> dict:
+def merge_records(record: dict, part: dict) -> dict:
+    """``record`` with its cases of part's shape sets replaced by part's, the other cases kept as
+    they were (under the record's commit and command); part's commit and command are listed under
+    "merged". Both must use the same model (ceilings and formulas)."""
+    if record["model"] != part["model"]:
+        raise ValueError("the records to merge use different models (ceilings or formulas); rerun every shape set")
+    sets = sorted({c["name"].split(" ", 1)[0] for c in part["cases"]})
+    kept = [c for c in record["cases"] if c["name"].split(" ", 1)[0] not in sets]
+    merged = [m for m in record.get("merged", []) if not set(m["shape_sets"]) <= set(sets)]
+    merged.append({"shape_sets": sets, "commit": part["commit"], "command": part["command"]})
+    complete = bool(record.get("complete")) and bool(part.get("complete"))
+    return {**record, "cases": kept + part["cases"], "merged": merged, "complete": complete}
+
+
+def run(
+    shapes: list[str] | None = None,
+    json_path: str | None = None,
+    log: Callable[[str], None] = print,
+    merge: bool = False,
+) -> dict:
     """Runs the emulated cases of the shape sets (default: EMULATED_SHAPES); returns the record and
-    writes it to json_path. Raises EmulationMissing when the module is not built."""
+    writes it to json_path, or with ``merge`` into the record already there (merge_records).
+    Raises EmulationMissing when the module is not built."""
     import mhr_ops
 
+    previous = None
+    if merge:
+        if not json_path:
+            raise ValueError("merge: expected the path of a record to merge into")
+        with open(json_path) as f:
+            previous = json.load(f)
     module = load_module()
     names = shapes or EMULATED_SHAPES
     unknown = [n for n in names if n not in EMULATED_SIZES]
@@ -669,7 +695,9 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
     cases = []
     record = {
         "commit": mhr_ops.build_info()["commit"],
-        "command": "python -m mhr_ops bench --emulated" + (f" --shapes {','.join(names)}" if shapes else ""),
+        "command": "python -m mhr_ops bench --emulated"
+        + (f" --shapes {','.join(names)}" if shapes else "")
+        + (" --merge" if merge else ""),
         "model": {
             "what": "modeled from counted emulation traffic: an estimate, not a measurement (bench/NOTES.md)",
             "hbm_bytes_per_s": T.HBM_BYTES_PER_S,
@@ -687,7 +715,7 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
         if json_path:
             record["complete"] = complete
             with open(json_path, "w") as f:
-                json.dump(record, f, indent=1)
+                json.dump(merge_records(previous, record) if previous else record, f, indent=1)
                 f.write("\n")
 
     for name in names:
