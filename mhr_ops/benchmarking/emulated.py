@@ -26,7 +26,7 @@ import torch
 from . import traffic as T
 from .shapes import SHAPE_SETS, ShapeSet
 
-EMULATED_SHAPES = ["gpu-train", "gpu-decode", "t0-mhr", "moh"]
+EMULATED_SHAPES = ["gpu-train", "gpu-decode", "t0-mhr", "moh", "gpu-moe"]
 
 # Emulated sizes per shape set: (n1, n2) to extrapolate from, or (n_full,) to run as is.
 # gpu-decode's 256 rows run on tensor cores (more than 64 rows of bf16): its emulated sizes must too,
