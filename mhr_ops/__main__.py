@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -72,6 +73,8 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.emulated:
         return bench_emulated(parser, args)
+    if args.merge:
+        parser.error("--merge merges an --emulated run into a record; add --emulated")
     device = _device(parser, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes else None
     try:
@@ -95,6 +98,8 @@ def bench_emulated(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--emulated runs the CUDA kernels on the CPU through the emulation; got --device {args.device}")
     if args.png is not None:
         parser.error("--emulated writes no plot; drop --png")
+    if args.merge and not (args.json and os.path.exists(args.json)):
+        parser.error(f"--merge: expected --json to name an existing record, got {args.json}")
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes else None
     unknown = [s for s in shapes or [] if s not in emulated.EMULATED_SIZES]
     if unknown:
@@ -102,7 +107,7 @@ def bench_emulated(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             f"--shapes: no emulated cases for {', '.join(unknown)}; emulated: {', '.join(emulated.EMULATED_SIZES)}"
         )
     try:
-        emulated.run(shapes, json_path=args.json or "mhr_ops-bench-emulated.json")
+        emulated.run(shapes, json_path=args.json or "mhr_ops-bench-emulated.json", merge=args.merge)
     except emulated.EmulationMissing as e:
         parser.error(f"--emulated: {e}")
     return 0
@@ -167,10 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument(
         "--emulated",
         action="store_true",
-        help="instead of timing: run the GPU cases (gpu-train, gpu-decode, t0-mhr, moh) through the CUDA "
+        help="instead of timing: run the GPU cases (gpu-train, gpu-decode, t0-mhr, moh, gpu-moe) through the CUDA "
         "kernels' SIMT emulation with counted memory traffic and write modeled times (an estimate, not a "
         "measurement; bench/NOTES.md) to --json (default: mhr_ops-bench-emulated.json); needs the module "
         "built by MHR_OPS_EMULATED_CUDA=1 python setup.py build_ext --inplace",
+    )
+    p_bench.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --emulated: replace only the --shapes sets' cases in the record --json names, keeping "
+        "the others (bench/results/emulated.json one set at a time)",
     )
     p_bench.set_defaults(func=bench, parser=p_bench)
     return parser

@@ -95,6 +95,68 @@ def test_simt_bounds_match_a_walk_of_the_loops(rows, rank, skills, heads, d, row
     assert T.expand_simt_flops(rows, rank, skills, d, pairs) == walk_expand(rows, rank, skills, d, rows_per_group)
 
 
+def walk_moe_rows(rows, k, experts, rank, d_src, d_dst, backward=False, accumulate=False):
+    """Ops of moe_rows_kernel counted by walking its loops (moe_lora_cuda.cu; 256 threads, one
+    block per 64 rows), every lane of a warp that runs an iteration counted."""
+    ops = 0
+    for n0 in range(0, rows, T.MOE_ROW_BLOCK):
+        block_rows = min(T.MOE_ROW_BLOCK, rows - n0)
+        slots = block_rows * k
+        for _b in range(experts + 1):  # bucket counts
+            ops += 2 * slots
+        for i in range(slots):  # rank in the bucket
+            ops += 2 * i
+        ops += 2 * block_rows * slots  # each row's slots from the sorted order
+        for _slot in range(slots):  # shrink, a warp per slot
+            for r0 in range(0, rank, T.MOE_RANK_CHUNK):
+                width = min(T.MOE_RANK_CHUNK, rank - r0)
+                for _lane in range(32):
+                    for _c in range(0, d_src, 32):
+                        ops += 1 + 2 * width  # convert, an FMA per rank value of the chunk
+                ops += width * 32 * 5  # a warp sum per rank value
+                ops += width * (1 + (3 if backward else 0))  # scale; z . g, w g
+            if backward:
+                ops += 32 * 5  # dw's warp sum
+        for _r in range(block_rows):  # expand
+            ops += 256 * k  # the bad-id check, every thread
+            for _warp in range(0, d_dst, 32):
+                for _lane in range(32):
+                    for _t in range(k):
+                        ops += 1 + 3 * rank  # c_s; c_s v, then an FMA, per rank value
+                    ops += 1 + (2 if accumulate else 0)
+    return ops
+
+
+def walk_moe_wgrad(ids, rank, d_in, d_out):
+    """Ops of moe_wgrad_kernel walked task by task: each task's (rank, column) pairs, in whole
+    warps, over its expert's slots."""
+    experts = int(ids.max()) + 1
+    per_expert = [int((ids == e).sum()) for e in range(experts)]
+    ops = 0
+    for is_a, cols in ((True, d_in), (False, d_out)):
+        for e in range(experts):
+            for _c0 in range(0, cols, T.MOE_COL_BLOCK):
+                for _pair in range(math.ceil(T.MOE_COL_BLOCK * rank / 32) * 32):
+                    ops += per_expert[e] * (3 if is_a else 5)
+    return ops, experts
+
+
+@pytest.mark.parametrize("rows,k,experts,rank,d_src,d_dst", [(130, 2, 3, 5, 70, 33), (64, 1, 8, 40, 32, 64)])
+def test_moe_bounds_match_a_walk_of_the_loops(rows, k, experts, rank, d_src, d_dst):
+    for backward, accumulate in ((False, False), (False, True), (True, False)):
+        assert T.moe_rows_simt_flops(rows, k, experts, rank, d_src, d_dst, backward, accumulate) == walk_moe_rows(
+            rows, k, experts, rank, d_src, d_dst, backward, accumulate
+        )
+    ids = torch.randint(0, experts, (rows, k), generator=torch.Generator().manual_seed(rows))
+    ids[0, 0] = experts - 1  # every expert's dA and dB tasks launch, used or not
+    walked, e = walk_moe_wgrad(ids, rank, d_src, d_dst)
+    assert e == experts and T.moe_wgrad_simt_flops(rows, k, rank, d_src, d_dst) == walked
+    assert T.moe_wgrad_tasks(experts, d_src, d_dst) == experts * (math.ceil(d_src / 16) + math.ceil(d_dst / 16))
+    passes = math.ceil(rows * k / 256)
+    assert T.moe_plan_count_simt_flops(rows, k, experts) == experts * (passes * 256 * 8 + 256 * 5 + 8)
+    assert T.moe_plan_fill_simt_flops(rows, k, experts) == experts * passes * 256 * 40
+
+
 def test_gated_head_proj_bound_counts_open_heads_only():
     all_open = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 8, 2 * 8)
     three_quarters = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 6, 2 * 8)
@@ -126,6 +188,21 @@ def test_ideal_bytes_at_gpu_train():
     bwd_bytes, bwd_flops = T.adapter_bwd_ideal(s)
     assert bwd_bytes > nbytes and bwd_flops == 2 * (flops - s.mixing_flops) + 3 * s.mixing_flops
     assert T.base_gemm_ideal(s)[1] == 2 * 8192 * 4096 * 4096
+
+
+def test_ideal_bytes_at_gpu_moe():
+    s = T.MoeShape(rows=8192, d_in=4096, d_out=4096, experts=8, top_k=2, rank=16, x_bytes=2)
+    x = y = 8192 * 4096 * 2
+    experts, routing, z = 8 * 16 * (4096 + 4096) * 4, 8192 * 2 * (8 + 4), 8192 * 2 * 16 * 4
+    gemm = 2 * 8192 * 2 * 16 * (4096 + 4096)
+    assert T.moe_fwd_ideal(s, accumulate=True) == (x + 2 * y + experts + routing + z, gemm)
+    assert T.moe_fwd_ideal(s, accumulate=False) == (x + y + experts + routing + z, gemm)
+    bwd_bytes, bwd_flops = T.moe_bwd_ideal(s)  # + dx, dA, dB, dweights written
+    assert bwd_bytes == (y + x) + z + experts + routing + (x + experts + 8192 * 2 * 4)
+    assert bwd_flops == 2 * gemm + 2 * 8192 * 2 * 16
+    nbytes, flops = T.moe_fwd_ideal(s, accumulate=True)
+    assert T.roofline_us(nbytes, flops) == pytest.approx(nbytes / 3.35e12 * 1e6)  # memory-bound: ~61 us
+    assert T.gemm_ideal(8192, 4096, 4096, 2) == ((8192 * 8192 + 4096 * 4096) * 2, 2 * 8192 * 4096 * 4096)
 
 
 def test_dense_projection_is_compute_bound_at_moh():
@@ -199,12 +276,39 @@ def test_bench_emulated_without_the_module_is_a_clear_error(monkeypatch, capsys)
     [
         (["--device", "cuda"], "--emulated runs the CUDA kernels on the CPU"),
         (["--shapes", "cpu-small"], "no emulated cases for cpu-small"),
+        (["--shapes", "gpu-moe", "--merge", "--json", "/nonexistent/record.json"], "--merge: expected --json"),
+        (["--shapes", "gpu-moe", "--merge"], "--merge: expected --json"),
     ],
 )
 def test_bench_emulated_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--emulated", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_merge_replaces_only_the_merged_sets_cases():
+    model = {"hbm_bytes_per_s": 3.35e12}
+    record = {
+        "commit": "a" * 40,
+        "command": "python -m mhr_ops bench --emulated",
+        "model": model,
+        "complete": True,
+        "cases": [{"name": "gpu-train routed_lora fwd"}, {"name": "gpu-moe moe_lora fwd", "old": True}],
+    }
+    part = {"commit": "b" * 40, "command": "... --shapes gpu-moe --merge", "model": model, "complete": True}
+    part["cases"] = [{"name": "gpu-moe moe_lora fwd"}, {"name": "gpu-moe moe_lora fwd+bwd"}]
+    out = emulated.merge_records(record, part)
+    assert [c["name"] for c in out["cases"]] == [
+        "gpu-train routed_lora fwd",
+        "gpu-moe moe_lora fwd",
+        "gpu-moe moe_lora fwd+bwd",
+    ]
+    assert not any(c.get("old") for c in out["cases"]) and out["commit"] == "a" * 40 and out["complete"]
+    assert out["merged"] == [{"shape_sets": ["gpu-moe"], "commit": "b" * 40, "command": part["command"]}]
+    again = emulated.merge_records(out, dict(part, commit="c" * 40, complete=False))  # a rerun replaces its entry
+    assert [m["commit"] for m in again["merged"]] == ["c" * 40] and not again["complete"]
+    with pytest.raises(ValueError, match="different models"):
+        emulated.merge_records(record, dict(part, model={"hbm_bytes_per_s": 4.8e12}))
 
 
 RECORDS = sorted((ROOT / "bench" / "results").glob("emulated*.json"))
@@ -259,3 +363,32 @@ def test_linear_plans_follow_the_kernels_path(name, kernels):
     fwd = [c for c, _ in cases[0].plan]
     assert fwd == kernels
     assert all(f > 0 for _, f in cases[1].plan)
+
+
+def test_moe_plans_name_the_kernels_the_op_launches():
+    """gpu-moe: the forward into the base output is one moe_rows_kernel; forward + backward adds the
+    backward rows pass, the slot plan and the wgrad, each with a positive bound; emulated sizes
+    that would not repeat whole 64-row blocks are refused."""
+    from mhr_ops.benchmarking.shapes import SHAPE_SETS
+
+    fwd, fwd_bwd = emulated.moe_cases(None, SHAPE_SETS["gpu-moe"])
+    assert [k for k, _ in fwd.plan] == ["moe_rows_kernel"]
+    assert [k for k, _ in fwd_bwd.plan] == [
+        "moe_rows_kernel",
+        "moe_rows_kernel",
+        "moe_plan_count_kernel",
+        "moe_plan_scan_kernel",
+        "moe_plan_fill_kernel",
+        "moe_wgrad_kernel",
+    ]
+    assert all(f > 0 for _, f in fwd.plan + fwd_bwd.plan)
+    assert fwd.ideal[0] > fwd_bwd.ideal[0] / 3 and fwd.n_full == 8192
+
+
+@pytest.mark.parametrize("sizes", [(96, 192), (128, 200)])
+def test_moe_cases_refuse_sizes_that_are_not_whole_blocks(sizes, monkeypatch):
+    from mhr_ops.benchmarking.shapes import SHAPE_SETS
+
+    monkeypatch.setitem(emulated.EMULATED_SIZES, "gpu-moe", sizes)
+    with pytest.raises(ValueError, match="expected multiples"):
+        emulated.moe_cases(None, SHAPE_SETS["gpu-moe"])

@@ -26,12 +26,19 @@ import torch
 from . import traffic as T
 from .shapes import SHAPE_SETS, ShapeSet
 
-EMULATED_SHAPES = ["gpu-train", "gpu-decode", "t0-mhr", "moh"]
+EMULATED_SHAPES = ["gpu-train", "gpu-decode", "t0-mhr", "moh", "gpu-moe"]
 
 # Emulated sizes per shape set: (n1, n2) to extrapolate from, or (n_full,) to run as is.
 # gpu-decode's 256 rows run on tensor cores (more than 64 rows of bf16): its emulated sizes must too,
 # and stay whole 64-row tiles so the counts remain affine in the rows.
-EMULATED_SIZES = {"gpu-train": (1, 2), "gpu-decode": (128, 192), "t0-mhr": (1, 2), "moh": (64, 128)}
+# gpu-moe's sizes repeat its first size's rows and routing (whole 64-row blocks), as moh's do.
+EMULATED_SIZES = {
+    "gpu-train": (1, 2),
+    "gpu-decode": (128, 192),
+    "t0-mhr": (1, 2),
+    "moh": (64, 128),
+    "gpu-moe": (128, 256),
+}
 
 BUILD_HINT = "MHR_OPS_EMULATED_CUDA=1 python setup.py build_ext --inplace"
 
@@ -510,12 +517,127 @@ def moh_cases(module, s: ShapeSet) -> list[Case]:
     ]
 
 
+def moe_cases(module, s: ShapeSet) -> list[Case]:
+    import mhr_ops
+
+    p = s.params
+    N, d_in, d_out, E, k, r = (p[key] for key in ("N", "d_in", "d_out", "E", "k", "r"))
+    dt = getattr(torch, p["dtype"])
+    xb = torch.finfo(dt).bits // 8
+    sizes = EMULATED_SIZES[s.name]
+    base_rows, scale = sizes[0], 2.0
+    # The larger sizes repeat the first one's rows and routing in whole row blocks, so every
+    # count (each block's sort, each expert's slots in the wgrad) is exactly affine in the rows.
+    if base_rows % T.MOE_ROW_BLOCK or any(n % base_rows for n in (*sizes, N)):
+        raise ValueError(
+            f"{s.name} sizes {sizes}, N {N}: expected multiples of {base_rows}, itself of {T.MOE_ROW_BLOCK}"
+        )
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(E, d_in, r, generator=gen) * d_in**-0.5  # fp32, as MoELoRALinear keeps them
+    B = torch.randn(E, r, d_out, generator=gen) * r**-0.5
+    # MoELoRALinear's routing: softmax, top-k, renormalized over the kept experts
+    top_w, ids0 = torch.softmax(torch.randn(base_rows, E, generator=gen), -1).topk(k, -1)
+    w0 = top_w / top_w.sum(-1, keepdim=True)
+    if len(set(ids0.flatten().tolist())) != E:  # at full size every expert is used: the weights' fixed part
+        raise ValueError(f"{s.name}: the {base_rows} emulated rows do not use all {E} experts")
+    x0, y0 = (torch.randn(base_rows, d, generator=gen).to(dt) for d in (d_in, d_out))
+    gy0 = torch.randn(base_rows, d_out, generator=gen).to(dt)
+
+    def rows_of(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.repeat(n // base_rows, 1)
+
+    def check_grids(records: list[dict], n: int) -> None:  # the bounds replay the launchers' grids
+        for rec in records:
+            name, want = kernel_base_name(rec["kernel"]), None
+            if name == "moe_rows_kernel":
+                want = T.cdiv(n, T.MOE_ROW_BLOCK)
+            elif name == "moe_wgrad_kernel":
+                want = T.moe_wgrad_tasks(E, d_in, d_out)
+            elif name in ("moe_plan_count_kernel", "moe_plan_fill_kernel"):
+                want = E
+            if want is not None and tuple(rec["grid"]) != (want, 1, 1):
+                raise RuntimeError(f"{s.name}: {name} grid {rec['grid']}, the model expects ({want}, 1, 1)")
+
+    def fwd(n: int) -> list[dict]:
+        x, w, ids, out = rows_of(x0, n), rows_of(w0, n), rows_of(ids0, n), rows_of(y0, n)
+
+        def call():
+            with torch.no_grad():  # MoELoRALinear without autograd: moe_lora_add_ into the base output
+                mhr_ops.moe_lora(x, A, B, w, ids, scale=scale, out=out, check_ids=False)
+
+        records = count_launches(module, call, T.H100_SMS)  # the moe launchers' grids ignore the SM count
+        check_grids(records, n)
+        return records
+
+    def fwd_bwd(n: int) -> list[dict]:
+        x, w, ids, gy = (
+            rows_of(x0, n).requires_grad_(),
+            rows_of(w0, n).requires_grad_(),
+            rows_of(ids0, n),
+            rows_of(gy0, n),
+        )
+        a, b = A.clone().requires_grad_(), B.clone().requires_grad_()
+
+        def call():
+            mhr_ops.moe_lora(x, a, b, w, ids, scale=scale, check_ids=False).backward(gy)
+
+        records = count_launches(module, call, T.H100_SMS)
+        check_grids(records, n)
+        return records
+
+    shape = T.MoeShape(N, d_in, d_out, E, k, r, xb)
+    fb, ff = T.moe_fwd_ideal(shape, accumulate=True)
+    tb, tf = T.moe_fwd_ideal(shape, accumulate=False)
+    bb, bf = T.moe_bwd_ideal(shape)
+    base = T.roofline_us(*T.gemm_ideal(N, d_in, d_out, xb))
+    describe = (
+        f"x [{N}, {d_in}] {p['dtype']} -> {d_out}, E {E}, top-{k}, r {r}, A / B fp32; softmax top-{k} routing of "
+        f"{base_rows} random rows, repeated"
+    )
+    issue = [  # issue 15: the adapter path within 0.8 of the HBM roofline on the GPU, modeled
+        lambda c: target("roofline_us / modeled_us", c["roofline_over_modeled"], ">=", 0.8),
+        lambda c: target("roofline_us / modeled_lsu_us", c["roofline_over_modeled_lsu"], ">=", 0.8),
+    ]
+    return [
+        Case(
+            f"{s.name} moe_lora fwd",
+            "moe_lora fwd into the base output (moe_lora_add_, MoELoRALinear without autograd): moe_rows_kernel",
+            N,
+            sizes,
+            fwd,
+            (fb, ff),
+            [("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_in, d_out, accumulate=True))],
+            extra={"shape": describe, "base_gemm_roofline_us": round(base, 3)},
+            targets=list(issue),
+        ),
+        Case(
+            f"{s.name} moe_lora fwd+bwd",
+            "moe_lora fwd+bwd (dx, dA, dB, dweights): moe_rows_kernel, then moe_rows_kernel (gz, dw, dx), "
+            "the slot plan (count, scan, fill) and moe_wgrad_kernel (dA, dB)",
+            N,
+            sizes,
+            fwd_bwd,
+            (tb + bb, tf + bf),
+            [
+                ("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_in, d_out)),
+                ("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_out, d_in, backward=True)),
+                ("moe_plan_count_kernel", T.moe_plan_count_simt_flops(N, k, E)),
+                ("moe_plan_scan_kernel", T.moe_plan_scan_simt_flops(E)),
+                ("moe_plan_fill_kernel", T.moe_plan_fill_simt_flops(N, k, E)),
+                ("moe_wgrad_kernel", T.moe_wgrad_simt_flops(N, k, r, d_in, d_out)),
+            ],
+            extra={"shape": describe, "base_gemm_roofline_us": round(2 * base, 3)},
+            targets=list(issue),
+        ),
+    ]
+
+
 def target(what: str, value: float, op: str, bound: float) -> dict:
     met = value >= bound if op == ">=" else value <= bound
     return {"what": what, "value": value, "target": f"{op} {bound}", "met": bool(met)}
 
 
-CASE_BUILDERS = {"linear": linear_cases, "moh": moh_cases}
+CASE_BUILDERS = {"linear": linear_cases, "moh": moh_cases, "moe": moe_cases}
 
 
 def format_case(c: dict) -> str:
@@ -532,11 +654,37 @@ def format_case(c: dict) -> str:
     return line
 
 
-def run(shapes: list[str] | None = None, json_path: str | None = None, log: Callable[[str], None] = print) -> dict:
+def merge_records(record: dict, part: dict) -> dict:
+    """``record`` with its cases of part's shape sets replaced by part's, the other cases kept as
+    they were (under the record's commit and command); part's commit and command are listed under
+    "merged". Both must use the same model (ceilings and formulas)."""
+    if record["model"] != part["model"]:
+        raise ValueError("the records to merge use different models (ceilings or formulas); rerun every shape set")
+    sets = sorted({c["name"].split(" ", 1)[0] for c in part["cases"]})
+    kept = [c for c in record["cases"] if c["name"].split(" ", 1)[0] not in sets]
+    merged = [m for m in record.get("merged", []) if not set(m["shape_sets"]) <= set(sets)]
+    merged.append({"shape_sets": sets, "commit": part["commit"], "command": part["command"]})
+    complete = bool(record.get("complete")) and bool(part.get("complete"))
+    return {**record, "cases": kept + part["cases"], "merged": merged, "complete": complete}
+
+
+def run(
+    shapes: list[str] | None = None,
+    json_path: str | None = None,
+    log: Callable[[str], None] = print,
+    merge: bool = False,
+) -> dict:
     """Runs the emulated cases of the shape sets (default: EMULATED_SHAPES); returns the record and
-    writes it to json_path. Raises EmulationMissing when the module is not built."""
+    writes it to json_path, or with ``merge`` into the record already there (merge_records).
+    Raises EmulationMissing when the module is not built."""
     import mhr_ops
 
+    previous = None
+    if merge:
+        if not json_path:
+            raise ValueError("merge: expected the path of a record to merge into")
+        with open(json_path) as f:
+            previous = json.load(f)
     module = load_module()
     names = shapes or EMULATED_SHAPES
     unknown = [n for n in names if n not in EMULATED_SIZES]
@@ -547,7 +695,9 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
     cases = []
     record = {
         "commit": mhr_ops.build_info()["commit"],
-        "command": "python -m mhr_ops bench --emulated" + (f" --shapes {','.join(names)}" if shapes else ""),
+        "command": "python -m mhr_ops bench --emulated"
+        + (f" --shapes {','.join(names)}" if shapes else "")
+        + (" --merge" if merge else ""),
         "model": {
             "what": "modeled from counted emulation traffic: an estimate, not a measurement (bench/NOTES.md)",
             "hbm_bytes_per_s": T.HBM_BYTES_PER_S,
@@ -565,7 +715,7 @@ def run(shapes: list[str] | None = None, json_path: str | None = None, log: Call
         if json_path:
             record["complete"] = complete
             with open(json_path, "w") as f:
-                json.dump(record, f, indent=1)
+                json.dump(merge_records(previous, record) if previous else record, f, indent=1)
                 f.write("\n")
 
     for name in names:

@@ -73,6 +73,13 @@ _SETS = [
         dict(N=2048, d_in=1024, d_out=1024, E=8, k=2, r=8, dtype="float32"),
     ),
     ShapeSet(
+        "gpu-moe",
+        "moe",
+        "mixture of LoRA experts on GPU, N 8192 (gpu-train's 16 x 512 tokens), d 4096 -> 4096 (a 7B model's "
+        "projection), E 8, top-2, r 16 (MixLoRA-sized experts), bf16",
+        dict(N=8192, d_in=4096, d_out=4096, E=8, k=2, r=16, dtype="bfloat16"),
+    ),
+    ShapeSet(
         "moe-small",
         "moe",
         "mixture of LoRA experts, N 256, d 512 -> 512, E 8, top-2, r 8, fp32 (decode-sized batches)",
@@ -82,7 +89,7 @@ _SETS = [
 SHAPE_SETS: dict[str, ShapeSet] = {s.name: s for s in _SETS}
 DEFAULT_SHAPES: dict[str, list[str]] = {
     "cpu": ["cpu-small", "serve", "route", "moh-cpu"],
-    "cuda": ["gpu-train", "gpu-decode", "t0-mhr", "route", "moh"],
+    "cuda": ["gpu-train", "gpu-decode", "t0-mhr", "route", "moh", "gpu-moe"],
 }
 
 

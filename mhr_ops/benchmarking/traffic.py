@@ -42,6 +42,9 @@ H100_SMS = 132
 # Tiles of the tensor-core kernels (routed_lora_tc_cuda.cu): kTileRows, kProjCols, kExpandCols, kChunk.
 TC_ROWS, TC_PROJ_COLS, TC_EXPAND_COLS, TC_WGRAD_COLS, TC_CHUNK = 64, 128, 64, 64, 32
 TC_MIN_ROWS = 64  # kRoutedLoraTensorCoreMinRows: more rows than this run on tensor cores (fp16 / bf16 data)
+# moe_lora_cuda.cu (SIMT, kThreads 256): kMoeRowBlock rows per moe_rows_kernel block, kRankChunk rank
+# values per shrink pass, kMoeColBlock columns per moe_wgrad_kernel task (moe_lora.h).
+MOE_ROW_BLOCK, MOE_RANK_CHUNK, MOE_COL_BLOCK = 64, 32, 16
 
 
 def roofline_us(ideal_bytes: float, ideal_flops: float) -> float:
@@ -227,6 +230,67 @@ def gated_head_proj_tc_simt_flops(rows: int, out_features: int, slots: int) -> i
     return 2 * slots * cdiv(out_features, GHP_TC_OUT) * GHP_TC_OUT + rows * out_features
 
 
+def moe_rows_simt_flops(
+    rows: int, top_k: int, experts: int, rank: int, d_src: int, d_dst: int, backward: bool = False, accumulate=False
+) -> int:
+    """moe_rows_kernel over all rows (ids all valid), per 64-row block:
+    - the counting sort of its slots (integer work, 2 ops per iteration): E + 1 bucket counts over
+      the slots, each slot's rank in its bucket (a scan of the slots before it), each row's slots
+      found by a scan of the sorted order;
+    - shrink, a warp per slot: per 32-rank chunk the lanes stride d_src (rounded up to whole
+      warps), converting x and running one FMA per rank value of the chunk; a warp sum (5 adds a
+      lane) and the scale multiply per rank value; the backward adds z . g (an FMA), w_s g (a
+      multiply) per rank value and one more warp sum;
+    - expand, threads over d_dst (whole warps) for each row: the row's bad-id check (k per
+      thread), then per (row, column) and slot the weight multiply and, per rank value, the
+      c_s v multiply and the FMA (3 flops); the store's convert, and the read-convert-add when
+      accumulating."""
+    lanes = cdiv(d_src, 32) * 32
+    per_slot = lanes * (cdiv(rank, MOE_RANK_CHUNK) + 2 * rank) + rank * (32 * 5 + 1 + (3 if backward else 0))
+    per_slot += 32 * 5 if backward else 0
+    cols = cdiv(d_dst, 32) * 32
+    per_row = KERNEL_THREADS * top_k + cols * (top_k * (1 + 3 * rank) + 1 + (2 if accumulate else 0))
+    total = rows * top_k * per_slot + rows * per_row
+    for r0 in range(0, rows, MOE_ROW_BLOCK):
+        block_rows = min(MOE_ROW_BLOCK, rows - r0)
+        slots = block_rows * top_k
+        total += 2 * ((experts + 1) * slots + slots * (slots - 1) // 2 + block_rows * slots)
+    return total
+
+
+def moe_plan_count_simt_flops(rows: int, top_k: int, experts: int) -> int:
+    """moe_plan_count_kernel: a block per expert whose threads stride all N k slots (whole 256-slot
+    passes), ~8 integer ops a slot (expert_of's index split, address and range check, the compare
+    and count), then a warp sum (5 adds a lane) and the block's 8-warp total."""
+    return experts * (cdiv(rows * top_k, KERNEL_THREADS) * KERNEL_THREADS * 8 + KERNEL_THREADS * 5 + 8)
+
+
+def moe_plan_scan_simt_flops(experts: int) -> int:
+    """moe_plan_scan_kernel: one thread, an add per expert."""
+    return experts
+
+
+def moe_plan_fill_simt_flops(rows: int, top_k: int, experts: int) -> int:
+    """moe_plan_fill_kernel: a block per expert, 256-slot chunks over all N k slots; per thread and
+    chunk ~40 integer ops (expert_of and its compare, the ballot's popcounts, the 8-warp prefix: an
+    add, an add and a compare per warp)."""
+    return experts * cdiv(rows * top_k, KERNEL_THREADS) * KERNEL_THREADS * 40
+
+
+def moe_wgrad_tasks(experts: int, d_in: int, d_out: int) -> int:
+    """moe_lora_wgrad_tasks: a task (block) per 16-column block of each expert's dA and dB."""
+    return experts * (cdiv(d_in, MOE_COL_BLOCK) + cdiv(d_out, MOE_COL_BLOCK))
+
+
+def moe_wgrad_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: int) -> int:
+    """moe_wgrad_kernel: every task's threads hold its (rank, column) pairs (16 r, in whole warps)
+    and each sums its expert's slots; all tasks together visit every slot once per column block.
+    Per (pair, slot): dA converts x and runs an FMA (3 flops); dB also multiplies scale by w and z
+    by that (5 flops)."""
+    pairs = cdiv(MOE_COL_BLOCK * rank, 32) * 32
+    return rows * top_k * pairs * (3 * cdiv(d_in, MOE_COL_BLOCK) + 5 * cdiv(d_out, MOE_COL_BLOCK))
+
+
 # --- ideal traffic and flops of each op ---------------------------------------------------------
 
 
@@ -283,8 +347,12 @@ def base_gemm_ideal(s: LinearShape) -> tuple[int, int]:
     """One GEMM of the base layer, for comparison (it runs in ATen / cuBLAS, not counted): the
     forward x W^T reads x and W and writes y; the backward's dgrad grad_y W (frozen base) reads
     grad_y and W and writes dx: the same bytes and flops."""
-    nbytes = s.rows * (s.d_in + s.d_out) * s.x_bytes + s.d_in * s.d_out * s.x_bytes
-    return nbytes, 2 * s.rows * s.d_in * s.d_out
+    return gemm_ideal(s.rows, s.d_in, s.d_out, s.x_bytes)
+
+
+def gemm_ideal(rows: int, d_in: int, d_out: int, elem_bytes: int) -> tuple[int, int]:
+    """A base layer's GEMM x W^T: read x [rows, d_in] and W [d_out, d_in], write y [rows, d_out]."""
+    return (rows * (d_in + d_out) + d_in * d_out) * elem_bytes, 2 * rows * d_in * d_out
 
 
 def route_ideal(
@@ -336,3 +404,51 @@ def dense_proj_ideal(s: MohShape) -> tuple[int, int]:
     k = s.heads * s.head_dim
     nbytes = (s.rows * k + s.out_features * k + s.rows * s.out_features) * s.elem_bytes
     return nbytes, 2 * s.rows * k * s.out_features
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """moe_lora on x [rows, d_in]: E experts A [E, d_in, r], B [E, r, d_out] (fp32 as MoELoRALinear
+    keeps them), top_k experts a row with int64 ids and fp32 weights (the router's torch.topk)."""
+
+    rows: int
+    d_in: int
+    d_out: int
+    experts: int
+    top_k: int
+    rank: int
+    x_bytes: int  # element size of x, y, grad_y and dx
+    adapter_bytes: int = 4
+
+    @property
+    def experts_bytes(self) -> int:  # A and B
+        return self.experts * self.rank * (self.d_in + self.d_out) * self.adapter_bytes
+
+    @property
+    def routing_bytes(self) -> int:  # ids int64 and weights fp32
+        return self.rows * self.top_k * (8 + 4)
+
+    @property
+    def z_bytes(self) -> int:  # the bottleneck z [rows, k, r] fp32
+        return self.rows * self.top_k * self.rank * 4
+
+    @property
+    def gemm_flops(self) -> int:  # x A_e then z B_e for every (row, slot)
+        return 2 * self.rows * self.top_k * self.rank * (self.d_in + self.d_out)
+
+
+def moe_fwd_ideal(s: MoeShape, accumulate: bool) -> tuple[int, int]:
+    """moe_lora forward: read x, the experts and the routing, write z (saved for the backward) and
+    y, or read and write y when accumulating into the base layer's output (moe_lora_add_, the
+    module's path without autograd). Flops: the selected experts' GEMMs."""
+    y = s.rows * s.d_out * s.x_bytes * (2 if accumulate else 1)
+    return s.rows * s.d_in * s.x_bytes + y + s.experts_bytes + s.routing_bytes + s.z_bytes, s.gemm_flops
+
+
+def moe_bwd_ideal(s: MoeShape) -> tuple[int, int]:
+    """moe_lora_backward for x, A, B and the weights: read grad_y, x, z, the experts and the
+    routing; write dx, dA, dB (fp32) and dweights [rows, k] fp32. Flops: g = grad_y B_e^T, dx, dA_e,
+    dB_e (the GEMMs twice over) and dw = z . g."""
+    nbytes = s.rows * (s.d_out + 2 * s.d_in) * s.x_bytes + s.z_bytes + 2 * s.experts_bytes + s.routing_bytes
+    nbytes += s.rows * s.top_k * 4
+    return nbytes, 2 * s.gemm_flops + 2 * s.rows * s.top_k * s.rank
