@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -228,13 +229,12 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             return None
         if not ids_checked_once(ids, n_tasks):
             return None
-        key = task_weights_key(logits, mode, self.temperature, self.top_k, self.eps)
-        mixed = self._mixed_task_adapters(key, mode, A, B, W, x.dtype) if rows <= MIXED_MAX_ROWS else None
+        mixed = self._mixed_task_adapters(mode, logits, A, B, W, x.dtype) if rows <= MIXED_MAX_ROWS else None
         if mixed is not None:
             # x's leading dims as they are (the op flattens them), and no _below_autograd: the op has no
             # autograd kernel, and nothing here needs one
             return TASK_LORA_LINEAR_OP(x, W, b, mixed[0], mixed[1], ids, rows // n_ids)
-        weights = self._kept_task_weights(key, mode)
+        weights = self._kept_task_weights(task_weights_key(logits, mode, self.temperature, self.top_k, self.eps), mode)
         if len(shape) == 2:
             with _below_autograd():
                 return MHR_LINEAR_OP(x, W, b, A, B, weights, ids, rows // n_ids, self.scale)[0]
@@ -252,33 +252,54 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         return cached[1] if cached is not None and cached[0] == key else self._adapter()._task_weights(mode)
 
     def _mixed_task_adapters(
-        self, key: tuple, mode: str, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, x_dtype: torch.dtype
+        self,
+        mode: str,
+        logits: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        W: torch.Tensor,
+        x_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every task's mixed adapter for the serving path, kept between calls: ``a [T, d_in, r]``
         and ``scale * b [T, r, d_out]`` (``mix_task_adapters``) in the op's accumulation dtype (fp64
-        for fp64 x, else fp32), from the routing weights of ``key``. Kept while the logits, the
-        routing options, ``A``, ``B`` and the scale are unchanged (each Parameter's identity,
-        storage and version counter). None, for the routed op to run, when they would take more
-        than ``mixed_cache_fraction`` of the base weight's bytes, or when the adapters' dtype is
-        not one the routed op takes for x (it then raises)."""
-        ct = torch.float64 if x_dtype == torch.float64 else torch.float32
-        scale = self.scale
-        full_key = (key, id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, A.dtype, ct, scale)
+        for fp64 x, else fp32), with ``mode``'s routing. Kept while the same ``logits``, ``A`` and
+        ``B`` Parameters (weak references: a replaced one is a new object) hold the same storage at
+        the same version (an optimizer step or ``load_state_dict`` bumps it; ``.to()`` swaps the
+        storage), and the routing options and the scale are unchanged. None, for the routed op to
+        run, when they would take more than ``mixed_cache_fraction`` of the base weight's bytes,
+        or when the adapters' dtype is not one the routed op takes for x (it then raises)."""
+        state = (
+            A.data_ptr(),
+            A._version,
+            B.data_ptr(),
+            B._version,
+            logits.data_ptr(),
+            logits._version,
+            x_dtype,
+            mode,
+            self.temperature,
+            self.top_k,
+            self.eps,
+            self.scale,
+        )
         kept = self.__dict__.get("_mhr_mixed")
-        if kept is not None and kept[0] == full_key:
-            return kept[1]
+        if kept is not None:
+            refs, kept_state, mixed = kept
+            if refs[0]() is A and refs[1]() is B and refs[2]() is logits and kept_state == state:
+                return mixed
         if B.dtype != A.dtype or not (A.dtype == x_dtype or (A.dtype == torch.float32 and x_dtype in _HALF)):
             return None
+        ct = torch.float64 if x_dtype == torch.float64 else torch.float32
         h, _, dk_in, r = A.shape
-        n_bytes = self.logits.shape[0] * (h * dk_in + B.shape[0] * B.shape[3]) * r * (8 if ct == torch.float64 else 4)
+        n_bytes = logits.shape[0] * (h * dk_in + B.shape[0] * B.shape[3]) * r * (8 if ct == torch.float64 else 4)
         if n_bytes > self.mixed_cache_fraction * W.numel() * W.element_size():
             return None
-        weights = self._kept_task_weights(key, mode)
+        weights = self._kept_task_weights(task_weights_key(logits, mode, self.temperature, self.top_k, self.eps), mode)
         # Normal tensors even under inference_mode: they serve later no_grad calls too.
         with torch.inference_mode(False), torch.no_grad():
             a, b = mix_task_adapters(weights, A, B, ct)
-            mixed = (a, b.mul_(scale))
-        self.__dict__["_mhr_mixed"] = (full_key, mixed)
+            mixed = (a, b.mul_(self.scale))
+        self.__dict__["_mhr_mixed"] = ((weakref.ref(A), weakref.ref(B), weakref.ref(logits)), state, mixed)
         return mixed
 
     def train(self, mode: bool = True):

@@ -312,7 +312,7 @@ def test_mixed_adapters_are_the_reference_mix_with_the_scale():
     x, ids = torch.randn(3, 12), torch.tensor([4, 0, 4])
     with torch.no_grad():
         m(x, task_ids=ids)
-    a, b = m.__dict__["_mhr_mixed"][1]
+    a, b = m.__dict__["_mhr_mixed"][2]
     ref_a, ref_b = reference.mixed_adapters(m.A, m.B, m.routing_weights(torch.arange(6)))
     assert a.dtype == b.dtype == torch.float32 and a.shape == (6, 12, 4) and b.shape == (6, 4, 10)
     assert_close(a, ref_a, atol=1e-6, rtol=1e-6, what="a")
@@ -347,7 +347,7 @@ def test_mixed_adapters_follow_every_change():
     m.load_state_dict(state)
     serve()
     m.double()
-    assert serve().dtype == torch.float64 and m.__dict__["_mhr_mixed"][1][0].dtype == torch.float64
+    assert serve().dtype == torch.float64 and m.__dict__["_mhr_mixed"][2][0].dtype == torch.float64
     m.train()
     assert "_mhr_mixed" not in m.__dict__
 
@@ -357,7 +357,7 @@ def test_mixed_adapters_kept_under_inference_mode_serve_later_calls():
     x, ids = torch.randn(2, 1, 12), torch.tensor([3, 1])
     with torch.inference_mode():
         first = m(x, task_ids=ids)
-    assert not m.__dict__["_mhr_mixed"][1][0].is_inference()
+    assert not m.__dict__["_mhr_mixed"][2][0].is_inference()
     with torch.no_grad():
         assert torch.equal(m(x, task_ids=ids), first)
 
