@@ -38,13 +38,16 @@ def test_table_shows_spread_targets_and_status():
     assert "mhr_ops - bare" in text and " us" in text
 
 
-def test_time_side_by_side_interleaves_and_keeps_samples():
+def test_time_side_by_side_interleaves_in_rotated_order_and_keeps_samples():
     calls = []
-    samples = benchmarking.time_side_by_side(
-        {"a": lambda i: calls.append("a"), "b": lambda i: calls.append("b")}, device=torch.device("cpu"), reps=5
-    )
-    assert [len(v) for v in samples.values()] == [5, 5]
-    assert calls[-4:] == ["a", "b", "a", "b"]
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "abc"}
+    samples = benchmarking.time_side_by_side(fns, device=torch.device("cpu"), reps=6, warmup=0)
+    assert [len(v) for v in samples.values()] == [6, 6, 6]
+    order = [name for name, _ in calls]
+    assert order[:9] == list("abcbcacab")  # each rep starts one further along
+    assert [i for _, i in calls] == [i for i in range(6) for _ in range(3)]  # one rep's calls share an index
+    follows = {(order[k - 1], order[k]) for k in range(1, len(order))}
+    assert {("a", "b"), ("b", "a"), ("c", "a"), ("a", "c")} <= follows
 
 
 def test_build_info_reports_the_build_commit():

@@ -1,5 +1,6 @@
 """The timing harness: one way of timing for every case. Implementations take turns within every
-rep (machine drift hits all alike), inputs rotate by rep index, CUDA is timed with events, and
+rep (machine drift hits all alike), in an order rotated every rep (no implementation always
+follows the same one), inputs rotate by rep index, CUDA is timed with events, and
 Python's garbage collector is paused while timing. Every sample is kept, so that statistics can be
 taken per implementation (median, quartiles) and per rep pair (ratios and differences of two
 implementations timed back to back)."""
@@ -91,6 +92,10 @@ def time_side_by_side(
 ) -> dict[str, list[float]]:
     """Samples in microseconds of each ``fn(i)`` (i = rep index, for rotating inputs), one per rep.
 
+    Within a rep the implementations take turns in an order rotated by one every rep, so that each
+    follows each other equally often: a fixed order made the call after a heavy one (PEFT's layer,
+    which leaves the caches cold) pay for it in every rep (bench/NOTES.md, session 9).
+
     With ``reps=None`` the number of reps is chosen so that timing takes about ``budget_s``
     seconds (from the fastest warm-up round: a busy machine's slow round would cut the reps of
     the cases it hits), within ``[min_reps, max_reps]``: fast cases get many
@@ -107,9 +112,11 @@ def time_side_by_side(
     was_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a full collection would land on whichever call triggers it
     deadline = time.perf_counter() + 2 * budget_s  # cap when the machine slows down after warm-up
+    items = list(fns.items())
     try:
         for i in range(reps):
-            for name, fn in fns.items():
+            shift = i % len(items)
+            for name, fn in items[shift:] + items[:shift]:
                 samples[name].append(_time_once(fn, i, device))
             if stop_early and i + 1 >= min_reps and time.perf_counter() > deadline:
                 break
