@@ -38,16 +38,25 @@ def test_table_shows_spread_targets_and_status():
     assert "mhr_ops - bare" in text and " us" in text
 
 
-def test_time_side_by_side_interleaves_in_rotated_order_and_keeps_samples():
-    calls = []
-    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "abc"}
-    samples = benchmarking.time_side_by_side(fns, device=torch.device("cpu"), reps=6, warmup=0)
-    assert [len(v) for v in samples.values()] == [6, 6, 6]
-    order = [name for name, _ in calls]
-    assert order[:9] == list("abcbcacab")  # each rep starts one further along
-    assert [i for _, i in calls] == [i for i in range(6) for _ in range(3)]  # one rep's calls share an index
-    follows = {(order[k - 1], order[k]) for k in range(1, len(order))}
-    assert {("a", "b"), ("b", "a"), ("c", "a"), ("a", "c")} <= follows
+def test_time_side_by_side_interleaves_in_shuffled_order_and_keeps_samples():
+    """Every rep calls each implementation once with the rep's index, in a shuffled order: over
+    the reps each implementation follows each other (a rotation of one order would keep the same
+    neighbours), and the order repeats from run to run."""
+
+    def run():
+        calls = []
+        fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "abcd"}
+        samples = benchmarking.time_side_by_side(fns, device=torch.device("cpu"), reps=60, warmup=0)
+        assert [len(v) for v in samples.values()] == [60] * 4
+        return calls
+
+    calls = run()
+    assert [i for _, i in calls] == [i for i in range(60) for _ in range(4)]  # one rep's calls share an index
+    reps = [[name for name, _ in calls[4 * i : 4 * i + 4]] for i in range(60)]
+    assert all(sorted(rep) == list("abcd") for rep in reps)
+    follows = {(rep[k - 1], rep[k]) for rep in reps for k in range(1, 4)}
+    assert follows == {(a, b) for a in "abcd" for b in "abcd" if a != b}
+    assert run() == calls
 
 
 def test_build_info_reports_the_build_commit():

@@ -1,5 +1,5 @@
 """The timing harness: one way of timing for every case. Implementations take turns within every
-rep (machine drift hits all alike), in an order rotated every rep (no implementation always
+rep (machine drift hits all alike), in an order shuffled every rep (no implementation always
 follows the same one), inputs rotate by rep index, CUDA is timed with events, and
 Python's garbage collector is paused while timing. Every sample is kept, so that statistics can be
 taken per implementation (median, quartiles) and per rep pair (ratios and differences of two
@@ -8,6 +8,7 @@ implementations timed back to back)."""
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -92,9 +93,10 @@ def time_side_by_side(
 ) -> dict[str, list[float]]:
     """Samples in microseconds of each ``fn(i)`` (i = rep index, for rotating inputs), one per rep.
 
-    Within a rep the implementations take turns in an order rotated by one every rep, so that each
-    follows each other equally often: a fixed order made the call after a heavy one (PEFT's layer,
-    which leaves the caches cold) pay for it in every rep (bench/NOTES.md, session 9).
+    Within a rep the implementations take turns in an order shuffled every rep (a seeded shuffle:
+    the same sequence every run), so that each follows each other about equally often: a fixed
+    order, or its rotations, made the call after a heavy one (PEFT's layer, which leaves the caches
+    cold) pay for it in every rep (bench/NOTES.md, session 9).
 
     With ``reps=None`` the number of reps is chosen so that timing takes about ``budget_s``
     seconds (from the fastest warm-up round: a busy machine's slow round would cut the reps of
@@ -112,11 +114,11 @@ def time_side_by_side(
     was_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a full collection would land on whichever call triggers it
     deadline = time.perf_counter() + 2 * budget_s  # cap when the machine slows down after warm-up
-    items = list(fns.items())
+    items, order = list(fns.items()), random.Random(0)
     try:
         for i in range(reps):
-            shift = i % len(items)
-            for name, fn in items[shift:] + items[:shift]:
+            order.shuffle(items)
+            for name, fn in items:
                 samples[name].append(_time_once(fn, i, device))
             if stop_early and i + 1 >= min_reps and time.perf_counter() > deadline:
                 break

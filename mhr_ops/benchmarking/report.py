@@ -19,9 +19,9 @@ from .shapes import ShapeSet
 NOTES = """\
 How to read these tables:
   time: median over the reps [q1 - q3, the interquartile range]. The implementations of a case take
-    turns within every rep (same inputs, machine drift hits all alike), in an order rotated every
-    rep (each follows each other equally often); reps are as many as fit in ~2 s of timing per case
-    (20 to 1000; cut after 4 s if the machine slows down).
+    turns within every rep (same inputs, machine drift hits all alike), in an order shuffled every
+    rep (each follows each other about equally often); reps are as many as fit in ~2 s of timing per
+    case (20 to 1000; cut after 4 s if the machine slows down).
   A / B: A's time over B's within each rep, median [q1 - q3] over the reps; a time ratio, so
     lower is better. bare = the layer without adapter, the floor any adapter pays on top of.
   A - B: A's extra time over B within each rep, in microseconds (the adapter's overhead).
