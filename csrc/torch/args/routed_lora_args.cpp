@@ -6,13 +6,18 @@
 #include "adapter_dtypes.h"
 
 namespace mhr_ops {
+namespace {
+
+// t has `dim` dims, else ValueError naming arg and the expected layout.
+void dims(const at::Tensor& t, const char* arg, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, arg, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
+                    py_shape(t.sizes()));
+}
+
+}  // namespace
 
 LoraDims check_routed_lora(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights,
                            const at::Tensor& group_ids, int64_t rows_per_group_id) {
-  const auto dims = [](const at::Tensor& t, const char* arg, int64_t dim, const char* layout) {
-    TORCH_CHECK_VALUE(t.dim() == dim, arg, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
-                      py_shape(t.sizes()));
-  };
   dims(x, "x", 2, "[N, d_in]");
   kernel_dtype(x, "x");
   dims(A, "A", 4, "[h, S, d_in/h, r]");
@@ -94,10 +99,6 @@ void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const 
 LoraDims check_task_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& task_ids,
                                 int64_t rows_per_task_id) {
-  const auto dims = [](const at::Tensor& t, const char* arg, int64_t dim, const char* layout) {
-    TORCH_CHECK_VALUE(t.dim() == dim, arg, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
-                      py_shape(t.sizes()));
-  };
   dims(x, "x", 2, "[N, d_in]");
   kernel_dtype(x, "x");
   dims(A, "A", 3, "[T, d_in, r]");
