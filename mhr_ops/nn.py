@@ -265,7 +265,8 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         for fp64 x, else fp32), with ``mode``'s routing. Kept while the same ``logits``, ``A`` and
         ``B`` Parameters (weak references: a replaced one is a new object) hold the same storage at
         the same version (an optimizer step or ``load_state_dict`` bumps it; ``.to()`` swaps the
-        storage), and the routing options and the scale are unchanged. None, for the routed op to
+        storage), and the routing options, the scale and ``mixed_cache_fraction`` are unchanged
+        (stale ones are dropped). None, for the routed op to
         run, when they would take more than ``mixed_cache_fraction`` of the base weight's bytes,
         or when the adapters' dtype is not one the routed op takes for x (it then raises)."""
         state = (
@@ -281,12 +282,14 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             self.top_k,
             self.eps,
             self.scale,
+            self.mixed_cache_fraction,
         )
         kept = self.__dict__.get("_mhr_mixed")
         if kept is not None:
             refs, kept_state, mixed = kept
             if refs[0]() is A and refs[1]() is B and refs[2]() is logits and kept_state == state:
                 return mixed
+            del self.__dict__["_mhr_mixed"]  # stale: not kept alive while the routed op serves
         if B.dtype != A.dtype or not (A.dtype == x_dtype or (A.dtype == torch.float32 and x_dtype in _HALF)):
             return None
         ct = torch.float64 if x_dtype == torch.float64 else torch.float32

@@ -352,6 +352,19 @@ def test_mixed_adapters_follow_every_change():
     assert "_mhr_mixed" not in m.__dict__
 
 
+def test_mixed_cache_fraction_zero_drops_kept_adapters():
+    """Setting mixed_cache_fraction to 0 after adapters were kept: the next call runs the routed op
+    (bit for bit the general flow) and the kept adapters are released."""
+    m = mixed_layer()
+    x, ids = torch.randn(3, 1, 12), torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        m(x, task_ids=ids)
+        assert "_mhr_mixed" in m.__dict__
+        m.mixed_cache_fraction = 0
+        assert torch.equal(m(x, task_ids=ids), general_path(m, x, ids))
+    assert "_mhr_mixed" not in m.__dict__
+
+
 def test_mixed_adapters_kept_under_inference_mode_serve_later_calls():
     m = mixed_layer()
     x, ids = torch.randn(2, 1, 12), torch.tensor([3, 1])
