@@ -122,7 +122,7 @@ def walk_moe_rows(rows, k, experts, rank, d_src, d_dst, backward=False, accumula
             for _warp in range(0, d_dst, 32):
                 for _lane in range(32):
                     for _t in range(k):
-                        ops += 1 + 3 * rank  # c_s; c_s v, then an FMA, per rank value
+                        ops += 1 + 2 * rank + 2  # c_s; an FMA per rank value; out += c_s * part
                     ops += 1 + (2 if accumulate else 0)
     return ops
 
@@ -137,11 +137,14 @@ def walk_moe_wgrad(ids, rank, d_in, d_out):
         for e in range(experts):
             for _c0 in range(0, cols, T.MOE_COL_BLOCK):
                 for _pair in range(math.ceil(T.MOE_COL_BLOCK * rank / 32) * 32):
-                    ops += per_expert[e] * (3 if is_a else 5)
+                    ops += per_expert[e] * (3 if is_a else 4)  # convert, FMA; dB: z w
+                    ops += 1 if not is_a and per_expert[e] > 0 else 0  # dB: the scale, once
     return ops, experts
 
 
-@pytest.mark.parametrize("rows,k,experts,rank,d_src,d_dst", [(130, 2, 3, 5, 70, 33), (64, 1, 8, 40, 32, 64)])
+@pytest.mark.parametrize(
+    "rows,k,experts,rank,d_src,d_dst", [(130, 2, 3, 5, 70, 33), (64, 1, 8, 40, 32, 64), (20, 1, 40, 3, 17, 16)]
+)
 def test_moe_bounds_match_a_walk_of_the_loops(rows, k, experts, rank, d_src, d_dst):
     for backward, accumulate in ((False, False), (False, True), (True, False)):
         assert T.moe_rows_simt_flops(rows, k, experts, rank, d_src, d_dst, backward, accumulate) == walk_moe_rows(
@@ -150,7 +153,8 @@ def test_moe_bounds_match_a_walk_of_the_loops(rows, k, experts, rank, d_src, d_d
     ids = torch.randint(0, experts, (rows, k), generator=torch.Generator().manual_seed(rows))
     ids[0, 0] = experts - 1  # every expert's dA and dB tasks launch, used or not
     walked, e = walk_moe_wgrad(ids, rank, d_src, d_dst)
-    assert e == experts and T.moe_wgrad_simt_flops(rows, k, rank, d_src, d_dst) == walked
+    used = len(set(ids.flatten().tolist()))
+    assert e == experts and T.moe_wgrad_simt_flops(rows, k, rank, d_src, d_dst, used) == walked
     assert T.moe_wgrad_tasks(experts, d_src, d_dst) == experts * (math.ceil(d_src / 16) + math.ceil(d_dst / 16))
     passes = math.ceil(rows * k / 256)
     assert T.moe_plan_count_simt_flops(rows, k, experts) == experts * (passes * 256 * 8 + 256 * 5 + 8)

@@ -5,7 +5,7 @@
 //   1. shrink: a warp per slot, in that order, v[s] = shrink_scale * src[n] @ S_e (lanes split the
 //      reduction, a shuffle tree sums it), with the backward's w_s g_s and dw_s = z_s . g_s;
 //   2. expand: threads over the output columns, y[n] (+)= sum over n's slots by (expert, j) of
-//      (expand_scale * c_s * v[s]) @ X_e.
+//      (expand_scale * c_s) * (v[s] @ X_e).
 // moe_plan_*_kernel: the weight gradients' slot plan on the device (no host sync, fixed grids, so
 //   CUDA-graph safe): per expert a count, one scan, then a stable fill (block-wide ballot prefix
 //   sums) of order[start[e] ..) with expert e's slots ascending.
@@ -168,7 +168,9 @@ __global__ void __launch_bounds__(kThreads) moe_rows_kernel(const MoeRowsParams 
             scale * (p.expand_weighted ? ld_global(w + n * p.w_stride_n + (i % k) * p.w_stride_j) : acc_t(1));
         const acc_t* X = mats + static_cast<int64_t>(e) * rank * p.d_dst + c;
         const acc_t* vs = v + s * rank;
-        for (int64_t u = 0; u < rank; ++u) out += (cs * ld_global(vs + u)) * ld_global(X + u * p.d_dst);
+        acc_t part = 0;  // v[s] . X_e[:, c]; c_s is applied once per slot, not per rank value
+        for (int64_t u = 0; u < rank; ++u) part += ld_global(vs + u) * ld_global(X + u * p.d_dst);
+        out += cs * part;
       }
       if (bad) out = quiet_nan<acc_t>();
       xt* yp = y + n * p.y_stride_n + c;
@@ -259,9 +261,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t s = ld_global(order + q), n = s / p.top_k, j = s % p.top_k;
       acc_t b = ld_global(bott + s * p.rank + u);
-      if (!is_a) b *= static_cast<acc_t>(p.scale) * ld_global(w + n * p.w_stride_n + j * p.w_stride_j);
+      if (!is_a) b *= ld_global(w + n * p.w_stride_n + j * p.w_stride_j);
       sum += to_acc<acc_t>(ld_global(data + n * data_stride + c)) * b;
     }
+    // dB's scale, once per pair rather than per slot; an expert without slots stays exactly 0
+    if (!is_a && q1 > q0) sum *= static_cast<acc_t>(p.scale);
     // dA_e [d_in, r] at (c, u); dB_e [r, d_out] at (u, c)
     st_global(is_a ? out + (e * p.d_in + c) * p.rank + u : out + (e * p.rank + u) * p.d_out + c, sum);
   }

@@ -624,7 +624,7 @@ def moe_cases(module, s: ShapeSet) -> list[Case]:
                 ("moe_plan_count_kernel", T.moe_plan_count_simt_flops(N, k, E)),
                 ("moe_plan_scan_kernel", T.moe_plan_scan_simt_flops(E)),
                 ("moe_plan_fill_kernel", T.moe_plan_fill_simt_flops(N, k, E)),
-                ("moe_wgrad_kernel", T.moe_wgrad_simt_flops(N, k, r, d_in, d_out)),
+                ("moe_wgrad_kernel", T.moe_wgrad_simt_flops(N, k, r, d_in, d_out, experts_used=E)),
             ],
             extra={"shape": describe, "base_gemm_roofline_us": round(2 * base, 3)},
             targets=list(issue),

@@ -242,14 +242,14 @@ def moe_rows_simt_flops(
       lane) and the scale multiply per rank value; the backward adds z . g (an FMA), w_s g (a
       multiply) per rank value and one more warp sum;
     - expand, threads over d_dst (whole warps) for each row: the row's bad-id check (k per
-      thread), then per (row, column) and slot the weight multiply and, per rank value, the
-      c_s v multiply and the FMA (3 flops); the store's convert, and the read-convert-add when
-      accumulating."""
+      thread), then per (row, column) and slot the weight multiply, an FMA per rank value (v . X,
+      2 flops) and the slot's c_s multiply-add into the row (2 flops); the store's convert, and the
+      read-convert-add when accumulating."""
     lanes = cdiv(d_src, 32) * 32
     per_slot = lanes * (cdiv(rank, MOE_RANK_CHUNK) + 2 * rank) + rank * (32 * 5 + 1 + (3 if backward else 0))
     per_slot += 32 * 5 if backward else 0
     cols = cdiv(d_dst, 32) * 32
-    per_row = KERNEL_THREADS * top_k + cols * (top_k * (1 + 3 * rank) + 1 + (2 if accumulate else 0))
+    per_row = KERNEL_THREADS * top_k + cols * (top_k * (1 + 2 * rank + 2) + 1 + (2 if accumulate else 0))
     total = rows * top_k * per_slot + rows * per_row
     for r0 in range(0, rows, MOE_ROW_BLOCK):
         block_rows = min(MOE_ROW_BLOCK, rows - r0)
@@ -282,13 +282,15 @@ def moe_wgrad_tasks(experts: int, d_in: int, d_out: int) -> int:
     return experts * (cdiv(d_in, MOE_COL_BLOCK) + cdiv(d_out, MOE_COL_BLOCK))
 
 
-def moe_wgrad_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: int) -> int:
+def moe_wgrad_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: int, experts_used: int) -> int:
     """moe_wgrad_kernel: every task's threads hold its (rank, column) pairs (16 r, in whole warps)
     and each sums its expert's slots; all tasks together visit every slot once per column block.
-    Per (pair, slot): dA converts x and runs an FMA (3 flops); dB also multiplies scale by w and z
-    by that (5 flops)."""
+    Per (pair, slot): dA converts x and runs an FMA (3 flops); dB also multiplies z by w (4 flops).
+    Per dB pair of an expert with slots (experts_used of them), one scale multiply after the sum."""
     pairs = cdiv(MOE_COL_BLOCK * rank, 32) * 32
-    return rows * top_k * pairs * (3 * cdiv(d_in, MOE_COL_BLOCK) + 5 * cdiv(d_out, MOE_COL_BLOCK))
+    out_blocks = cdiv(d_out, MOE_COL_BLOCK)
+    per_slot = rows * top_k * pairs * (3 * cdiv(d_in, MOE_COL_BLOCK) + 4 * out_blocks)
+    return per_slot + experts_used * out_blocks * pairs
 
 
 # --- ideal traffic and flops of each op ---------------------------------------------------------
