@@ -84,3 +84,21 @@ def test_task_lora_linear_errors_name_the_argument(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         torch.ops.mhr_ops.task_lora_linear(*args.values())
+
+
+def test_task_lora_linear_is_bitwise_repeatable_and_compiles():
+    """docs/API.md, Determinism: the same inputs give the same bits, called again and through
+    torch.compile (aot_eager, dynamic shapes: the fake kernel's shapes) alike."""
+    torch.manual_seed(3)
+    W, b = torch.randn(24, 40), torch.randn(24)
+    A, B = torch.randn(6, 40, 4), torch.randn(6, 4, 24)
+
+    def fn(x, ids):
+        return torch.ops.mhr_ops.task_lora_linear(x, W, b, A, B, ids, 1)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (5, 33, 7):
+        x, ids = torch.randn(n, 40), torch.randint(0, 6, (n,))
+        eager = fn(x, ids)
+        assert torch.equal(eager, fn(x, ids))
+        assert torch.equal(eager, compiled(x, ids))
