@@ -16,6 +16,7 @@ from ._adapted import (
     routes_per_task,
     task_weights_key,
 )
+from ._checks import accumulation_dtype
 from ._tasks import ids_checked_once
 from .lora import MHR_LINEAR_OP, TASK_LORA_LINEAR_OP
 from .moh import head_gates
@@ -24,7 +25,6 @@ from .routing import check_route_options
 # Read once: each is an attribute chain of a few hundred ns, and the serving path is a few us.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
-_HALF = (torch.float16, torch.bfloat16)
 
 # Serving calls of at most this many rows use the kept per-task mixed adapters (MHRLinear._serve);
 # larger ones the routed op, which mixes only the groups a call uses (bench/NOTES.md, session 9).
@@ -290,11 +290,11 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             if refs[0]() is A and refs[1]() is B and refs[2]() is logits and kept_state == state:
                 return mixed
             del self.__dict__["_mhr_mixed"]  # stale: not kept alive while the routed op serves
-        if B.dtype != A.dtype or not (A.dtype == x_dtype or (A.dtype == torch.float32 and x_dtype in _HALF)):
+        ct = accumulation_dtype(x_dtype)
+        if B.dtype != A.dtype or A.dtype not in (x_dtype, ct):  # the ops' adapter dtype rule (docs/API.md)
             return None
-        ct = torch.float64 if x_dtype == torch.float64 else torch.float32
         h, _, dk_in, r = A.shape
-        n_bytes = logits.shape[0] * (h * dk_in + B.shape[0] * B.shape[3]) * r * (8 if ct == torch.float64 else 4)
+        n_bytes = logits.shape[0] * (h * dk_in + B.shape[0] * B.shape[3]) * r * ct.itemsize
         if n_bytes > self.mixed_cache_fraction * W.numel() * W.element_size():
             return None
         weights = self._kept_task_weights(task_weights_key(logits, mode, self.temperature, self.top_k, self.eps), mode)

@@ -89,6 +89,24 @@ LoraRowGroups routed_lora_row_groups(const LoraDims& d, const LoraGroupIds& ids)
   return out;
 }
 
+std::vector<LoraRun> gathered_pieces(const LoraRowGroups& groups, const LoraDims& d,
+                                     const std::vector<int64_t>& slot_groups, int64_t threads,
+                                     std::vector<int64_t>& order) {
+  order.resize(d.rows);
+  std::vector<int64_t> start(d.groups + 1);
+  sort_rows_by_group(groups.row_group.data(), d.rows, d.groups, order.data(), start.data());
+  threads = std::max<int64_t>(1, threads);
+  const int64_t share =
+      std::max<int64_t>(kLoraRowTile, (d.rows + 4 * threads - 1) / (4 * threads) / kLoraRowTile * kLoraRowTile);
+  std::vector<LoraRun> pieces;
+  for (size_t slot = 0; slot < slot_groups.size(); ++slot) {
+    const int64_t g = slot_groups[slot];
+    for (int64_t off = start[g]; off < start[g + 1]; off += share)
+      pieces.push_back({off, std::min(share, start[g + 1] - off), g, static_cast<int64_t>(slot)});
+  }
+  return pieces;
+}
+
 LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& ids, DType x_type, DType y_type,
                                          CpuIsa max_isa, int64_t threads) {
   LoraForwardPlan plan;
@@ -114,20 +132,9 @@ LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& 
     case LoraForwardPath::kBlasRuns:
       plan.pieces = split_runs(runs, d.rows, threads);
       break;
-    case LoraForwardPath::kTileGathered: {
-      // Rows by group; each used group's rows cut into pieces of a fair share for the threads.
-      plan.order.resize(d.rows);
-      std::vector<int64_t> start(d.groups + 1);
-      sort_rows_by_group(plan.groups.row_group.data(), d.rows, d.groups, plan.order.data(), start.data());
-      const int64_t share =
-          std::max<int64_t>(kLoraRowTile, (d.rows + 4 * threads - 1) / (4 * threads) / kLoraRowTile * kLoraRowTile);
-      for (size_t slot = 0; slot < plan.slot_groups.size(); ++slot) {
-        const int64_t g = plan.slot_groups[slot];
-        for (int64_t off = start[g]; off < start[g + 1]; off += share)
-          plan.pieces.push_back({off, std::min(share, start[g + 1] - off), g, static_cast<int64_t>(slot)});
-      }
+    case LoraForwardPath::kTileGathered:
+      plan.pieces = gathered_pieces(plan.groups, d, plan.slot_groups, threads, plan.order);
       break;
-    }
     default:  // the row-tile and project-then-mix paths mix per row: no slots
       plan.slot_groups.clear();
   }

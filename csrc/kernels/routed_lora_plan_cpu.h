@@ -66,6 +66,14 @@ struct LoraForwardPlan {
   bool takes_bias() const { return path == LoraForwardPath::kFusedRuns || path == LoraForwardPath::kTileGathered; }
 };
 
+// The gathered row-tile kernel's work: the rows listed by group (`order`, resized to N) and each
+// group of slot_groups cut into pieces of whole row tiles, a fair share for `threads`; a piece's
+// slot is its group's index in slot_groups. routed_lora's gathered path passes the used groups;
+// task_lora_linear every task (slot = task).
+std::vector<LoraRun> gathered_pieces(const LoraRowGroups& groups, const LoraDims& d,
+                                     const std::vector<int64_t>& slot_groups, int64_t threads,
+                                     std::vector<int64_t>& order);
+
 // x_type, y_type: the dtypes of x and y. The fused and row-tile kernels write y in the compute
 // dtype (fp32; fp64 for fp64 x). max_isa: what ATEN_CPU_CAPABILITY allows; threads: the pool size.
 LoraForwardPlan plan_routed_lora_forward(const LoraDims& d, const LoraGroupIds& ids, DType x_type, DType y_type,

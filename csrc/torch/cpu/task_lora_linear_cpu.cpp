@@ -8,8 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "../../kernels/routed_lora_plan_cpu.h"
@@ -34,18 +34,12 @@ at::Tensor task_lora_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const at::Tensor A = A_in.contiguous(), B = B_in.contiguous();
   const bool has_bias = is_present(bias);
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  // Rows by task (an id outside [0, T) counts as task 0 here and is overwritten with NaN below);
-  // each task's rows cut into pieces of a fair share for the threads, whole row tiles.
+  // Rows by task, as routed_lora's gathered path lists them (an id outside [0, T) counts as task 0
+  // there and is overwritten with NaN below), with every task its own slot: A and B are per task.
   const LoraRowGroups groups = routed_lora_row_groups(d, lora_group_ids(task_ids));
-  std::vector<int64_t> order(d.rows), start(d.groups + 1);
-  sort_rows_by_group(groups.row_group.data(), d.rows, d.groups, order.data(), start.data());
-  const int64_t threads = at::get_num_threads();
-  const int64_t share =
-      std::max<int64_t>(kLoraRowTile, (d.rows + 4 * threads - 1) / (4 * threads) / kLoraRowTile * kLoraRowTile);
-  std::vector<LoraRun> pieces;
-  for (int64_t t = 0; t < d.groups; ++t)
-    for (int64_t off = start[t]; off < start[t + 1]; off += share)
-      pieces.push_back({off, std::min(share, start[t + 1] - off), t, t});
+  std::vector<int64_t> tasks(d.groups), order;
+  std::iota(tasks.begin(), tasks.end(), int64_t(0));
+  const std::vector<LoraRun> pieces = gathered_pieces(groups, d, tasks, at::get_num_threads(), order);
   const at::Tensor z = at::empty({d.rows, d.rank}, x.options());  // the kernel's bottleneck, not returned
   LoraGatheredParams p;
   p.x = x.const_data_ptr(), p.x_stride_n = x.stride(0), p.y = y.data_ptr(), p.y_stride_n = y.stride(0);
