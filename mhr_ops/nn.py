@@ -8,6 +8,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import _C
 from ._adapted import (
     RoutedAdapter,
     _is_plain_linear,
@@ -173,7 +174,38 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         than examples (``T > max(256, len(ids))``), per-example routing is cheaper and is used."""
         return self._adapter().routing_groups(ids, device)
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if not name.startswith("_mhr"):  # the mode, a routing option, the scale, a merge, the base...
+            self.__dict__.pop("_mhr_fast", None)
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle (torch.save of the module): without serving's kept state (weak
+        # references and a C++ object), which the next serving call rebuilds
+        state = self.__dict__.copy()
+        state.pop("_mhr_fast", None)
+        state.pop("_mhr_mixed", None)
+        return state
+
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        # The serving hit in one C++ call (csrc/torch/task_serve.cpp), kept by _serve: it checks what
+        # a call can change (x, the ids, grad mode, A / B / logits and their versions, the base
+        # weight), and __setattr__ drops it when anything else changes.
+        fast = self.__dict__.get("_mhr_fast")
+        if fast is not None and not _is_compiling():
+            params, base_params = self._parameters, self._modules["base"]._parameters
+            y = fast(
+                x,
+                self._mhr_task_ids if task_ids is None else task_ids,
+                params.get("A"),
+                params.get("B"),
+                params.get("logits"),
+                base_params.get("weight"),
+                base_params.get("bias"),
+                self.mixed_cache_fraction,
+            )
+            if y is not None:
+                return y
         y = self._serve(x, task_ids)
         return adapted_forward((self._adapter(),), x, task_ids) if y is None else y
 
@@ -231,6 +263,12 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             return None
         mixed = self._mixed_task_adapters(mode, logits, A, B, W, x.dtype) if rows <= MIXED_MAX_ROWS else None
         if mixed is not None:
+            # forward's next calls: the same checks and op call in C++ (a new one after any miss: it
+            # may have been stale), with these ids noted as checked
+            self.__dict__["_mhr_fast"] = _C.TaskServe(
+                A, B, logits, W, mixed[0], mixed[1], self.mixed_cache_fraction, MIXED_MAX_ROWS
+            )
+            _C.note_checked_ids(ids, n_tasks)
             # x's leading dims as they are (the op flattens them), and no _below_autograd: the op has no
             # autograd kernel, and nothing here needs one
             return TASK_LORA_LINEAR_OP(x, W, b, mixed[0], mixed[1], ids, rows // n_ids)
@@ -290,6 +328,7 @@ class MHRLinear(_AdaptsLinear, nn.Module):
             if refs[0]() is A and refs[1]() is B and refs[2]() is logits and kept_state == state:
                 return mixed
             del self.__dict__["_mhr_mixed"]  # stale: not kept alive while the routed op serves
+            self.__dict__.pop("_mhr_fast", None)  # nor by forward's C++ hit path
         ct = accumulation_dtype(x_dtype)
         if B.dtype != A.dtype or A.dtype not in (x_dtype, ct):  # the ops' adapter dtype rule (docs/API.md)
             return None
@@ -306,8 +345,9 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         return mixed
 
     def train(self, mode: bool = True):
-        if mode:
-            self.__dict__.pop("_mhr_mixed", None)  # serving's mixed adapters: no use while training
+        if mode:  # serving's mixed adapters, and the hit path that holds them: no use while training
+            self.__dict__.pop("_mhr_mixed", None)
+            self.__dict__.pop("_mhr_fast", None)
         return super().train(mode)
 
     def task_delta(self, task_id: int) -> torch.Tensor:

@@ -415,3 +415,212 @@ def test_mixed_adapters_with_half_activations(dtype):
     ref = per_example_reference(m, x, ids, "sigmoid")
     tol = 2 * (routed.double() - ref).abs().max().item() + 1e-2
     assert_close(y, ref, atol=tol, rtol=0, what=f"{dtype}")
+
+
+# ---- forward's hit path in C++ (mhr_ops._C.TaskServe, kept by _serve) ----
+
+
+def no_python_serve(m):
+    """Makes MHRLinear._serve raise: a call that returns took the C++ hit path."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the call left the C++ hit path")
+
+    object.__setattr__(m, "_serve", fail)  # not through MHRLinear.__setattr__, which drops the hit path
+
+
+@pytest.mark.parametrize(
+    "lead,n_ids,kw",
+    [
+        ((1, 1), 1, {}),
+        ((8, 1), 8, {}),
+        ((6, 2), 3, {}),  # an expanded batch
+        ((2, 3, 2), 2, {}),  # 4-D x
+        ((5, 2), 5, dict(top_k=2, eval_mode="softmax", temperature=0.7)),
+        ((5, 2), 5, dict(bias=False)),
+    ],
+)
+def test_hit_path_is_the_op_on_the_kept_adapters(lead, n_ids, kw):
+    """After one serving call, the next ones take the C++ hit path: the bits of task_lora_linear on
+    the kept mixed adapters (as _serve computes them), and the float64 reference to rounding."""
+    bias = kw.pop("bias", True)
+    m = mixed_layer(**kw)
+    if not bias:
+        m.base.bias = None
+    x = torch.randn(*lead, 12)[..., ::1]
+    ids = torch.randint(0, 6, (n_ids,))
+    with torch.no_grad():
+        first = m(x, task_ids=ids)
+        assert "_mhr_fast" in m.__dict__
+        a, b = m.__dict__["_mhr_mixed"][2]
+        op = mhr_ops.lora.TASK_LORA_LINEAR_OP(x, m.base.weight, m.base.bias, a, b, ids, x[..., 0].numel() // n_ids)
+        no_python_serve(m)
+        y = m(x, task_ids=ids)
+        x_strided = torch.randn(*lead, 24)[..., ::2]  # non-contiguous rows
+        y_strided = m(x_strided, task_ids=ids)
+    assert torch.equal(y, first) and torch.equal(y, op)
+    mode = kw.get("eval_mode", "sigmoid")
+    per_example = ids.repeat_interleave(lead[0] // n_ids)
+    for xi, yi in ((x, y), (x_strided, y_strided)):
+        assert_close(yi, per_example_reference(m, xi, per_example, mode), atol=1e-5, rtol=1e-5, what="hit path")
+
+
+def test_hit_path_under_use_tasks_and_inference_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 8))
+    mhr_ops.patch(model, ["0", "1"], r=2, n_skills=3, n_tasks=4).eval()
+    for layer_ in model:
+        layer_.mixed_cache_fraction = float("inf")
+    x, ids = torch.randn(2, 3, 12), torch.tensor([3, 1])
+    with torch.no_grad(), mhr_ops.use_tasks(model, ids):
+        first = model(x)
+    for layer_ in model:
+        no_python_serve(layer_)
+    with torch.inference_mode(), mhr_ops.use_tasks(model, ids):
+        assert torch.equal(model(x), first)
+        assert torch.equal(model(x.repeat_interleave(2, dim=0)), first.repeat_interleave(2, dim=0))
+
+
+def test_hit_path_declines_calls_it_does_not_cover():
+    """Each call the hit path does not cover goes to _serve or the general flow, with their result
+    (gradients, errors, a dispatch mode's view of the op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = mixed_layer()
+    x, ids = torch.randn(3, 2, 12), torch.tensor([1, 0, 5])
+    with torch.no_grad():
+        m(x, task_ids=ids)
+    taken = []
+    serve = m._serve
+    object.__setattr__(m, "_serve", lambda *a, **k: (taken.append(1), serve(*a, **k))[1])
+
+    def runs_python(call):
+        taken.clear()
+        out = call()
+        assert taken, "the C++ hit path took a call it should decline"
+        return out
+
+    with torch.no_grad():
+        fresh = ids.clone()
+        runs_python(lambda: m(x, task_ids=fresh))  # ids not yet seen: checked in Python, then noted
+        taken.clear()
+        m(x, task_ids=fresh)
+        assert not taken
+        with pytest.raises(ValueError, match=r"task_ids: expected task ids in \[0, 6\), got 6"):
+            runs_python(lambda: m(x, task_ids=torch.tensor([0, 6, 1])))
+        runs_python(lambda: m(x, task_ids=[1, 0, 5]))  # not a tensor
+        with pytest.raises(ValueError, match="task_ids"):
+            runs_python(lambda: m(x, task_ids=ids[:2]))  # two ids for three examples
+        big = torch.randn(mhr_ops.nn.MIXED_MAX_ROWS + 1, 12)
+        big_ids = torch.randint(0, 6, (big.shape[0],))
+        assert torch.equal(runs_python(lambda: m(big, task_ids=big_ids)), general_path(m, big, big_ids))
+
+        class Sub(torch.Tensor):
+            pass
+
+        runs_python(lambda: m(x.as_subclass(Sub), task_ids=ids))
+
+        class Record(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Record() as mode:
+            runs_python(lambda: m(x, task_ids=ids))
+        assert "mhr_ops.task_lora_linear.default" in mode.ops
+    y = runs_python(lambda: m(x.requires_grad_(), task_ids=ids))  # autograd needed
+    assert y.grad_fn is not None
+
+
+def test_hit_path_follows_every_change():
+    """An option set on the layer drops the hit path (__setattr__); a step on A / B / logits, a
+    swapped base weight or adapter tensor, or a class-level mixed_cache_fraction make it decline.
+    Each next call matches the general flow's routing after the change."""
+    m = mixed_layer()
+    x, ids = torch.randn(4, 1, 12), torch.tensor([0, 5, 2, 5])
+
+    def serve(mode="sigmoid"):
+        with torch.no_grad():
+            y = m(x, task_ids=ids)
+            again = m(x, task_ids=ids)  # the hit path, rebuilt by the first call
+        assert "_mhr_fast" in m.__dict__ and torch.equal(y, again)
+        assert_close(y, per_example_reference(m, x, ids, mode), atol=1e-5, rtol=1e-5, what="after a change")
+        return y
+
+    before = serve()
+    for name in ("A", "B", "logits"):
+        with torch.no_grad():
+            getattr(m, name).add_(0.5)  # in place: the version, not the object, changes
+        after = serve()
+        assert not torch.equal(after, before), name
+        before = after
+    m.eval_mode, m.temperature = "softmax", 0.5
+    assert "_mhr_fast" not in m.__dict__
+    before = serve("softmax")
+    with torch.no_grad():
+        m.base.weight.data = 2 * m.base.weight.data  # new storage, same Parameter
+    after = serve("softmax")
+    assert not torch.equal(after, before)
+    m.B = torch.nn.Parameter(m.B.detach() * 2)
+    assert not torch.equal(serve("softmax"), after)
+    mhr_ops.nn.MHRLinear.mixed_cache_fraction, saved = 0.0, mhr_ops.nn.MHRLinear.mixed_cache_fraction
+    try:
+        del m.mixed_cache_fraction  # the class's value now
+        with torch.no_grad():
+            y = m(x, task_ids=ids)
+        assert "_mhr_fast" not in m.__dict__ and "_mhr_mixed" not in m.__dict__
+        assert torch.equal(y, general_path(m, x, ids))
+    finally:
+        mhr_ops.nn.MHRLinear.mixed_cache_fraction = saved
+
+
+def test_hit_path_and_merged_tasks():
+    m = mixed_layer()
+    x = torch.randn(3, 1, 12)
+    with torch.no_grad():
+        m(x, task_ids=torch.tensor([1, 1, 1]))
+        served = m(x, task_ids=torch.tensor([1, 1, 1]))
+    mhr_ops.merge_task(torch.nn.Sequential(m), 1)
+    assert "_mhr_fast" not in m.__dict__
+    with torch.no_grad():
+        assert_close(m(x, task_ids=torch.tensor([1, 1, 1])), served, atol=1e-5, rtol=1e-5, what="merged")
+        with pytest.raises(RuntimeError, match="merged"):
+            m(x, task_ids=torch.tensor([0, 1, 1]))
+
+
+def test_ids_checked_for_more_tasks_are_checked_again():
+    """The hit path's registry of checked ids holds the task count they were checked against: ids
+    valid for 6 tasks are checked again by a layer with 3."""
+    ids = torch.tensor([5, 0])
+    six, three = mixed_layer(T=6), mixed_layer(T=3)
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        six(x, task_ids=ids)
+        six(x, task_ids=ids)
+        three(x, task_ids=torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match=r"task_ids: expected task ids in \[0, 3\), got 5"):
+            three(x, task_ids=ids)
+
+
+def test_served_layer_pickles_and_deep_copies():
+    """copy.deepcopy and pickle (torch.save of a module) after serving calls: serving's kept state
+    is left out and rebuilt."""
+    import copy
+    import io
+
+    m = mixed_layer()
+    x, ids = torch.randn(2, 1, 12), torch.tensor([3, 1])
+    with torch.no_grad():
+        y = m(x, task_ids=ids)
+        m(x, task_ids=ids)
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(m), torch.load(buffer, weights_only=False)):
+        assert "_mhr_fast" not in other.__dict__ and "_mhr_mixed" not in other.__dict__
+        with torch.no_grad():
+            assert torch.equal(other(x, task_ids=ids), y)
