@@ -624,3 +624,19 @@ def test_served_layer_pickles_and_deep_copies():
         assert "_mhr_fast" not in other.__dict__ and "_mhr_mixed" not in other.__dict__
         with torch.no_grad():
             assert torch.equal(other(x, task_ids=ids), y)
+
+
+def test_compiled_layer_with_a_kept_hit_path():
+    """torch.compile(fullgraph=True) of a layer that already keeps its C++ hit path: the compiled
+    code takes the general flow (no graph break on the kept object), with changing shapes."""
+    m = mixed_layer()
+    x, ids = torch.randn(4, 12), torch.tensor([0, 3, 1, 4])
+    with torch.no_grad():
+        m(x, task_ids=ids)
+        eager = m(x, task_ids=ids)
+    assert "_mhr_fast" in m.__dict__
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        assert_close(compiled(x, task_ids=ids), eager, atol=1e-5, rtol=1e-5, what="compiled")
+        x7, ids7 = torch.randn(7, 12), torch.randint(0, 6, (7,))
+        assert_close(compiled(x7, task_ids=ids7), general_path(m, x7, ids7), atol=0, rtol=0, what="7 rows")
