@@ -12,6 +12,7 @@
 
 #include <array>
 #include <string>
+#include <utility>
 
 namespace mhr_ops {
 namespace {
@@ -24,6 +25,17 @@ using torch::autograd::variable_list;
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// A backward op's call: below the Autograd key in a plain backward, where its autograd kernel (Python,
+// mhr_ops/_autograd.py) would only decide there is nothing to record (~13 us a call, more on cold
+// caches); through it while the backward is itself recorded (create_graph), so that differentiating
+// the gradient raises there.
+template <typename Sig, typename... Args>
+auto call_backward_op(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(std::forward<Args>(args)...);
 }
 
 // Which of a forward's tensor arguments get a gradient edge: `needs_input_grad` counts only the
@@ -70,10 +82,10 @@ struct RouteFunction : public torch::autograd::Function<RouteFunction> {
     const c10::IValue& top_k = ctx->saved_data["top_k"];
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     static const auto op = op_handle<RouteBackwardSig>("mhr_ops::route_backward");
-    out[0] = op.call(grads[0], saved[0], saved[1], noise, ctx->saved_data["n_skills"].toInt(), mode,
-                     ctx->saved_data["temperature"].toDouble(),
-                     top_k.isNone() ? std::nullopt : std::optional<int64_t>(top_k.toInt()),
-                     ctx->saved_data["eps"].toDouble());
+    out[0] = call_backward_op(op, grads[0], saved[0], saved[1], noise, ctx->saved_data["n_skills"].toInt(), mode,
+                              ctx->saved_data["temperature"].toDouble(),
+                              top_k.isNone() ? std::nullopt : std::optional<int64_t>(top_k.toInt()),
+                              ctx->saved_data["eps"].toDouble());
     return out;
   }
 };
@@ -118,8 +130,8 @@ struct RoutedLoraFunction : public torch::autograd::Function<RoutedLoraFunction>
     const variable_list s = ctx->get_saved_variables();
     static const auto op = op_handle<LoraBackwardSig>("mhr_ops::routed_lora_backward");
     const auto [dx, dA, dB, dw] =
-        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["rows_per_group_id"].toInt(),
-                ctx->saved_data["scale"].toDouble(), s[5], mask);
+        call_backward_op(op, grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["rows_per_group_id"].toInt(),
+                         ctx->saved_data["scale"].toDouble(), s[5], mask);
     const std::array<at::Tensor, 4> g{dx, dA, dB, dw};
     for (int i = 0; i < 4; ++i)
       if (mask[i]) out[i] = g[i];
@@ -177,8 +189,8 @@ struct MhrLinearFunction : public torch::autograd::Function<MhrLinearFunction> {
     const variable_list s = ctx->get_saved_variables();
     static const auto op = op_handle<LinearBackwardSig>("mhr_ops::mhr_linear_backward");
     const auto [dx, dW, db, dA, dB, dw] =
-        op.call(grads[0], s[0], s[1], has_bias, s[2], s[3], s[4], s[5], ctx->saved_data["rows_per_group_id"].toInt(),
-                ctx->saved_data["scale"].toDouble(), s[6], mask);
+        call_backward_op(op, grads[0], s[0], s[1], has_bias, s[2], s[3], s[4], s[5],
+                         ctx->saved_data["rows_per_group_id"].toInt(), ctx->saved_data["scale"].toDouble(), s[6], mask);
     const std::array<at::Tensor, 6> g{dx, dW, db, dA, dB, dw};
     for (int i = 0; i < 6; ++i)
       if (mask[i]) out[i] = g[i];
