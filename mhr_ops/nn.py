@@ -27,6 +27,9 @@ from .routing import check_route_options
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 
+# The tensor types the C++ serving hit path takes (subclasses go through Python).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
 # Serving calls of at most this many rows use the kept per-task mixed adapters (MHRLinear._serve);
 # larger ones the routed op, which mixes only the groups a call uses (bench/NOTES.md, session 9).
 MIXED_MAX_ROWS = 256
@@ -265,10 +268,11 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         if mixed is not None:
             # forward's next calls: the same checks and op call in C++ (a new one after any miss: it
             # may have been stale), with these ids noted as checked
-            self.__dict__["_mhr_fast"] = _C.TaskServe(
-                A, B, logits, W, mixed[0], mixed[1], self.mixed_cache_fraction, MIXED_MAX_ROWS
-            )
-            _C.note_checked_ids(ids, n_tasks)
+            if all(type(t) in _PLAIN_TENSOR_TYPES for t in (x, ids, A, B, logits, W)):  # it declines subclasses
+                self.__dict__["_mhr_fast"] = _C.TaskServe(
+                    A, B, logits, W, mixed[0], mixed[1], self.mixed_cache_fraction, MIXED_MAX_ROWS
+                )
+                _C.note_checked_ids(ids, n_tasks)
             # x's leading dims as they are (the op flattens them), and no _below_autograd: the op has no
             # autograd kernel, and nothing here needs one
             return TASK_LORA_LINEAR_OP(x, W, b, mixed[0], mixed[1], ids, rows // n_ids)

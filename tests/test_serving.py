@@ -640,3 +640,20 @@ def test_compiled_layer_with_a_kept_hit_path():
         assert_close(compiled(x, task_ids=ids), eager, atol=1e-5, rtol=1e-5, what="compiled")
         x7, ids7 = torch.randn(7, 12), torch.randint(0, 6, (7,))
         assert_close(compiled(x7, task_ids=ids7), general_path(m, x7, ids7), atol=0, rtol=0, what="7 rows")
+
+
+def test_hit_path_is_not_kept_for_tensor_subclasses():
+    """A Parameter subclass among the layer's tensors (a wrapper may hold no storage the hit path
+    could watch): the calls stay in Python, with _serve's result."""
+
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    m = mixed_layer()
+    m.base.weight = Tagged(m.base.weight.detach())
+    x, ids = torch.randn(3, 1, 12), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        first = m(x, task_ids=ids)
+        second = m(x, task_ids=ids)
+        assert "_mhr_fast" not in m.__dict__
+        assert torch.equal(second, first) and torch.equal(first, m._serve(x, ids))

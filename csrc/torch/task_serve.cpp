@@ -64,9 +64,10 @@ bool ids_checked(const at::Tensor& ids, int64_t n_tasks) {
   return false;
 }
 
-// A tensor argument from Python: nullopt for None or anything that is not a tensor.
+// A tensor argument from Python: nullopt for None, anything that is not a tensor, and a tensor
+// subclass (a wrapper may hold no storage to watch; the general flow serves those).
 std::optional<at::Tensor> tensor_of(const py::handle& h) {
-  if (!THPVariable_Check(h.ptr())) return std::nullopt;
+  if (!THPVariable_CheckExact(h.ptr())) return std::nullopt;
   return THPVariable_Unpack(h.ptr());
 }
 
@@ -146,7 +147,7 @@ void register_task_serve(py::module_& m) {
       .def(py::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, double, int64_t>())
       .def("__call__", &TaskServe::call);
-  m.def("note_checked_ids", &note_checked_ids, "Ids range-checked against n_tasks (mhr_ops/_tasks.py)");
+  m.def("note_checked_ids", &note_checked_ids, "Notes ids as range-checked against n_tasks (MHRLinear._serve)");
 }
 
 }  // namespace mhr_ops

@@ -8,7 +8,7 @@
 
 namespace mhr_ops {
 
-// Notes ids as range-checked against n_tasks (mhr_ops/_tasks.py, after its check).
+// Notes ids as range-checked against n_tasks (MHRLinear._serve, after mhr_ops/_tasks.py checked them).
 void note_checked_ids(const at::Tensor& ids, int64_t n_tasks);
 
 // Adds TaskServe and note_checked_ids to the module mhr_ops._C.
