@@ -349,9 +349,8 @@ class MHRLinear(_AdaptsLinear, nn.Module):
         return mixed
 
     def train(self, mode: bool = True):
-        if mode:  # serving's mixed adapters, and the hit path that holds them: no use while training
+        if mode:  # serving's mixed adapters: no use while training (setting training drops the hit path)
             self.__dict__.pop("_mhr_mixed", None)
-            self.__dict__.pop("_mhr_fast", None)
         return super().train(mode)
 
     def task_delta(self, task_id: int) -> torch.Tensor:

@@ -103,9 +103,9 @@ class TaskServe {
     if (x.dim() < 2 || ids.dim() != 1 || x.scalar_type() != x_dtype_ || weight->scalar_type() != x_dtype_ ||
         x.device() != ids.device())
       return py::none();
-    const int64_t n = x.size(0), n_ids = ids.size(0);
-    const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
-    if (x.size(-1) == 0 || rows == 0 || rows > max_rows_ || n_ids == 0 || n % n_ids != 0) return py::none();
+    if (x.size(-1) == 0) return py::none();
+    const int64_t n = x.size(0), n_ids = ids.size(0), rows = x.numel() / x.size(-1);
+    if (rows == 0 || rows > max_rows_ || n_ids == 0 || n % n_ids != 0) return py::none();
     // routes_per_task (mhr_ops/_adapted.py); the mode has no per-example noise, or no TaskServe
     if (n_tasks_ > std::max<int64_t>(256, n) || !ids_checked(ids, n_tasks_)) return py::none();
     if (at::GradMode::is_enabled() &&
