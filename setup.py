@@ -261,7 +261,9 @@ def make_emulated_extension():
     shared += binding_sources("cuda", "args")
     # The composites the CPU backend overrides with kernels of its own: under emulation they
     # register for the CPU key, as CUDA tensors take them.
-    shared += [os.path.join(BINDING, "composite", f) for f in ("mhr_linear.cpp", "task_lora_linear.cpp")]
+    shared += [
+        os.path.join(BINDING, "composite", f) for f in ("mhr_linear.cpp", "moe_lora_linear.cpp", "task_lora_linear.cpp")
+    ]
     wrapper_dir = os.path.join(ROOT, "build", "emulated")
     os.makedirs(wrapper_dir, exist_ok=True)
     sources = [os.path.join(emulation, "simt.cpp"), os.path.join(emulation, "torch_module.cpp")]

@@ -8,7 +8,7 @@ import torch
 from . import _C, nn, peft, reference
 from ._tasks import use_tasks
 from .lora import mhr_linear, routed_lora
-from .moe import moe_lora
+from .moe import moe_lora, moe_lora_linear
 from .moh import gated_head_proj, head_gates, load_balance_loss
 from .patching import (
     average_skills,
@@ -32,6 +32,7 @@ __all__ = [
     "mhr_linear",
     "moe_aux_loss",
     "moe_lora",
+    "moe_lora_linear",
     "nn",
     "patch",
     "patch_moe_lora",

@@ -1,6 +1,7 @@
-"""Mixture-of-LoRA experts (docs/API.md, moe_lora): the op ``moe_lora``, its fake kernels and
-autograd registration for torch.ops.mhr_ops.moe_lora / moe_lora_add_ / moe_lora_backward, and the
-Switch-Transformer load-balancing loss."""
+"""Mixture-of-LoRA experts (docs/API.md, moe_lora): the ops ``moe_lora`` and ``moe_lora_linear``,
+their fake kernels and autograd registration for torch.ops.mhr_ops.moe_lora / moe_lora_add_ /
+moe_lora_backward / moe_lora_linear / moe_lora_linear_backward, and the Switch-Transformer
+load-balancing loss."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from ._autograd import call_op, register_bottleneck_autograd, register_no_double_backward
+from ._autograd import call_op, needed_grads, register_bottleneck_autograd, register_no_double_backward
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -117,6 +118,36 @@ def moe_lora(x, A, B, topk_weights, topk_ids, *, scale: float, out=None, check_i
     return out
 
 
+def moe_lora_linear(x, weight, bias, A, B, topk_weights, topk_ids, *, scale: float, check_ids: bool = True):
+    """``F.linear(x, weight, bias) + moe_lora(x, A, B, topk_weights, topk_ids, scale=scale)`` in one
+    op: what :class:`mhr_ops.nn.MoELoRALinear` runs for its base layer and experts.
+
+    On the CPU with fp32 / fp64 ``x`` the experts' pass writes ``bias + update`` and the base GEMM
+    accumulates into it, so the layer makes no extra pass over its output; elsewhere it is
+    ``F.linear`` with the update added into its output. The backward adds the base layer's
+    ``grad_y @ weight`` into the experts' dx inside the GEMM. Gradients reach ``x``, ``weight``,
+    ``bias``, ``A``, ``B`` and ``topk_weights``.
+
+    Args:
+        x, A, B, topk_weights, topk_ids, scale, check_ids: as :func:`moe_lora`.
+        weight: ``[d_out, d_in]`` in ``x``'s dtype (the base ``nn.Linear``'s).
+        bias: ``[d_out]`` in ``x``'s dtype, or ``None``.
+
+    Returns ``y [..., d_out]`` in ``x``'s dtype.
+    """
+    E, d_in, _, d_out = _check_experts(x, A, B)
+    check_tensor(weight, "weight", ndim=2, dtypes=FLOAT_DTYPES)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES)
+    weights, ids = _routing_rows(x, topk_weights, topk_ids, E, check_ids)
+    scale = check_scale(scale)
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(ids.shape[0], d_in)
+    args = (x2, weight, bias, A, B, weights, ids, scale)
+    y, _ = call_op(torch.ops.mhr_ops.moe_lora_linear, args, (x, weight, bias, A, B, topk_weights))
+    return y.view(*lead, d_out)
+
+
 def switch_balance_loss(router_probs: torch.Tensor, topk_ids: torch.Tensor, n_experts: int) -> tuple:
     """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (``f_e``: fraction of token
     slots routed to expert ``e``, ``P_e``: mean router probability of ``e``) and the load ``f``.
@@ -156,7 +187,44 @@ def _moe_lora_backward_fake(grad_y, x, A, B, topk_weights, topk_ids, scale, z, o
     )
 
 
+@torch.library.register_fake("mhr_ops::moe_lora_linear")
+def _moe_lora_linear_fake(x, weight, bias, A, B, topk_weights, topk_ids, scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), _bottleneck_like(x, A, topk_ids.shape[1])
+
+
+@torch.library.register_fake("mhr_ops::moe_lora_linear_backward")
+def _moe_lora_linear_backward_fake(grad_y, x, weight, has_bias, A, B, topk_weights, topk_ids, scale, z, output_mask):
+    shapes = (x.shape, weight.shape, weight.shape[:1], A.shape, B.shape, topk_weights.shape)
+    likes = (x, weight, weight, A, B, topk_weights)
+    return tuple(
+        t.new_empty(shape) if needed and (i != 2 or has_bias) else t.new_empty((0,))
+        for i, (t, shape, needed) in enumerate(zip(likes, shapes, output_mask, strict=True))
+    )
+
+
 # ---- autograd: the forward's per-slot z is saved, so the backward does not re-project x ----
 
 register_bottleneck_autograd("mhr_ops::moe_lora", torch.ops.mhr_ops.moe_lora_backward, n_tensors=5, n_grads=4)
 register_no_double_backward("mhr_ops::moe_lora_backward", "moe_lora")
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, topk_weights, topk_ids, ctx.scale = inputs
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, A, B, topk_weights, topk_ids, output[1])
+
+
+def _linear_backward(ctx, grad_y, grad_z):
+    mask = list(ctx.needs_input_grad[:6])
+    if not any(mask):
+        return (None,) * 8
+    x, weight, A, B, topk_weights, topk_ids, z = ctx.saved_tensors
+    grads = torch.ops.mhr_ops.moe_lora_linear_backward(
+        grad_y, x, weight, ctx.has_bias, A, B, topk_weights, topk_ids, ctx.scale, z, mask
+    )
+    return (*needed_grads(grads, mask), None, None)
+
+
+torch.library.register_autograd("mhr_ops::moe_lora_linear", _linear_backward, setup_context=_linear_setup_context)
+register_no_double_backward("mhr_ops::moe_lora_linear_backward", "moe_lora_linear")

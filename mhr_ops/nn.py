@@ -7,6 +7,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from . import _C
 from ._adapted import (
@@ -572,11 +573,28 @@ class MoELoRALinear(_AdaptsLinear, nn.Module):
         return top_w / top_w.sum(dim=-1, keepdim=True), top_i, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .moe import moe_lora, switch_balance_loss
+        from .moe import moe_lora, moe_lora_linear, switch_balance_loss
 
         weights, ids, probs = self.route(x)
         self.last_aux_loss, self.last_expert_load = switch_balance_loss(probs, ids, self.n_experts)
+        if self._plain_base(x):  # one op for the base layer and the experts
+            base = self.base
+            return moe_lora_linear(
+                x, base.weight, base.bias, self.A, self.B, weights, ids, scale=self.scale, check_ids=False
+            )
         return moe_lora(x, self.A, self.B, weights, ids, scale=self.scale, out=self.base(x), check_ids=False)
+
+    def _plain_base(self, x: torch.Tensor) -> bool:
+        """Whether ``self.base(x)`` is exactly ``F.linear(x, weight, bias)``, so that
+        ``moe_lora_linear`` may stand in for it: a plain ``nn.Linear`` (not a subclass: quantized
+        layers subclass it), no forward hooks on it or global ones, no autocast."""
+        base = self.base
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def extra_repr(self) -> str:
         return (

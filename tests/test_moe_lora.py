@@ -341,6 +341,143 @@ def test_portable_kernels_under_capability_cap(capability):
     assert "checked DEFAULT" in done.stdout
 
 
+# ---- moe_lora_linear: the base layer and the experts in one op ----
+
+
+def make_linear(d_in, d_out, *, dtype, bias=True, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W = (torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * d_in**-0.5).to(dtype).to(device)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64).to(dtype).to(device) if bias else None
+    return W, b
+
+
+def linear_reference(x, W, b, A, B, w, ids, scale):
+    base = torch.nn.functional.linear(x.double(), W.double(), None if b is None else b.double())
+    return base + reference.moe_lora(x, A, B, w, ids, scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,expert_dtype", DTYPES)
+@pytest.mark.parametrize("k,E", [(1, 8), (2, 8), (3, 64), (2, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_moe_lora_linear_matches_reference(device, dtype, expert_dtype, k, E, bias):
+    lead = (3, 23)  # 69 rows: one full block of 64 and a short one
+    seed = hash((str(dtype), str(expert_dtype), k, E, bias)) % 1000
+    x, A, B, w, ids = make(E, 37, 8, 45, lead, k, device=device, dtype=dtype, expert_dtype=expert_dtype, seed=seed)
+    W, b = make_linear(37, 45, dtype=dtype, bias=bias, device=device, seed=seed + 1)
+    y = mhr_ops.moe_lora_linear(x, W, b, A, B, w, ids, scale=0.7)
+    ref = linear_reference(x, W, b, A, B, w, ids, 0.7)
+    assert y.shape == (*lead, 45) and y.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-10 if dtype == torch.float64 else 3e-5
+        assert_close(y, ref, atol=tol, rtol=tol, what=f"moe_lora_linear k={k} E={E}")
+    else:
+        plain = torch.nn.functional.linear(x, W, b) + plain_torch(x, A, B, w, ids, 0.7)
+        check_low_precision(y, ref, plain, f"moe_lora_linear {dtype}/{expert_dtype}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_moe_lora_linear_gradients_match_reference(bias):
+    x, A, B, w, ids = make(8, 19, 4, 13, (5, 14), 2, dtype=torch.float64, seed=21)
+    W, b = make_linear(19, 13, dtype=torch.float64, bias=bias, seed=22)
+    gy = torch.randn(5, 14, 13, dtype=torch.float64)
+    leaves = [t for t in (x, W, b, A, B, w) if t is not None]
+
+    def run(fn):
+        ts = [t.clone().requires_grad_() for t in leaves]
+        it = iter(ts)
+        xx, WW = next(it), next(it)
+        bb = next(it) if bias else None
+        AA, BB, ww = it
+        fn(xx, WW, bb, AA, BB, ww, ids, 0.3).backward(gy)
+        return [t.grad for t in ts]
+
+    ours = run(lambda *a: mhr_ops.moe_lora_linear(*a[:-1], scale=a[-1]))
+    refs = run(linear_reference)
+    for a, r in zip(ours, refs, strict=True):
+        assert_close(a, r, atol=1e-10, rtol=1e-10, what="moe_lora_linear gradient")
+
+
+def test_moe_lora_linear_fp32_gradients_with_frozen_base():
+    x, A, B, w, ids = make(8, 64, 8, 48, (130,), 2, seed=23)
+    W, b = make_linear(64, 48, dtype=torch.float32, seed=24)
+    gy = torch.randn(130, 48)
+    ours = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    y = mhr_ops.moe_lora_linear(ours[0], W, b, *ours[1:], ids, scale=0.5)
+    y.backward(gy)
+    refs = [t.double().requires_grad_() for t in (x, A, B, w)]
+    linear_reference(refs[0], W, b, *refs[1:], ids, 0.5).backward(gy.double())
+    for name, a, r in zip(["x", "A", "B", "topk_weights"], ours, refs, strict=True):
+        assert a.grad.dtype == torch.float32
+        assert_close(a.grad, r.grad, atol=3e-5 * max(1.0, r.grad.abs().max().item()), rtol=3e-5, what=f"d{name}")
+
+
+def test_moe_lora_linear_gradcheck_float64():
+    x, A, B, w, ids = make(5, 6, 3, 4, (2, 7), 2, dtype=torch.float64, seed=25)
+    W, b = make_linear(6, 4, dtype=torch.float64, seed=26)
+    args = [t.clone().requires_grad_() for t in (x, W, b, A, B, w)]
+    assert torch.autograd.gradcheck(lambda *t: mhr_ops.moe_lora_linear(*t, ids, scale=0.6), args)
+
+
+def test_moe_lora_linear_non_contiguous_empty_and_invalid_ids():
+    x, A, B, w, ids = make(8, 21, 4, 15, (2, 9), 3, seed=27)
+    W, b = make_linear(21, 15, dtype=torch.float32, seed=28)
+    wide = torch.randn(2, 9, 50)
+    wide[..., 3:45:2] = x
+    Wt = W.t().contiguous().t()  # column-major weight
+    y = mhr_ops.moe_lora_linear(wide[..., 3:45:2], Wt, b, A, B, w, ids, scale=0.5)
+    assert_close(y, linear_reference(x, W, b, A, B, w, ids, 0.5), atol=3e-5, rtol=3e-5, what="non-contiguous")
+    x0, _, _, w0, ids0 = make(8, 21, 4, 15, (0,), 3, seed=29)
+    assert mhr_ops.moe_lora_linear(x0, W, b, A, B, w0, ids0, scale=0.5).shape == (0, 15)
+    bad = ids.clone()
+    bad[1, 4, 2] = 8
+    with pytest.raises(ValueError, match=r"topk_ids: expected expert ids in \[0, 8\), got 8"):
+        mhr_ops.moe_lora_linear(x, W, b, A, B, w, bad, scale=0.5)
+    y = mhr_ops.moe_lora_linear(x, W, b, A, B, w, bad, scale=0.5, check_ids=False)
+    assert y[1, 4].isnan().all()
+    rest = torch.ones(2, 9, dtype=torch.bool)
+    rest[1, 4] = False
+    assert_close(y[rest], linear_reference(x, W, b, A, B, w, ids, 0.5)[rest], atol=3e-5, rtol=3e-5, what="others")
+
+
+def test_moe_lora_linear_opcheck():
+    x, A, B, w, ids = make(6, 8, 3, 5, (20,), 2, seed=30)
+    W, b = make_linear(8, 5, dtype=torch.float32, seed=31)
+    req = [t.clone().requires_grad_() for t in (x, W, b, A, B, w)]
+    op = torch.ops.mhr_ops.moe_lora_linear
+    torch.library.opcheck(op, (*req, ids, 0.5))
+    torch.library.opcheck(op, (req[0], req[1], None, *req[3:], ids.int(), 0.5))
+    _, z = op(x, W, b, A, B, w, ids, 0.5)
+    gy = torch.randn(20, 5)
+    for has_bias, mask in ((True, [True] * 6), (False, [True, True, True, False, True, False]),
+                           (True, [False, False, True, True, False, True])):  # fmt: skip
+        args = (gy, x, W, has_bias, A, B, w, ids, 0.5, z, mask)
+        torch.library.opcheck(torch.ops.mhr_ops.moe_lora_linear_backward, args)
+
+
+def _good_linear():
+    kw = _good()
+    W, b = make_linear(16, 12, dtype=torch.float32, seed=32)
+    return dict(x=kw["x"], weight=W, bias=b, A=kw["A"], B=kw["B"], topk_weights=kw["topk_weights"],
+                topk_ids=kw["topk_ids"])  # fmt: skip
+
+
+BAD_LINEAR = [case for case in BAD if "out" not in case[0]] + [
+    (dict(weight=torch.randn(12, 15)), ValueError, r"weight: expected shape \(12, 16\) \[d_out, d_in\]"),
+    (dict(weight=torch.randn(12)), ValueError, "weight: expected a 2-D tensor"),
+    (dict(weight=torch.randn(12, 16, dtype=torch.float64)), ValueError, "weight: expected dtype torch.float32"),
+    (dict(weight=[[0.0] * 16] * 12), TypeError, "weight: expected a torch.Tensor, got list"),
+    (dict(bias=torch.randn(11)), ValueError, r"bias: expected shape \(12,\)"),
+    (dict(bias=torch.randn(12, 1)), ValueError, "bias: expected a 1-D tensor"),
+]
+test_moe_lora_linear_bad_input = bad_input_test(
+    mhr_ops.moe_lora_linear,
+    _good_linear,
+    ("x", "weight", "bias", "A", "B", "topk_weights", "topk_ids"),
+    BAD_LINEAR,
+)
+
+
 # ---- module and model integration ----
 
 
@@ -363,6 +500,33 @@ def test_moe_lora_linear_matches_reference_and_records_aux_loss():
     torch.testing.assert_close(layer.last_aux_loss, aux)
     torch.testing.assert_close(layer.last_expert_load, f)
     assert sorted(layer.state_dict()) == ["A", "B", "base.bias", "base.weight", "router.weight"]
+
+
+def test_moe_lora_linear_module_fuses_a_plain_base_and_respects_hooks_and_subclasses():
+    torch.manual_seed(4)
+    layer = MoELoRALinear(torch.nn.Linear(12, 10), n_experts=5, r=3, top_k=2, alpha=6.0)
+    torch.nn.init.normal_(layer.B)
+    x = torch.randn(4, 6, 12)
+    w, ids, _ = layer.route(x)
+    update = reference.moe_lora(x, layer.A, layer.B, w, ids, scale=2.0)
+    assert layer._plain_base(x)
+    assert_close(layer(x), layer.base(x).double() + update, atol=2e-5, rtol=2e-5, what="fused")
+    handle = layer.base.register_forward_hook(lambda mod, args, out: 2 * out)  # a hook sees the base output
+    assert not layer._plain_base(x)
+    plain = torch.nn.functional.linear(x, layer.base.weight, layer.base.bias).double()
+    assert_close(layer(x), 2 * plain + update, atol=2e-5, rtol=2e-5, what="hooked base")
+    handle.remove()
+
+    class Doubled(torch.nn.Linear):  # a subclass computes its own way (as quantized layers do)
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    sub = Doubled(12, 10)
+    sub.load_state_dict(layer.base.state_dict())
+    layer.base = sub
+    assert not layer._plain_base(x)
+    assert_close(layer(x), 2 * torch.nn.functional.linear(x, sub.weight, sub.bias).double() + update,
+                 atol=2e-5, rtol=2e-5, what="subclass base")  # fmt: skip
 
 
 def test_moe_lora_linear_bad_arguments():

@@ -82,6 +82,9 @@ struct MoeRowsParams {
   void* y = nullptr;  // [N, d_dst] of T, unit column stride
   int64_t y_stride_n = 0;
   bool accumulate = false;  // y += update (else y = update)
+  // [d_dst] of T, or null: without accumulate, y = bias + update (moe_lora_linear's CPU forward,
+  // which then accumulates the base GEMM into y). CPU rows pass only: the CUDA one rejects it.
+  const void* bias = nullptr;
 };
 
 // Rows [row_begin, row_end); T = float or double; use_avx2: the AVX2 + FMA build where the CPU

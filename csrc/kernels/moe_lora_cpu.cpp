@@ -184,6 +184,7 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
   T* tmp = acc + kMoeRowBlock * kChunk;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T* X = static_cast<const T*>(p.expand_mats);
+  const T* bias = static_cast<const T*>(p.bias);
   for (int64_t b0 = row_begin; b0 < row_end; b0 += kMoeRowBlock) {
     const int64_t b1 = std::min(row_end, b0 + kMoeRowBlock);
     bool bad[kMoeRowBlock] = {};
@@ -221,6 +222,8 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
           std::fill(y, y + width, nan);
         else if (p.accumulate)
           for (int64_t c = 0; c < width; ++c) y[c] += a[c];
+        else if (bias != nullptr)
+          for (int64_t c = 0; c < width; ++c) y[c] = bias[c0 + c] + a[c];
         else
           std::copy(a, a + width, y);
       }

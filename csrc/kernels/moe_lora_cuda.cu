@@ -294,7 +294,7 @@ int64_t moe_lora_rows_cuda_smem(int64_t top_k, int64_t experts) {
 
 int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream) {
   if (p.routing.rows == 0) return 0;
-  if (moe_lora_rows_cuda_smem(p.routing.top_k, p.routing.experts) > kMoeRowsMaxSmem ||
+  if (p.bias != nullptr || moe_lora_rows_cuda_smem(p.routing.top_k, p.routing.experts) > kMoeRowsMaxSmem ||
       (p.routing.rows + kMoeRowBlock - 1) / kMoeRowBlock > 0x7fffffffLL)
     return static_cast<int>(cudaErrorInvalidValue);
   MHR_DISPATCH_CUDA_FLOAT(data, return launch_rows<scalar_t>(p, static_cast<cudaStream_t>(stream)));

@@ -53,7 +53,7 @@ TORCH_LIBRARY(mhr_ops, m) {
   // SPEC section 4, on rows: x [N, d_in], A [E, d_in, r], B [E, r, d_out], topk_weights / topk_ids
   // [N, k]. Returns y [N, d_out] in x's dtype and the per-slot bottleneck z = x_n @ A_e [N, k, r]
   // in fp32 (fp64 for fp64 x), which the backward reuses. Ids outside [0, E) give NaN rows.
-  // Fake kernels and autograd of the three moe_lora ops: mhr_ops/moe.py.
+  // Fake kernels and autograd of the moe_lora ops: mhr_ops/moe.py.
   m.def(
       "moe_lora(Tensor x, Tensor A, Tensor B, Tensor topk_weights, Tensor topk_ids, float scale) -> "
       "(Tensor, Tensor)");
@@ -66,6 +66,17 @@ TORCH_LIBRARY(mhr_ops, m) {
   m.def(
       "moe_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor topk_weights, Tensor topk_ids, "
       "float scale, Tensor z, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // F.linear(x, weight, bias) + moe_lora(...), one output allocation; returns (y, z). On the CPU
+  // (fp32 / fp64 x) the rows pass writes bias + update and the base GEMM accumulates into it.
+  m.def(
+      "moe_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor topk_weights, "
+      "Tensor topk_ids, float scale) -> (Tensor, Tensor)");
+  // Gradients (x, weight, bias, A, B, topk_weights) of moe_lora_linear, given the forward's z;
+  // has_bias: the forward had a bias. output_mask skips the gradients not needed (returned empty).
+  m.def(
+      "moe_lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool has_bias, Tensor A, Tensor B, "
+      "Tensor topk_weights, Tensor topk_ids, float scale, Tensor z, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // SPEC section 5. Hs = shared_logits' width, else n_shared. Returns gates [N, Hs + Hr].
   m.def(

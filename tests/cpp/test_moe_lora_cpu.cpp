@@ -79,6 +79,12 @@ void run_case(const Problem& p, double scale, bool avx2, double tol) {
   fp.expand_mats = B.data(), fp.d_dst = p.d_out, fp.expand_scale = scale, fp.expand_weighted = true;
   fp.y = y.data(), fp.y_stride_n = p.y_stride, fp.accumulate = true;
   for (int64_t n = 0; n < p.N; n += kMoeRowBlock) moe_lora_rows_cpu<T>(fp, n, std::min(p.N, n + kMoeRowBlock), avx2);
+  // written with a bias (moe_lora_linear's CPU forward): y2 = bias + update; padding untouched
+  const std::vector<T> bias = cast<T>(std::vector<double>(p.gy.begin(), p.gy.begin() + p.d_out));
+  std::vector<T> z2(S * R), y2(p.N * p.y_stride, T(7));
+  MoeRowsParams fb = fp;
+  fb.v = z2.data(), fb.y = y2.data(), fb.accumulate = false, fb.bias = bias.data();
+  moe_lora_rows_cpu<T>(fb, 0, p.N, avx2);
   // backward: gz = w * scale * gy @ B_e^T, dw = z . (scale gy @ B_e^T), dx = gz @ A_e^T
   std::vector<T> gz(S * R), dw(S), dx(p.N * p.x_stride, T(5)), dA(p.E * p.d_in * R, T(9)), dB(p.E * R * p.d_out, T(9));
   MoeRowsParams bp;
@@ -126,12 +132,18 @@ void run_case(const Problem& p, double scale, bool avx2, double tol) {
       EXPECT_NEAR(dw[s], dwr, tol * (1 + std::fabs(dwr)));
     }
     for (int64_t c = 0; c < p.d_out; ++c) {
-      if (bad)
+      if (bad) {
         EXPECT_TRUE(std::isnan(y[n * p.y_stride + c]));
-      else
+        EXPECT_TRUE(std::isnan(y2[n * p.y_stride + c]));
+      } else {
         EXPECT_NEAR(y[n * p.y_stride + c], p.y0[n * p.y_stride + c] + yr[c], tol * (1 + std::fabs(yr[c])));
+        EXPECT_NEAR(y2[n * p.y_stride + c], p.gy[c] + yr[c], tol * (1 + std::fabs(yr[c])));
+      }
     }
-    for (int64_t c = p.d_out; c < p.y_stride; ++c) EXPECT_TRUE(y[n * p.y_stride + c] == T(p.y0[n * p.y_stride + c]));
+    for (int64_t c = p.d_out; c < p.y_stride; ++c) {
+      EXPECT_TRUE(y[n * p.y_stride + c] == T(p.y0[n * p.y_stride + c]));
+      EXPECT_TRUE(y2[n * p.y_stride + c] == T(7));
+    }
     for (int64_t c = 0; c < p.d_in; ++c) {
       if (bad)
         EXPECT_TRUE(std::isnan(dx[n * p.x_stride + c]));

@@ -82,16 +82,21 @@ void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& 
 
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const LoraDims& d) {
+  check_linear_base(x, weight, bias, d.d_in, d.d_out);
+}
+
+void check_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t d_in, int64_t d_out) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight: expected a 2-D tensor, got shape ", py_shape(weight.sizes()));
-  TORCH_CHECK_VALUE(weight.size(0) == d.d_out && weight.size(1) == d.d_in, "weight: expected shape (", d.d_out, ", ",
-                    d.d_in, ") [d_out, d_in], got ", py_shape(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(0) == d_out && weight.size(1) == d_in, "weight: expected shape (", d_out, ", ", d_in,
+                    ") [d_out, d_in], got ", py_shape(weight.sizes()));
   TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", py_dtype(x.scalar_type()),
                     " (x's dtype), got ", py_dtype(weight.scalar_type()));
   check_same_device(weight, "weight", x, "x");
   if (!bias.has_value() || !bias->defined()) return;
   TORCH_CHECK_VALUE(bias->dim() == 1, "bias: expected a 1-D tensor, got shape ", py_shape(bias->sizes()));
-  TORCH_CHECK_VALUE(bias->size(0) == d.d_out && bias->scalar_type() == x.scalar_type(), "bias: expected shape (",
-                    d.d_out, ",) and dtype ", py_dtype(x.scalar_type()), ", got ", py_shape(bias->sizes()), " ",
+  TORCH_CHECK_VALUE(bias->size(0) == d_out && bias->scalar_type() == x.scalar_type(), "bias: expected shape (", d_out,
+                    ",) and dtype ", py_dtype(x.scalar_type()), ", got ", py_shape(bias->sizes()), " ",
                     py_dtype(bias->scalar_type()));
   check_same_device(*bias, "bias", x, "x");
 }

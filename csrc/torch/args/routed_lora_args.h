@@ -28,8 +28,12 @@ void check_add_output(const at::Tensor& out, const at::Tensor& x, const LoraDims
 // x), on x's device. Any strides.
 void check_bottleneck(const at::Tensor& z, const at::Tensor& x, const LoraDims& d);
 
-// mhr_linear's base layer: weight [d_out, d_in] and bias [d_out] (optional) in x's dtype, on x's
-// device.
+// A linear base layer (mhr_linear, moe_lora_linear): weight [d_out, d_in] and bias [d_out]
+// (optional) in x's dtype, on x's device.
+void check_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t d_in, int64_t d_out);
+
+// mhr_linear's base layer: check_linear_base with the problem's d_in and d_out.
 void check_mhr_linear_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const LoraDims& d);
 

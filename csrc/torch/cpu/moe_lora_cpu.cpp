@@ -1,4 +1,5 @@
-// CPU registration of moe_lora, moe_lora_add_ and moe_lora_backward. The arithmetic is the
+// CPU registration of moe_lora, moe_lora_add_, moe_lora_backward and moe_lora_linear's forward
+// (its backward is the composite: composite/moe_lora_linear.cpp). The arithmetic is the
 // torch-free kernels of csrc/kernels/moe_lora.h in fp32 (fp64 for fp64 x): forward and the x
 // side of the backward in one pass over row blocks (each block's slots grouped by expert), in
 // parallel over blocks; the weight gradients over (expert, column block), their slots grouped by
@@ -14,6 +15,7 @@
 #include "../../kernels/moe_lora.h"
 #include "../args/moe_lora_args.h"
 #include "../args/moe_lora_params.h"
+#include "../args/routed_lora_args.h"
 #include "../torch_to_kernel.h"
 #include "cpu_isa.h"
 
@@ -30,12 +32,14 @@ void rows_parallel(const MoeRowsParams& p, const MoeDims& d) {
   });
 }
 
-// y [N, d_out] (compute dtype, unit column stride) = or += the update; returns z [N, k, r].
+// y [N, d_out] (compute dtype, unit column stride) = or += the update; returns z [N, k, r]. With
+// `bias` (the compute dtype, contiguous) and no accumulate, y = bias + update.
 at::Tensor forward_into(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
-                        const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale,
-                        bool accumulate) {
+                        const at::Tensor& w_in, const at::Tensor& ids, const MoeDims& d, double scale, bool accumulate,
+                        const void* bias = nullptr) {
   const at::Tensor x = rows_layout(x_in.to(accumulation_dtype(x_in.scalar_type())));
-  const MoeForwardPass f = moe_forward_pass(x, A_in, B_in, w_in, ids, d, scale, y, accumulate);
+  MoeForwardPass f = moe_forward_pass(x, A_in, B_in, w_in, ids, d, scale, y, accumulate);
+  f.params.bias = bias;
   if (d.rows > 0)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moe_lora_forward", [&] { rows_parallel<scalar_t>(f.params, d); });
   return f.z;
@@ -60,6 +64,29 @@ at::Tensor moe_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
   return moe_add_into(out, out.scalar_type() == ct && rows_layout(out).is_same(out), ct, [&](at::Tensor& y, bool acc) {
     return forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, acc);
   });
+}
+
+// moe_lora_linear for fp32 / fp64 x: the rows pass writes y = bias + update (no pass over a base
+// output), then the base GEMM accumulates into y (beta = 1). Half-precision x: F.linear, then the
+// update added into its output, as the composite does.
+std::tuple<at::Tensor, at::Tensor> moe_lora_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                       const at::Tensor& B, const at::Tensor& topk_weights,
+                                                       const at::Tensor& topk_ids, double scale) {
+  const at::Tensor x = rows_layout(x_in);  // the rows pass and the base GEMM see one layout
+  const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
+  check_linear_base(x, weight, bias, d.d_in, d.d_out);
+  if (x.scalar_type() != accumulation_dtype(x.scalar_type())) {
+    at::Tensor y = at::linear(x, weight, bias);
+    at::Tensor z = moe_lora_add_cpu(y, x, A, B, topk_weights, topk_ids, scale);
+    return {y, z};
+  }
+  const at::Tensor b = is_present(bias) ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
+  at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false,
+                              b.defined() ? b.const_data_ptr() : nullptr);
+  y.addmm_(x, weight.t());
+  return {y, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu(
@@ -111,4 +138,5 @@ TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
   m.impl("moe_lora", &mhr_ops::moe_lora_cpu);
   m.impl("moe_lora_add_", &mhr_ops::moe_lora_add_cpu);
   m.impl("moe_lora_backward", &mhr_ops::moe_lora_backward_cpu);
+  m.impl("moe_lora_linear", &mhr_ops::moe_lora_linear_cpu);
 }

@@ -1,5 +1,6 @@
-"""Mixture of LoRA experts: one adapted layer, the bare nn.Linear against base + moe_lora and the
-two ways users write it today, gather + bmm (MeteoRA's reference path: each token's selected A and
+"""Mixture of LoRA experts: one adapted layer, the bare nn.Linear against base + moe_lora (as
+MoELoRALinear runs them: ``moe_lora_linear``, the base layer and the experts in one op) and the two
+ways users write it today, gather + bmm (MeteoRA's reference path: each token's selected A and
 B gathered, then batched matmuls) and dense einsum + mask (every expert computed, the unselected
 ones zero-weighted: its cost grows with E). Forward (no grad) and forward + backward (base frozen,
 gradients for x and the experts). Same inputs and routing for all; the router itself is not timed."""
@@ -22,7 +23,7 @@ def _implementations(base, A, B, scale):
     N_E = A.shape[0]
 
     def ours(x, w, ids):
-        return mhr_ops.moe_lora(x, A, B, w, ids, scale=scale, out=base(x), check_ids=False)
+        return mhr_ops.moe_lora_linear(x, base.weight, base.bias, A, B, w, ids, scale=scale, check_ids=False)
 
     def gather_bmm(x, w, ids):
         n, k = ids.shape
