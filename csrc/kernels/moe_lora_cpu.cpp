@@ -171,17 +171,28 @@ MHR_MOE_INLINE void expand_chunk(const T* __restrict u, const T* __restrict m, i
 }
 
 // Blocks of kMoeRowBlock rows: the block's slots sorted by (expert, slot), the optional shrink,
-// the scaled vectors u, then column chunks of y accumulated slot by slot (a chunk of X_e stays in
-// L1 across the slots of one expert); a row with an invalid slot is NaN.
+// the scaled vectors u, then column chunks of the block's sums accumulated slot by slot (a chunk of
+// X_e stays in L1 across the slots of one expert), written into y row by row after the last chunk
+// (or chunk by chunk for rows too wide to keep whole); a row with an invalid slot is NaN. Each
+// element sums its slots in the same order either way: the same bits.
 template <typename T, int kR>
 MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t row_end) {
   constexpr int64_t kChunk = 64;
   const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k, d = p.d_dst;
   const size_t max_slots = static_cast<size_t>(kMoeRowBlock * K);
   auto* entries = thread_scratch<std::pair<int64_t, int64_t>>(max_slots);  // (expert, slot)
-  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * kChunk + 8 * R);
+  // Whole-row sums when the block's fit in half of a 1 MB L2: y is then written row by row in one
+  // pass after the expand. Written chunk by chunk instead, a block's 64-column pieces of y lie a
+  // row stride apart (4 KB at d 1024): no hardware stream follows them, and `y += a` stalled on
+  // loads that follow stores to the same columns of the row before (4K aliasing): a third of the
+  // accumulating pass (bench/NOTES.md, moe_lora on CPU). Rows padded by 64 bytes: no two rows of
+  // sums at a multiple of 4 KB.
+  const int64_t row_sums = (d + 15) / 16 * 16 + 16;
+  const bool whole = kMoeRowBlock * row_sums * static_cast<int64_t>(sizeof(T)) <= 512 * 1024;
+  const int64_t lda = whole ? row_sums : kChunk;
+  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * lda + 8 * R);
   T* acc = u + max_slots * R;
-  T* tmp = acc + kMoeRowBlock * kChunk;
+  T* tmp = acc + kMoeRowBlock * lda;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T* X = static_cast<const T*>(p.expand_mats);
   const T* bias = static_cast<const T*>(p.bias);
@@ -209,15 +220,11 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
       const T* v = static_cast<const T*>(p.v) + s * R;
       for (int64_t j = 0; j < R; ++j) u[i * R + j] = coef * v[j];
     }
-    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
-      const int64_t width = std::min(kChunk, d - c0);
-      std::fill(acc, acc + (b1 - b0) * kChunk, T(0));
-      for (int64_t i = 0; i < count; ++i)
-        expand_chunk<T, kR, kChunk>(u + i * R, X + entries[i].first * R * d + c0, d, R, width,
-                                    acc + (entries[i].second / K - b0) * kChunk);
+    // y[n][c0, c0 + width) from the block's sums: row n's value of column c0 at acc[(n - b0) * lda]
+    auto write = [&](int64_t c0, int64_t width) {
       for (int64_t n = b0; n < b1; ++n) {
         T* y = static_cast<T*>(p.y) + n * p.y_stride_n + c0;
-        const T* a = acc + (n - b0) * kChunk;
+        const T* a = acc + (n - b0) * lda;
         if (bad[n - b0])
           std::fill(y, y + width, nan);
         else if (p.accumulate)
@@ -227,7 +234,18 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
         else
           std::copy(a, a + width, y);
       }
+    };
+    if (whole) std::fill(acc, acc + (b1 - b0) * lda, T(0));
+    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+      const int64_t width = std::min(kChunk, d - c0);
+      const int64_t ac0 = whole ? c0 : 0;
+      if (!whole) std::fill(acc, acc + (b1 - b0) * kChunk, T(0));
+      for (int64_t i = 0; i < count; ++i)
+        expand_chunk<T, kR, kChunk>(u + i * R, X + entries[i].first * R * d + c0, d, R, width,
+                                    acc + (entries[i].second / K - b0) * lda + ac0);
+      if (!whole) write(c0, width);
     }
+    if (whole) write(0, d);
   }
 }
 
