@@ -582,17 +582,23 @@ class MoELoRALinear(_AdaptsLinear, nn.Module):
             return moe_lora_linear(
                 x, base.weight, base.bias, self.A, self.B, weights, ids, scale=self.scale, check_ids=False
             )
-        return moe_lora(x, self.A, self.B, weights, ids, scale=self.scale, out=self.base(x), check_ids=False)
+        base_out = self.base(x)
+        if torch.is_grad_enabled():  # not in place: a backward hook's output may not be modified in place
+            return base_out + moe_lora(x, self.A, self.B, weights, ids, scale=self.scale, check_ids=False)
+        return moe_lora(x, self.A, self.B, weights, ids, scale=self.scale, out=base_out, check_ids=False)
 
     def _plain_base(self, x: torch.Tensor) -> bool:
         """Whether ``self.base(x)`` is exactly ``F.linear(x, weight, bias)``, so that
         ``moe_lora_linear`` may stand in for it: a plain ``nn.Linear`` (not a subclass: quantized
-        layers subclass it), no forward hooks on it or global ones, no autocast."""
-        base = self.base
+        layers subclass it), no forward or backward hooks on it or global ones (they run only
+        when the base module is called), no autocast."""
+        base, g = self.base, _module_hooks
         return (
             type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
-            and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+            and not (base._backward_hooks or base._backward_pre_hooks)
+            and not (g._global_forward_hooks or g._global_forward_pre_hooks)
+            and not (g._global_backward_hooks or g._global_backward_pre_hooks)
             and not torch.is_autocast_enabled(x.device.type)
         )
 

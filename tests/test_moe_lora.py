@@ -516,6 +516,14 @@ def test_moe_lora_linear_module_fuses_a_plain_base_and_respects_hooks_and_subcla
     plain = torch.nn.functional.linear(x, layer.base.weight, layer.base.bias).double()
     assert_close(layer(x), 2 * plain + update, atol=2e-5, rtol=2e-5, what="hooked base")
     handle.remove()
+    seen = []
+    handle = layer.base.register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].shape))
+    assert not layer._plain_base(x)  # a backward hook runs only when the base module is called
+    layer(x.requires_grad_()).sum().backward()
+    assert seen == [(4, 6, 10)]
+    handle.remove()
+    x = x.detach()
+    assert layer._plain_base(x)
 
     class Doubled(torch.nn.Linear):  # a subclass computes its own way (as quantized layers do)
         def forward(self, inp):
