@@ -3,6 +3,8 @@
 // (each backend's kernel); its backward likewise over moe_lora_backward, with the base layer's
 // grad_y @ weight accumulated into dx by the GEMM (no separate sum of two dx tensors). The CPU has
 // its own forward for fp32 / fp64 x (cpu/moe_lora_cpu.cpp) and takes this backward.
+#include "moe_lora_linear.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
@@ -13,12 +15,11 @@
 #include "../args/routed_lora_args.h"
 
 namespace mhr_ops {
-namespace {
 
-std::tuple<at::Tensor, at::Tensor> moe_lora_linear(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                                                   const at::Tensor& B, const at::Tensor& topk_weights,
-                                                   const at::Tensor& topk_ids, double scale) {
+std::tuple<at::Tensor, at::Tensor> moe_lora_linear_unfused(const at::Tensor& x, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                           const at::Tensor& B, const at::Tensor& topk_weights,
+                                                           const at::Tensor& topk_ids, double scale) {
   const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
   check_linear_base(x, weight, bias, d.d_in, d.d_out);
   at::Tensor out = at::linear(x, weight, bias);
@@ -29,6 +30,8 @@ std::tuple<at::Tensor, at::Tensor> moe_lora_linear(const at::Tensor& x, const at
   at::Tensor z = add.call(out, x, A, B, topk_weights, topk_ids, scale);
   return {out, z};
 }
+
+namespace {
 
 using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -64,12 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #if defined(MHR_OPS_CUDA_EMULATION)
 // The emulated test build stands the CUDA kernels in for the CPU ones (see mhr_linear.cpp).
 TORCH_LIBRARY_IMPL(mhr_ops, CPU, m) {
-  m.impl("moe_lora_linear", &mhr_ops::moe_lora_linear);
+  m.impl("moe_lora_linear", &mhr_ops::moe_lora_linear_unfused);
   m.impl("moe_lora_linear_backward", &mhr_ops::moe_lora_linear_backward);
 }
 #else
 TORCH_LIBRARY_IMPL(mhr_ops, CompositeExplicitAutograd, m) {
-  m.impl("moe_lora_linear", &mhr_ops::moe_lora_linear);
+  m.impl("moe_lora_linear", &mhr_ops::moe_lora_linear_unfused);
   m.impl("moe_lora_linear_backward", &mhr_ops::moe_lora_linear_backward);
 }
 #endif

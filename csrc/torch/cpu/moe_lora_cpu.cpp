@@ -16,6 +16,7 @@
 #include "../args/moe_lora_args.h"
 #include "../args/moe_lora_params.h"
 #include "../args/routed_lora_args.h"
+#include "../composite/moe_lora_linear.h"
 #include "../torch_to_kernel.h"
 #include "cpu_isa.h"
 
@@ -67,20 +68,17 @@ at::Tensor moe_lora_add_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
 }
 
 // moe_lora_linear for fp32 / fp64 x: the rows pass writes y = bias + update (no pass over a base
-// output), then the base GEMM accumulates into y (beta = 1). Half-precision x: F.linear, then the
-// update added into its output, as the composite does.
+// output), then the base GEMM accumulates into y (beta = 1). Half-precision x takes the composite
+// (composite/moe_lora_linear.cpp): F.linear, then the update added into its output.
 std::tuple<at::Tensor, at::Tensor> moe_lora_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                        const at::Tensor& B, const at::Tensor& topk_weights,
                                                        const at::Tensor& topk_ids, double scale) {
+  if (x_in.scalar_type() != accumulation_dtype(x_in.scalar_type()))  // half x (a wrong dtype: its checks say so)
+    return moe_lora_linear_unfused(x_in, weight, bias, A, B, topk_weights, topk_ids, scale);
   const at::Tensor x = rows_layout(x_in);  // the rows pass and the base GEMM see one layout
   const MoeDims d = check_moe_lora(x, A, B, topk_weights, topk_ids);
   check_linear_base(x, weight, bias, d.d_in, d.d_out);
-  if (x.scalar_type() != accumulation_dtype(x.scalar_type())) {
-    at::Tensor y = at::linear(x, weight, bias);
-    at::Tensor z = moe_lora_add_cpu(y, x, A, B, topk_weights, topk_ids, scale);
-    return {y, z};
-  }
   const at::Tensor b = is_present(bias) ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({d.rows, d.d_out}, x.options());
   at::Tensor z = forward_into(y, x, A, B, topk_weights, topk_ids, d, scale, /*accumulate=*/false,
