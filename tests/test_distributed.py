@@ -1,6 +1,8 @@
 """A patched model trains under DistributedDataParallel: 2 CPU processes with the gloo backend
 give the same gradients as one process on the whole batch."""
 
+import faulthandler
+import gc
 import socket
 
 import torch
@@ -27,16 +29,29 @@ def data():
     return torch.randn(8, 3, 12, generator=gen), torch.randint(0, 5, (8,), generator=gen)
 
 
+def _train_step(rank, out_path):
+    model = nn.parallel.DistributedDataParallel(build_model())
+    x, ids = data()
+    shard = slice(rank * 4, rank * 4 + 4)
+    with mhr_ops.use_tasks(model, ids[shard]):
+        model(x[shard]).square().mean().backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}, out_path)
+
+
 def _worker(rank, world, port, out_path):
+    # A crash in a worker prints its Python stacks into the test's captured output.
+    faulthandler.enable(all_threads=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(build_model())
-        x, ids = data()
-        shard = slice(rank * 4, rank * 4 + 4)
-        with mhr_ops.use_tasks(model, ids[shard]):
-            model(x[shard]).square().mean().backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}, out_path)
+        _train_step(rank, out_path)
+        # The DDP module holds the process group: free it (and any cycle through it) now, so that
+        # the group and its gloo threads are torn down by destroy_process_group below while the
+        # interpreter is fully alive, never by garbage collection during interpreter shutdown (CI
+        # once saw a worker abort with "terminate called without an active exception"). The barrier
+        # keeps either rank from closing its connections while the other still uses them.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
