@@ -65,7 +65,7 @@ def check_low_precision(out, ref, plain, what):
 @pytest.mark.parametrize("E", [1, 8, 64])
 def test_forward_matches_reference(device, dtype, expert_dtype, k, E):
     k = min(k, E) if E == 1 else k  # E = 1 with k > 1: the one expert repeated, which must count k times
-    lead = (3, 17)
+    lead = (3, 23)  # 69 rows: past a 64-row block (on CUDA, fp16 / bf16 run the tensor-core rows pass)
     seed = hash((str(dtype), str(expert_dtype), k, E)) % 1000
     x, A, B, w, ids = make(E, 21, 5 if E == 8 else 8, 70, lead, k, device=device, dtype=dtype,
                            expert_dtype=expert_dtype, seed=seed)  # fmt: skip
@@ -100,7 +100,10 @@ def test_gradients_match_reference(k, E):
         assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, what=f"d{name} k={k} E={E}")
 
 
-@pytest.mark.parametrize("dtype,expert_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,expert_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+)
 def test_fp32_and_mixed_gradients(dtype, expert_dtype):
     x, A, B, w, ids = make(8, 32, 8, 24, (3, 40), 2, dtype=dtype, expert_dtype=expert_dtype, seed=5)
     gy = torch.randn(3, 40, 24).to(dtype)

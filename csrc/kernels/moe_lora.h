@@ -143,6 +143,23 @@ void moe_lora_wgrad_cpu(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_
 constexpr int64_t kMoeRowsMaxSmem = 48 * 1024;  // the rows pass's shared memory (grows with k and E)
 int64_t moe_lora_rows_cuda_smem(int64_t top_k, int64_t experts);
 int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream);
+// Whether moe_lora_rows_cuda runs the tensor-core kernel (moe_lora_tc_cuda.cu): fp16 / bf16 data,
+// more than kMoeTensorCoreMinRows rows (below that the SIMT kernel's per-slot warps waste less on
+// padding), and its shared memory (grows with k and E) within kMoeRowsMaxSmem. Its results agree
+// with the SIMT kernel's to fp32 rounding (fp32 operands as two tf32 terms each), except y / dx of
+// bf16 data, which carry the tf32 rounding of v and of the expand's matrices; not bit for bit.
+constexpr int64_t kMoeTensorCoreMinRows = kMoeRowBlock;
+bool moe_lora_uses_tensor_cores(DType data, int64_t rows, int64_t top_k, int64_t experts);
+int moe_lora_rows_tc(const MoeRowsParams& p, DType data, void* stream);
+// The weight gradients on tensor cores, which moe_lora_wgrad_cuda runs for every fp16 / bf16 data:
+// tasks of kMoeTcColBlock columns (moe_lora_wgrad_tc_tasks), the same contract as the SIMT wgrad,
+// each sum over the expert's slots in plan order, results to fp32 rounding.
+constexpr int64_t kMoeTcColBlock = 64;
+inline int64_t moe_lora_wgrad_tc_tasks(int64_t experts, int64_t d_in, int64_t d_out) {
+  return moe_wgrad_task_count(experts, d_in, d_out, kMoeTcColBlock);
+}
+inline bool moe_lora_wgrad_uses_tensor_cores(DType data) { return data == DType::kFloat16 || data == DType::kBFloat16; }
+int moe_lora_wgrad_tc(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data, void* stream);
 // The weight gradients' slot plan on the device, no host sync: counts [E], start [E + 1] and order
 // [N * k] (valid slots by expert, each expert's ascending), all int64 device buffers.
 int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int64_t* order, void* stream);

@@ -1,4 +1,7 @@
-// CUDA kernels of moe_lora (see moe_lora.h): SIMT, the CPU kernels' passes and contract.
+// CUDA kernels of moe_lora (see moe_lora.h): SIMT, the CPU kernels' passes and contract. For fp16 /
+// bf16 data past kMoeTensorCoreMinRows rows, moe_lora_rows_cuda runs the tensor-core rows pass of
+// moe_lora_tc_cuda.cu instead (moe_lora_uses_tensor_cores), and moe_lora_wgrad_cuda its tensor-core
+// weight gradients for all fp16 / bf16 data; the slot plan stays SIMT.
 //
 // moe_rows_kernel: one block per kMoeRowBlock rows. The block sorts its rows' slots by (expert,
 //   slot) in shared memory (a stable counting sort of at most 64 k slots), then
@@ -20,6 +23,7 @@
 
 #include "cuda_primitives.cuh"
 #include "moe_lora.h"
+#include "moe_lora_cuda.cuh"
 
 namespace mhr_ops {
 namespace {
@@ -33,21 +37,7 @@ __device__ __forceinline__ acc_t quiet_nan() {
   return acc_t(NAN);
 }
 
-// Expert of slot s (= n * k + j), or `experts` when its id is outside [0, E).
-__device__ __forceinline__ int64_t expert_of(const MoeRouting& r, int64_t slot) {
-  const int64_t n = slot / r.top_k, j = slot % r.top_k;
-  const int64_t at = n * r.ids_stride_n + j * r.ids_stride_j;
-  const int64_t e = r.index_type == IndexType::kInt32
-                        ? static_cast<int64_t>(ld_global(static_cast<const int32_t*>(r.ids) + at))
-                        : ld_global(static_cast<const int64_t*>(r.ids) + at);
-  return (e >= 0 && e < r.experts) ? e : r.experts;
-}
-
-// Dynamic shared memory of moe_rows_kernel: slot experts, the sorted order, each row's slots by
-// (expert, j), and the bucket starts (E valid buckets and one for invalid ids).
-__host__ __device__ inline int64_t rows_smem_ints(int64_t top_k, int64_t experts) {
-  return 3 * kMoeRowBlock * top_k + experts + 2;
-}
+using moe_cuda::expert_of;
 
 template <typename xt>
 __global__ void __launch_bounds__(kThreads) moe_rows_kernel(const MoeRowsParams p) {
@@ -58,37 +48,12 @@ __global__ void __launch_bounds__(kThreads) moe_rows_kernel(const MoeRowsParams 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMoeRowBlock;
   const int rows = static_cast<int>(n0 + kMoeRowBlock <= rt.rows ? kMoeRowBlock : rt.rows - n0);
   const int slots = rows * k;
-  int* slot_exp = smem;                       // [64 k] expert of local slot i (E: invalid)
-  int* order = slot_exp + kMoeRowBlock * k;   // [64 k] local slots by (expert, slot)
-  int* row_slots = order + kMoeRowBlock * k;  // [64][k] a row's slots by (expert, j)
-  int* start = row_slots + kMoeRowBlock * k;  // [E + 2] bucket starts
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-
-  // ---- the block's slots sorted by (expert, slot): a stable counting sort ----
-  for (int i = tid; i < slots; i += kThreads) slot_exp[i] = static_cast<int>(expert_of(rt, n0 * k + i));
-  __syncthreads();
-  for (int b = tid; b <= E; b += kThreads) {
-    int c = 0;
-    for (int i = 0; i < slots; ++i) c += slot_exp[i] == b;
-    start[b + 1] = c;
-  }
-  if (tid == 0) start[0] = 0;
-  __syncthreads();
-  if (tid == 0)
-    for (int b = 1; b <= E + 1; ++b) start[b] += start[b - 1];
-  __syncthreads();
-  for (int i = tid; i < slots; i += kThreads) {
-    const int e = slot_exp[i];
-    int before = 0;
-    for (int q = 0; q < i; ++q) before += slot_exp[q] == e;
-    order[start[e] + before] = i;
-  }
-  __syncthreads();
-  for (int r = tid; r < rows; r += kThreads) {  // the sorted order restricted to row r
-    int t = 0;
-    for (int q = 0; q < slots && t < k; ++q)
-      if (order[q] / k == r) row_slots[r * k + t++] = order[q];
-  }
+  // the block's slots sorted by (expert, slot)
+  const moe_cuda::BlockSlots sorted = moe_cuda::sort_block_slots<kThreads>(rt, n0, rows, smem);
+  const int* slot_exp = sorted.slot_exp;
+  const int* order = sorted.order;
+  const int* row_slots = sorted.row_slots;
 
   const acc_t* w = static_cast<const acc_t*>(p.weights);
   acc_t* v = static_cast<acc_t*>(p.v);
@@ -274,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename xt>
 int launch_rows(const MoeRowsParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.routing.rows + kMoeRowBlock - 1) / kMoeRowBlock;
-  const size_t smem = sizeof(int) * static_cast<size_t>(rows_smem_ints(p.routing.top_k, p.routing.experts));
+  const size_t smem = sizeof(int) * static_cast<size_t>(moe_cuda::sort_smem_ints(p.routing.top_k, p.routing.experts));
   MHR_LAUNCH(moe_rows_kernel<xt>, dim3(static_cast<unsigned>(blocks)), kThreads, smem, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
@@ -289,7 +254,7 @@ int launch_wgrad(const MoeWgradParams& p, const int64_t* order, const int64_t* s
 }  // namespace
 
 int64_t moe_lora_rows_cuda_smem(int64_t top_k, int64_t experts) {
-  return static_cast<int64_t>(sizeof(int)) * rows_smem_ints(top_k, experts);
+  return static_cast<int64_t>(sizeof(int)) * moe_cuda::sort_smem_ints(top_k, experts);
 }
 
 int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream) {
@@ -297,6 +262,8 @@ int moe_lora_rows_cuda(const MoeRowsParams& p, DType data, void* stream) {
   if (p.bias != nullptr || moe_lora_rows_cuda_smem(p.routing.top_k, p.routing.experts) > kMoeRowsMaxSmem ||
       (p.routing.rows + kMoeRowBlock - 1) / kMoeRowBlock > 0x7fffffffLL)
     return static_cast<int>(cudaErrorInvalidValue);
+  if (moe_lora_uses_tensor_cores(data, p.routing.rows, p.routing.top_k, p.routing.experts))
+    return moe_lora_rows_tc(p, data, stream);
   MHR_DISPATCH_CUDA_FLOAT(data, return launch_rows<scalar_t>(p, static_cast<cudaStream_t>(stream)));
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -315,6 +282,7 @@ int moe_lora_plan_cuda(const MoeRouting& r, int64_t* counts, int64_t* start, int
 
 int moe_lora_wgrad_cuda(const MoeWgradParams& p, const int64_t* order, const int64_t* start, DType data, void* stream) {
   if (moe_lora_wgrad_tasks(p.experts, p.d_in, p.d_out) > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidValue);
+  if (moe_lora_wgrad_uses_tensor_cores(data)) return moe_lora_wgrad_tc(p, order, start, data, stream);
   MHR_DISPATCH_CUDA_FLOAT(data, return launch_wgrad<scalar_t>(p, order, start, static_cast<cudaStream_t>(stream)));
   return static_cast<int>(cudaErrorInvalidValue);
 }

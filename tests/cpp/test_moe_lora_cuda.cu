@@ -5,15 +5,21 @@
 // k 1 to 3, repeated experts within a row, int32 and strided ids, ids outside [0, E) (NaN rows,
 // nothing added to dA / dB), N = 0. Runs on a GPU or under the SIMT emulation; exits 77 (ctest:
 // skipped) on a real toolkit without a device.
+// fp16 / bf16 cases of more than 64 rows run the tensor-core rows pass, and every fp16 / bf16 case
+// the tensor-core weight gradients (moe_lora_tc_cuda.cu, tf32 with fp32 operands split into two
+// terms), under every tolerance of the SIMT kernels, except y and dx of bf16 through the rows pass,
+// which also carry the tf32 rounding (one term) of v and of the expand's matrices.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "check.h"
 #include "cuda_check.cuh"
 #include "cuda_primitives.cuh"
+#include "mma.cuh"
 #include "moe_lora.h"
 
 using namespace mhr_ops;
@@ -84,6 +90,8 @@ void run(const MoeCase& c) {
   R.rows = N, R.top_k = k, R.experts = E;
   std::vector<double> z_ref(slots * r), y_ref = c.accumulate ? y0 : std::vector<double>(N * d_out);
   std::vector<double> gz_ref(slots * r), dw_ref(slots), dx_ref(N * d_in), dA_ref(E * d_in * r), dB_ref(E * r * d_out);
+  const bool tc = moe_lora_uses_tensor_cores(dtype_of<T>(), N, k, E);
+  const bool one_tf32_term = tc && dtype_of<T>() == DType::kBFloat16;
   MoeRowsParams F;
   F.routing = R, F.rank = r, F.weights = w.data(), F.w_stride_n = k, F.w_stride_j = 1;
   F.v = z_ref.data(), F.src = x.data(), F.src_stride_n = d_in, F.shrink_mats = A.data(), F.d_src = d_in;
@@ -134,7 +142,13 @@ void run(const MoeCase& c) {
   DR.ids_stride_n = k * st, DR.ids_stride_j = st;
   MoeRowsParams DF = F;
   DF.routing = DR, DF.weights = d_w, DF.v = d_z, DF.src = d_x, DF.shrink_mats = d_A, DF.expand_mats = d_B, DF.y = d_y;
+#if defined(MHR_OPS_CUDA_EMULATION)
+  const unsigned long long flops_before = emulated_tensor_core_flops();
+#endif
   EXPECT_TRUE(moe_lora_rows_cuda(DF, dtype_of<T>(), nullptr) == 0);
+#if defined(MHR_OPS_CUDA_EMULATION)  // the tensor-core kernel ran where it was chosen, and only there
+  EXPECT_TRUE((emulated_tensor_core_flops() > flops_before) == tc);
+#endif
   MoeRowsParams DG = G;
   DG.routing = DR, DG.weights = d_w, DG.v = d_gz, DG.src = d_gy, DG.shrink_mats = d_Bt, DG.z = d_z, DG.dw = d_dw;
   DG.expand_mats = d_At, DG.y = d_dx;
@@ -142,10 +156,19 @@ void run(const MoeCase& c) {
   EXPECT_TRUE(moe_lora_plan_cuda(DR, d_counts, d_start, d_order, nullptr) == 0);
   MoeWgradParams DW = W;
   DW.x = d_x, DW.grad_y = d_gy, DW.z = d_z, DW.gz = d_gz, DW.weights = d_w, DW.dA = d_dA, DW.dB = d_dB;
+#if defined(MHR_OPS_CUDA_EMULATION)
+  const unsigned long long wgrad_flops_before = emulated_tensor_core_flops();
+#endif
   EXPECT_TRUE(moe_lora_wgrad_cuda(DW, d_order, d_start, dtype_of<T>(), nullptr) == 0);
+#if defined(MHR_OPS_CUDA_EMULATION)  // fp16 / bf16: the tensor-core wgrad, which has work where a slot is valid
+  EXPECT_TRUE((emulated_tensor_core_flops() > wgrad_flops_before) ==
+              (moe_lora_wgrad_uses_tensor_cores(dtype_of<T>()) && !plan.order.empty()));
+#endif
   EXPECT_TRUE(cudaDeviceSynchronize() == cudaSuccess);
 
-  const double dt = stored_tol<T>(), at = acc_tol<T>();
+  // tensor cores: v and the expand's matrices enter as tf32 (2^-11 relative each), on top of y's
+  // rounding to T
+  const double dt = stored_tol<T>() + (one_tf32_term ? 4e-3 : 0.0), at = acc_tol<T>();
   // z from rounded x in the accumulation type; y and dx rounded to T at the end.
   expect_all("z", c.name, host_of(d_z, slots * r), z_ref, at);
   expect_all("y", c.name, host_of(d_y, N * d_out), y_ref, dt);
@@ -176,6 +199,10 @@ void all_cases() {
       {"k1-e1", 5, 6, 7, 1, 1, 1, false, 1, false, false},
       {"e64", 130, 16, 24, 64, 2, 8, true, 1, false, true},
       {"n0", 0, 4, 4, 2, 1, 2, false, 1, false, false},
+      // past 64 rows: the tensor-core kernel for fp16 / bf16 (two rank passes, bad ids, k 3)
+      {"tc-rank-40-bad-ids", 100, 70, 90, 6, 3, 40, false, 1, true, true},
+      {"tc-k1", 66, 24, 17, 3, 1, 16, true, 3, false, false},
+      {"tc-many-tiles", 130, 20, 33, 2, 5, 8, false, 1, false, true},  // 20+ tiles a block: two passes
   };
   for (const MoeCase& c : cases) run<T>(c);
 }
