@@ -161,6 +161,75 @@ def test_moe_bounds_match_a_walk_of_the_loops(rows, k, experts, rank, d_src, d_d
     assert T.moe_plan_fill_simt_flops(rows, k, experts) == experts * passes * 256 * 40
 
 
+def walk_moe_tc_rows(ids, experts, rank, d_src, d_dst, backward=False, accumulate=False):
+    """Ops of moe_tc_rows_kernel walked block by block with the real routing `ids` [N, k] (all
+    valid): its actual tiles and each warp's actual experts, every lane that runs a step counted."""
+    rows, k = ids.shape
+    ops = 0
+    for n0 in range(0, rows, T.MOE_ROW_BLOCK):
+        block = ids[n0 : n0 + T.MOE_ROW_BLOCK]
+        block_rows, slots = block.shape[0], block.numel()
+        counts = [int((block == e).sum()) for e in range(experts)]
+        tiles = sum(math.ceil(c / 16) for c in counts)
+        ops += 2 * ((experts + 1) * slots + slots * (slots - 1) // 2 + block_rows * slots)
+        ops += 2 * (experts + tiles) + 4 * 4 * slots
+        for r0 in range(0, rank, 32):
+            n_tiles = min(4, math.ceil((rank - r0) / 8))
+            for _t0 in range(0, tiles, 16):
+                ops += 64 * math.ceil(d_src / 64) * 64 * 2  # staging
+            for _tile in range(tiles):
+                for _k0 in range(0, d_src, 8):
+                    ops += n_tiles * 32 * 2 * 2  # B elements rounded
+                ops += 32 * 2 * 2 if backward else 0  # dw's quad sums
+        ops += slots * rank * (1 + (3 if backward else 0))
+        for w0 in range(0, block_rows, 16):
+            used = len(set(block[w0 : w0 + 16].flatten().tolist()))
+            ops += 32 * 2 * k  # bad-id check
+            for c0 in range(0, d_dst, 64):
+                n_tiles = min(8, math.ceil((d_dst - c0) / 8))
+                for _e in range(used):
+                    for _u0 in range(0, rank, 8):
+                        ops += 32 * 4 * (4 * k + 2) + n_tiles * 32 * 2 * 2
+        ops += block_rows * d_dst * (2 + (2 if accumulate else 0))
+    return ops
+
+
+@pytest.mark.parametrize("rows,k,experts,rank,d_src,d_dst", [(130, 2, 3, 5, 70, 33), (200, 3, 8, 40, 130, 64)])
+def test_moe_tc_bound_holds_for_a_walk_of_the_loops(rows, k, experts, rank, d_src, d_dst):
+    """The tensor-core rows bound takes the most tiles and experts a block and warp can have: it is
+    at least the walked count of a random routing (and within 2x of it) and of a one-expert
+    routing."""
+    ids = torch.randint(0, experts, (rows, k), generator=torch.Generator().manual_seed(rows))
+    for backward, accumulate in ((False, False), (False, True), (True, False)):
+        bound = T.moe_tc_rows_simt_flops(rows, k, experts, rank, d_src, d_dst, backward, accumulate)
+        walked = walk_moe_tc_rows(ids, experts, rank, d_src, d_dst, backward, accumulate)
+        assert walked <= bound < 2 * walked
+    one = torch.zeros(rows, k, dtype=torch.long)
+    tight = walk_moe_tc_rows(one, 1, rank, d_src, d_dst, True)
+    assert T.moe_tc_rows_simt_flops(rows, k, 1, rank, d_src, d_dst, True) >= tight
+    assert T.moe_rows_kernel_name(16, 65) == "moe_tc_rows_kernel"
+    assert T.moe_rows_kernel_name(16, 64) == T.moe_rows_kernel_name(32, 10**6) == "moe_rows_kernel"
+
+
+@pytest.mark.parametrize("rows,k,experts,rank,d_in,d_out", [(130, 2, 3, 5, 70, 33), (300, 3, 8, 40, 130, 64)])
+def test_moe_tc_wgrad_bound_holds_for_a_walk_of_the_loops(rows, k, experts, rank, d_in, d_out):
+    """The tensor-core wgrad bound against its loops walked task by task with a real routing: each
+    task's chunks of its expert's slots."""
+    ids = torch.randint(0, experts, (rows, k), generator=torch.Generator().manual_seed(rows))
+    per_expert = [int((ids == e).sum()) for e in range(experts)]
+    walked = 0
+    for cols in (d_in, d_out):
+        for e in range(experts):
+            for _c0 in range(0, cols, 64):
+                for _r0 in range(0, rank, 32):
+                    for _q in range(0, per_expert[e], 32):
+                        walked += 32 * 6 + 32 * 64 * 2 + 32 * 32 * 6
+                    walked += 64 * 32 * 2
+    bound = T.moe_wgrad_tc_simt_flops(rows, k, rank, d_in, d_out, experts)
+    assert walked <= bound < 1.5 * walked
+    assert T.moe_wgrad_tc_tasks(experts, d_in, d_out) == experts * (math.ceil(d_in / 64) + math.ceil(d_out / 64))
+
+
 def test_gated_head_proj_bound_counts_open_heads_only():
     all_open = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 8, 2 * 8)
     three_quarters = T.gated_head_proj_simt_flops(64, 128, 64, 64 * 6, 2 * 8)
@@ -376,14 +445,14 @@ def test_moe_plans_name_the_kernels_the_op_launches():
     from mhr_ops.benchmarking.shapes import SHAPE_SETS
 
     fwd, fwd_bwd = emulated.moe_cases(None, SHAPE_SETS["gpu-moe"])
-    assert [k for k, _ in fwd.plan] == ["moe_rows_kernel"]
+    assert [k for k, _ in fwd.plan] == ["moe_tc_rows_kernel"]  # bf16 data: the tensor-core rows pass
     assert [k for k, _ in fwd_bwd.plan] == [
-        "moe_rows_kernel",
-        "moe_rows_kernel",
+        "moe_tc_rows_kernel",
+        "moe_tc_rows_kernel",
         "moe_plan_count_kernel",
         "moe_plan_scan_kernel",
         "moe_plan_fill_kernel",
-        "moe_wgrad_kernel",
+        "moe_tc_wgrad_kernel",
     ]
     assert all(f > 0 for _, f in fwd.plan + fwd_bwd.plan)
     assert fwd.ideal[0] > fwd_bwd.ideal[0] / 3 and fwd.n_full == 8192

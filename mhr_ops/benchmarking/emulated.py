@@ -549,10 +549,12 @@ def moe_cases(module, s: ShapeSet) -> list[Case]:
     def check_grids(records: list[dict], n: int) -> None:  # the bounds replay the launchers' grids
         for rec in records:
             name, want = kernel_base_name(rec["kernel"]), None
-            if name == "moe_rows_kernel":
+            if name in ("moe_rows_kernel", "moe_tc_rows_kernel"):
                 want = T.cdiv(n, T.MOE_ROW_BLOCK)
             elif name == "moe_wgrad_kernel":
                 want = T.moe_wgrad_tasks(E, d_in, d_out)
+            elif name == "moe_tc_wgrad_kernel":
+                want = T.moe_wgrad_tc_tasks(E, d_in, d_out)
             elif name in ("moe_plan_count_kernel", "moe_plan_fill_kernel"):
                 want = E
             if want is not None and tuple(rec["grid"]) != (want, 1, 1):
@@ -590,6 +592,14 @@ def moe_cases(module, s: ShapeSet) -> list[Case]:
     tb, tf = T.moe_fwd_ideal(shape, accumulate=False)
     bb, bf = T.moe_bwd_ideal(shape)
     base = T.roofline_us(*T.gemm_ideal(N, d_in, d_out, xb))
+    bits = 8 * xb
+    rows_kernel = T.moe_rows_kernel_name(bits, N)
+    if any(T.moe_rows_kernel_name(bits, n) != rows_kernel for n in sizes):
+        raise ValueError(f"{s.name}: sizes {sizes} and N {N} do not all run {rows_kernel}")
+    if bits == 16:  # fp16 / bf16 data: the tensor-core weight gradients
+        wgrad_kernel, wgrad_bound = "moe_tc_wgrad_kernel", T.moe_wgrad_tc_simt_flops(N, k, r, d_in, d_out, E)
+    else:
+        wgrad_kernel, wgrad_bound = "moe_wgrad_kernel", T.moe_wgrad_simt_flops(N, k, r, d_in, d_out, experts_used=E)
     describe = (
         f"x [{N}, {d_in}] {p['dtype']} -> {d_out}, E {E}, top-{k}, r {r}, A / B fp32; softmax top-{k} routing of "
         f"{base_rows} random rows, repeated"
@@ -601,30 +611,30 @@ def moe_cases(module, s: ShapeSet) -> list[Case]:
     return [
         Case(
             f"{s.name} moe_lora fwd",
-            "moe_lora fwd into the base output (moe_lora_add_, MoELoRALinear without autograd): moe_rows_kernel",
+            f"moe_lora fwd into the base output (moe_lora_add_, MoELoRALinear without autograd): {rows_kernel}",
             N,
             sizes,
             fwd,
             (fb, ff),
-            [("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_in, d_out, accumulate=True))],
+            [(rows_kernel, T.moe_rows_flops_bound(bits, N, k, E, r, d_in, d_out, accumulate=True))],
             extra={"shape": describe, "base_gemm_roofline_us": round(base, 3)},
             targets=list(issue),
         ),
         Case(
             f"{s.name} moe_lora fwd+bwd",
-            "moe_lora fwd+bwd (dx, dA, dB, dweights): moe_rows_kernel, then moe_rows_kernel (gz, dw, dx), "
-            "the slot plan (count, scan, fill) and moe_wgrad_kernel (dA, dB)",
+            f"moe_lora fwd+bwd (dx, dA, dB, dweights): {rows_kernel}, then {rows_kernel} (gz, dw, dx), "
+            f"the slot plan (count, scan, fill) and {wgrad_kernel} (dA, dB)",
             N,
             sizes,
             fwd_bwd,
             (tb + bb, tf + bf),
             [
-                ("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_in, d_out)),
-                ("moe_rows_kernel", T.moe_rows_simt_flops(N, k, E, r, d_out, d_in, backward=True)),
+                (rows_kernel, T.moe_rows_flops_bound(bits, N, k, E, r, d_in, d_out)),
+                (rows_kernel, T.moe_rows_flops_bound(bits, N, k, E, r, d_out, d_in, backward=True)),
                 ("moe_plan_count_kernel", T.moe_plan_count_simt_flops(N, k, E)),
                 ("moe_plan_scan_kernel", T.moe_plan_scan_simt_flops(E)),
                 ("moe_plan_fill_kernel", T.moe_plan_fill_simt_flops(N, k, E)),
-                ("moe_wgrad_kernel", T.moe_wgrad_simt_flops(N, k, r, d_in, d_out, experts_used=E)),
+                (wgrad_kernel, wgrad_bound),
             ],
             extra={"shape": describe, "base_gemm_roofline_us": round(2 * base, 3)},
             targets=list(issue),

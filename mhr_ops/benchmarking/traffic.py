@@ -45,6 +45,11 @@ TC_MIN_ROWS = 64  # kRoutedLoraTensorCoreMinRows: more rows than this run on ten
 # moe_lora_cuda.cu (SIMT, kThreads 256): kMoeRowBlock rows per moe_rows_kernel block, kRankChunk rank
 # values per shrink pass, kMoeColBlock columns per moe_wgrad_kernel task (moe_lora.h).
 MOE_ROW_BLOCK, MOE_RANK_CHUNK, MOE_COL_BLOCK = 64, 32, 16
+# moe_lora_tc_cuda.cu (tensor cores, fp16 / bf16 data past kMoeTensorCoreMinRows rows): kThreads, kChunk
+# src columns staged per step, kRankTiles n8 tiles per shrink pass, kTilesPerWarp slot tiles per warp
+# and pass, kExpandTiles n8 tiles per expand column step.
+MOE_TC_THREADS, MOE_TC_CHUNK, MOE_TC_RANK_TILES, MOE_TC_TILES_PER_WARP, MOE_TC_EXPAND_TILES = 128, 64, 4, 4, 8
+MOE_TC_MIN_ROWS = 64  # kMoeTensorCoreMinRows
 
 
 def roofline_us(ideal_bytes: float, ideal_flops: float) -> float:
@@ -258,6 +263,61 @@ def moe_rows_simt_flops(
     return total
 
 
+def moe_uses_tensor_cores(dtype_bits: int, rows: int) -> bool:
+    """moe_lora_uses_tensor_cores: fp16 / bf16 data and more than MOE_TC_MIN_ROWS rows (the shared
+    memory condition holds for the k and E of the shape sets)."""
+    return dtype_bits == 16 and rows > MOE_TC_MIN_ROWS
+
+
+def moe_tc_rows_simt_flops(
+    rows: int, top_k: int, experts: int, rank: int, d_src: int, d_dst: int, backward: bool = False, accumulate=False
+) -> int:
+    """moe_tc_rows_kernel's SIMT work over all rows (ids all valid), an upper bound: per 64-row block
+    its tiles (runs of at most 16 slots of one expert) are taken at their maximum, slots // 16 +
+    min(E, slots), and each warp's experts at min(E, 16 k):
+    - the block's counting sort (as moe_rows_kernel), the tile list (2 ops per expert and tile) and
+      each warp's experts (lane 0 scans the slots, 4 ops each);
+    - shrink, per 32-rank pass and batch of 16 tiles: the src chunk staged (convert and store, 2 per
+      element of 64 x whole 64-column chunks); per tile, each k8 step rounds two B elements per lane
+      and n8 tile to tf32 (2 ops each); the epilogue scales each (slot, rank value), the backward
+      adds z . g and w g (3 more) and the dots' quad sums (2 shuffle-adds per lane and row half);
+    - expand, per warp with rows, 64-column step, expert and k8 step of the rank: four A elements
+      a lane, each a scan of the row's k slots (compare, weight, scale, FMA: 4 ops a slot) and its
+      rounding (2), and per n8 tile two B elements rounded (2 each); the bad-id check (2 rows x k a
+      lane); per output the convert and store, and the read-convert-add when accumulating."""
+    total = 0
+    for r0 in range(0, rows, MOE_ROW_BLOCK):
+        block_rows = min(MOE_ROW_BLOCK, rows - r0)
+        slots = block_rows * top_k
+        tiles = slots // 16 + min(experts, slots)
+        warp_experts = min(experts, 16 * top_k)
+        total += 2 * ((experts + 1) * slots + slots * (slots - 1) // 2 + block_rows * slots)  # sort
+        total += 2 * (experts + tiles) + 4 * (MOE_TC_THREADS // 32) * slots
+        passes, batches = cdiv(rank, 8 * MOE_TC_RANK_TILES), cdiv(tiles, 4 * MOE_TC_TILES_PER_WARP)
+        total += passes * batches * MOE_ROW_BLOCK * cdiv(d_src, MOE_TC_CHUNK) * MOE_TC_CHUNK * 2
+        total += tiles * cdiv(d_src, 8) * cdiv(rank, 8) * 32 * 2 * 2
+        total += slots * rank * (1 + (3 if backward else 0)) + (tiles * passes * 32 * 2 * 2 if backward else 0)
+        warps = cdiv(block_rows, 16)
+        steps = cdiv(d_dst, 8 * MOE_TC_EXPAND_TILES)
+        per_expert_step = 32 * 4 * (4 * top_k + 2)
+        total += warps * (steps * warp_experts * cdiv(rank, 8) * per_expert_step + 32 * 2 * top_k)
+        total += warps * warp_experts * cdiv(rank, 8) * cdiv(d_dst, 8) * 32 * 2 * 2
+        total += block_rows * d_dst * (2 + (2 if accumulate else 0))
+    return total
+
+
+def moe_rows_kernel_name(dtype_bits: int, rows: int) -> str:
+    """The rows kernel moe_lora_rows_cuda launches for this data width and row count."""
+    return "moe_tc_rows_kernel" if moe_uses_tensor_cores(dtype_bits, rows) else "moe_rows_kernel"
+
+
+def moe_rows_flops_bound(dtype_bits: int, rows: int, *args, **kwargs) -> int:
+    """The SIMT bound of the rows kernel moe_lora_rows_cuda launches (moe_rows_kernel_name)."""
+    if moe_uses_tensor_cores(dtype_bits, rows):
+        return moe_tc_rows_simt_flops(rows, *args, **kwargs)
+    return moe_rows_simt_flops(rows, *args, **kwargs)
+
+
 def moe_plan_count_simt_flops(rows: int, top_k: int, experts: int) -> int:
     """moe_plan_count_kernel: a block per expert whose threads stride all N k slots (whole 256-slot
     passes), ~8 integer ops a slot (expert_of's index split, address and range check, the compare
@@ -291,6 +351,28 @@ def moe_wgrad_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: int
     out_blocks = cdiv(d_out, MOE_COL_BLOCK)
     per_slot = rows * top_k * pairs * (3 * cdiv(d_in, MOE_COL_BLOCK) + 4 * out_blocks)
     return per_slot + experts_used * out_blocks * pairs
+
+
+MOE_TC_COL_BLOCK, MOE_TC_WGRAD_SLOTS = 64, 32  # moe_lora.h kMoeTcColBlock; moe_lora_tc_cuda.cu kWgSlots
+
+
+def moe_wgrad_tc_tasks(experts: int, d_in: int, d_out: int) -> int:
+    """moe_lora_wgrad_tc_tasks: a task (block) per 64-column block of each expert's dA and dB."""
+    return experts * (cdiv(d_in, MOE_TC_COL_BLOCK) + cdiv(d_out, MOE_TC_COL_BLOCK))
+
+
+def moe_wgrad_tc_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: int, experts: int) -> int:
+    """moe_tc_wgrad_kernel (fp16 / bf16 data), an upper bound: per task and 32-rank pass, its
+    expert's slots in chunks of 32 (all experts' chunks together at most N k / 32 + E); per chunk
+    each slot's row and weight (6 ops), the data tile staged (convert and store, 2 per element of
+    32 x 64) and the bottleneck tile (weight multiply, and the two tf32 terms: 6 per element of
+    32 x 32); per task and pass, the scale and store of its 64 x 32 outputs (2 each)."""
+    col_blocks = cdiv(d_in, MOE_TC_COL_BLOCK) + cdiv(d_out, MOE_TC_COL_BLOCK)
+    passes = cdiv(rank, 8 * MOE_TC_RANK_TILES)
+    chunks = rows * top_k // MOE_TC_WGRAD_SLOTS + experts
+    per_chunk = MOE_TC_WGRAD_SLOTS * (6 + 2 * MOE_TC_COL_BLOCK + 6 * 8 * MOE_TC_RANK_TILES)
+    epilogue = MOE_TC_COL_BLOCK * 8 * MOE_TC_RANK_TILES * 2
+    return col_blocks * passes * (chunks * per_chunk + experts * epilogue)
 
 
 # --- ideal traffic and flops of each op ---------------------------------------------------------
