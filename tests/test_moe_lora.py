@@ -279,6 +279,26 @@ def test_op_level_checks_raise_value_and_type_errors_naming_the_argument():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_expert_values_reach_only_the_rows_that_use_the_expert(dtype):
+    """An inf in one expert's B and a -inf in another's A make non-finite only the rows routed to
+    those experts, where the reference is non-finite. On CUDA (past 64 rows, fp16 / bf16: tensor
+    cores) the other rows of a 16-row tile multiply that B column by zero, which must not leak."""
+    x, A, B, w, ids = make(4, 16, 8, 24, (70,), 2, dtype=dtype, expert_dtype=torch.float32, seed=11)
+    A, B = A.clone(), B.clone()
+    B[1, 3, 5] = float("inf")
+    A[2, 4, 0] = float("-inf")
+    y = mhr_ops.moe_lora(x, A, B, w, ids, scale=0.5)
+    ref = reference.moe_lora(x, A, B, w, ids, scale=0.5)
+    uses = (ids == 1).any(-1) | (ids == 2).any(-1)
+    assert 0 < int(uses.sum()) < 70
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)) and not torch.isfinite(y[uses]).all()
+    if dtype == torch.float32:
+        assert_close(y[~uses], ref[~uses], atol=2e-5, rtol=2e-5, what="rows without the non-finite experts")
+    else:
+        check_low_precision(y[~uses], ref[~uses], plain_torch(x, A, B, w, ids, 0.5)[~uses], f"finite rows {dtype}")
+
+
 def test_invalid_ids_without_validation_give_nan_rows_only():
     x, A, B, w, ids = make(8, 16, 4, 12, (10,), 2, seed=13)
     bad = ids.clone()

@@ -179,7 +179,7 @@ def walk_moe_tc_rows(ids, experts, rank, d_src, d_dst, backward=False, accumulat
                 ops += 64 * math.ceil(d_src / 64) * 64 * 2  # staging
             for _tile in range(tiles):
                 for _k0 in range(0, d_src, 8):
-                    ops += n_tiles * 32 * 2 * 2  # B elements rounded
+                    ops += 32 * 4 * 2 + n_tiles * 32 * 2 * 2  # A values checked; B elements split
                 ops += 32 * 2 * 2 if backward else 0  # dw's quad sums
         ops += slots * rank * (1 + (3 if backward else 0))
         for w0 in range(0, block_rows, 16):
@@ -189,7 +189,7 @@ def walk_moe_tc_rows(ids, experts, rank, d_src, d_dst, backward=False, accumulat
                 n_tiles = min(8, math.ceil((d_dst - c0) / 8))
                 for _e in range(used):
                     for _u0 in range(0, rank, 8):
-                        ops += 32 * 4 * (4 * k + 2) + n_tiles * 32 * 2 * 2
+                        ops += 32 * 4 * (4 * k + 4) + n_tiles * 32 * 2 * 4
         ops += block_rows * d_dst * (2 + (2 if accumulate else 0))
     return ops
 
@@ -223,7 +223,7 @@ def test_moe_tc_wgrad_bound_holds_for_a_walk_of_the_loops(rows, k, experts, rank
             for _c0 in range(0, cols, 64):
                 for _r0 in range(0, rank, 32):
                     for _q in range(0, per_expert[e], 32):
-                        walked += 32 * 6 + 32 * 64 * 2 + 32 * 32 * 6
+                        walked += 32 * 6 + 32 * 64 * 2 + 32 * 32 * 6 + 4 * 4 * 32 * 4 * 2
                     walked += 64 * 32 * 2
     bound = T.moe_wgrad_tc_simt_flops(rows, k, rank, d_in, d_out, experts)
     assert walked <= bound < 1.5 * walked

@@ -12,7 +12,9 @@
 //  2. expand: warp w owns rows 16w .. 16w + 15. Per 64-column step, and per expert e that its rows
 //     use (ascending), Y += Vw_e @ X_e on tensor cores, where Vw_e[m, u] sums (expand_scale c_s)
 //     v[s][u] over row m's slots of expert e (zero where row m does not use e). The A operand is
-//     built in registers from v, which step 1 of the same block wrote.
+//     built in registers from v, which step 1 of the same block wrote. A column step whose X_e
+//     values hold an inf or NaN is summed without tensor cores (expand_exact), since the zero A
+//     rows of the rows that do not use e would otherwise turn it into NaN in their outputs.
 // Tensor-core work: the shrink runs each expert's slots rounded up to 16 per block; the expand
 // runs 16 rows per expert a warp's rows use (at most min(E, 16 k)), so its flops grow with the
 // experts of a 16-row group, not with E.
@@ -54,10 +56,16 @@ __device__ __forceinline__ float quiet_nan_f() { return __int_as_float(0x7fc0000
 struct Tf32Terms {
   uint32_t hi, lo;
 };
+__device__ __forceinline__ bool finite_bits(uint32_t u) { return (u & 0x7f800000u) != 0x7f800000u; }
 template <bool kSplit>
 __device__ __forceinline__ Tf32Terms tf32_terms(float v) {
-  const uint32_t hi = float_to_tf32(v);
-  return {hi, kSplit ? float_to_tf32(v - __int_as_float(static_cast<int>(hi))) : 0u};
+  uint32_t hi = float_to_tf32(v);
+  if (!kSplit) return {hi, 0u};
+  if (!finite_bits(hi)) {
+    if (!finite_bits(bits_of(v))) return {hi, 0u};  // inf / NaN: the value itself (inf - inf would be NaN)
+    hi = (bits_of(v) & 0x80000000u) | 0x7f7fe000u;  // rounding overflowed: the largest finite tf32
+  }
+  return {hi, float_to_tf32(v - __int_as_float(static_cast<int>(hi)))};
 }
 
 __host__ __device__ inline int64_t max_tiles(int64_t top_k, int64_t experts) {
@@ -74,6 +82,38 @@ __host__ __device__ inline int64_t tc_smem_ints(int64_t top_k, int64_t experts) 
          kWarps * (1 + warp_experts(top_k, experts)) + 1;
 }
 constexpr int64_t kStaticSmemBytes = sizeof(float) * kMoeRowBlock * kLds;
+
+// The sums of a step, tile or task that meets an inf or NaN in an operand that tensor cores would
+// multiply by a zero (a padding row, a row without the expert, or a zero tf32 lo term) are taken
+// without tensor cores, in the SIMT kernels' order, so that non-finite values reach exactly the
+// results they reach there (inf * 0 would be NaN elsewhere).
+// P[slot, col] of the shrink: src row `row` (of the slot) . S_e[:, col].
+template <typename xt>
+__device__ float shrink_exact(const MoeRowsParams& p, const xt* row, const float* S, int64_t col) {
+  float sum = 0.f;
+  for (int64_t c = 0; c < p.d_src; ++c) sum += to_acc<float>(ld_global(row + c)) * ld_global(S + c * p.rank + col);
+  return sum;
+}
+
+// y[n0 + m, col] without tensor cores, as the SIMT kernel sums it: over row m's slots by (expert,
+// j), (expand_scale c_s) (v[s] . X_e[:, col]).
+__device__ float expand_exact(const MoeRowsParams& p, const moe_cuda::BlockSlots& b, int64_t n0, int m, int64_t col) {
+  const int64_t k = p.routing.top_k;
+  const float* v = static_cast<const float*>(p.v);
+  const float* w = static_cast<const float*>(p.weights);
+  const float* mats = static_cast<const float*>(p.expand_mats);
+  float out = 0.f;
+  for (int j = 0; j < k; ++j) {
+    const int i = b.row_slots[m * k + j];
+    const float* X = mats + static_cast<int64_t>(b.slot_exp[i]) * p.rank * p.d_dst + col;
+    const float* vs = v + (n0 * k + i) * p.rank;
+    float part = 0.f;
+    for (int64_t u = 0; u < p.rank; ++u) part += ld_global(vs + u) * ld_global(X + u * p.d_dst);
+    const float c = p.expand_weighted ? ld_global(w + (n0 + m) * p.w_stride_n + (i % k) * p.w_stride_j) : 1.f;
+    out += static_cast<float>(p.expand_scale) * c * part;
+  }
+  return out;
+}
 
 // Vw_e[m, u] of the expand's A operand: row m's slots of expert e, (expand_scale c_s) v[s][u].
 __device__ __forceinline__ float mixed_v(const MoeRowsParams& p, const moe_cuda::BlockSlots& b, int64_t n0, int rows,
@@ -159,6 +199,7 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
           for (int nt = 0; nt < kRankTiles; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[a][nt][i] = 0.f;
+        bool nonfinite[kTilesPerWarp] = {};  // this lane's src values of the tile's real rows
         for (int64_t c0 = 0; c0 < p.d_src; c0 += kChunk) {
           __syncthreads();  // the previous chunk's fragments are read
           for (int e = tid; e < kMoeRowBlock * kChunk; e += kThreads) {
@@ -181,6 +222,8 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
             for (int k0 = 0; k0 < kChunk && c0 + k0 < p.d_src; k0 += 8) {
               const uint32_t fa[4] = {bits_of(xa[k0 + t]), bits_of(xb[k0 + t]), bits_of(xa[k0 + t + 4]),
                                       bits_of(xb[k0 + t + 4])};
+              nonfinite[a] |= (g < cnt && (!finite_bits(fa[0]) || !finite_bits(fa[2]))) ||
+                              (g + 8 < cnt && (!finite_bits(fa[1]) || !finite_bits(fa[3])));
               const int64_t c1 = c0 + k0 + t, c2 = c1 + 4;
 #pragma unroll
               for (int nt = 0; nt < kRankTiles; ++nt) {
@@ -204,6 +247,8 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
           const int tile = t0 + a * kWarps + warp;
           if (tile >= T) break;
           const int q0 = tile_q[tile], cnt = tile_n[tile];
+          const bool exact = __ballot_sync(0xffffffffu, nonfinite[a]) != 0u;  // warp-uniform
+          const float* S = mats + static_cast<int64_t>(b.slot_exp[b.order[q0]]) * p.d_src * rank;
           float dot[2] = {0.f, 0.f};
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
@@ -219,7 +264,9 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
               for (int c = 0; c < 2; ++c) {
                 const int64_t col = r0 + nt * 8 + 2 * t + c;
                 if (col >= rank) continue;
-                const float gv = shrink_scale * acc[a][nt][2 * h + c];
+                const float pv =
+                    exact ? shrink_exact(p, src + (n0 + i / k) * p.src_stride_n, S, col) : acc[a][nt][2 * h + c];
+                const float gv = shrink_scale * pv;
                 if (z != nullptr) {
                   dot[h] += ld_global(z + s * rank + col) * gv;
                   st_global(v + s * rank + col, ws * gv);
@@ -268,22 +315,29 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
     for (int nt = 0; nt < kExpandTiles; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    // A non-finite X_e value times the zero A rows of the rows that do not use expert e (or a
+    // non-finite A value times a zero lo term) would make outputs NaN: a warp whose step meets one
+    // computes that step's outputs without tensor cores instead, as the SIMT kernel does.
+    bool nonfinite = false;
     for (int x = 0; x < n_exp; ++x) {
       const int e = experts[x];
       const float* X = mats + static_cast<int64_t>(e) * rank * p.d_dst;
       for (int64_t u0 = 0; u0 < rank; u0 += 8) {
         const int64_t u1 = u0 + t, u2 = u1 + 4;
-        const Tf32Terms a0 = tf32_terms<kSplit>(mixed_v(p, b, n0, rows, ma, e, u1)),
-                        a1 = tf32_terms<kSplit>(mixed_v(p, b, n0, rows, mb, e, u1)),
-                        a2 = tf32_terms<kSplit>(mixed_v(p, b, n0, rows, ma, e, u2)),
-                        a3 = tf32_terms<kSplit>(mixed_v(p, b, n0, rows, mb, e, u2));
+        const float va[4] = {mixed_v(p, b, n0, rows, ma, e, u1), mixed_v(p, b, n0, rows, mb, e, u1),
+                             mixed_v(p, b, n0, rows, ma, e, u2), mixed_v(p, b, n0, rows, mb, e, u2)};
+        for (const float val : va) nonfinite |= !finite_bits(bits_of(val));
+        const Tf32Terms a0 = tf32_terms<kSplit>(va[0]), a1 = tf32_terms<kSplit>(va[1]), a2 = tf32_terms<kSplit>(va[2]),
+                        a3 = tf32_terms<kSplit>(va[3]);
         const uint32_t a_hi[4] = {a0.hi, a1.hi, a2.hi, a3.hi}, a_lo[4] = {a0.lo, a1.lo, a2.lo, a3.lo};
 #pragma unroll
         for (int nt = 0; nt < kExpandTiles; ++nt) {
           if (nt >= n_tiles) break;  // warp-uniform
           const int64_t col = c0 + nt * 8 + g;
-          const Tf32Terms b0 = tf32_terms<kSplit>(u1 < rank && col < p.d_dst ? ld_global(X + u1 * p.d_dst + col) : 0.f);
-          const Tf32Terms b1 = tf32_terms<kSplit>(u2 < rank && col < p.d_dst ? ld_global(X + u2 * p.d_dst + col) : 0.f);
+          const float x1 = u1 < rank && col < p.d_dst ? ld_global(X + u1 * p.d_dst + col) : 0.f;
+          const float x2 = u2 < rank && col < p.d_dst ? ld_global(X + u2 * p.d_dst + col) : 0.f;
+          nonfinite |= !finite_bits(bits_of(x1)) || !finite_bits(bits_of(x2));
+          const Tf32Terms b0 = tf32_terms<kSplit>(x1), b1 = tf32_terms<kSplit>(x2);
           const uint32_t b_hi[2] = {b0.hi, b1.hi};
           if (kSplit) {  // the small terms first
             const uint32_t b_lo[2] = {b0.lo, b1.lo};
@@ -294,6 +348,7 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
         }
       }
     }
+    const bool exact = __ballot_sync(0xffffffffu, nonfinite) != 0u;  // warp-uniform
 #pragma unroll
     for (int nt = 0; nt < kExpandTiles; ++nt) {
       if (nt >= n_tiles) break;
@@ -302,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
         const int h = i / 2, m = h == 0 ? ma : mb;
         const int64_t col = c0 + nt * 8 + 2 * t + i % 2;
         if (m >= rows || col >= p.d_dst) continue;
-        const float out = bad[h] ? quiet_nan_f() : acc[nt][i];
+        const float out = bad[h] ? quiet_nan_f() : exact ? expand_exact(p, b, n0, m, col) : acc[nt][i];
         xt* yp = y + (n0 + m) * p.y_stride_n + col;
         st_global(yp, from_acc<xt>(p.accumulate ? to_acc<float>(ld_global(yp)) + out : out));
       }
@@ -320,6 +375,24 @@ __global__ void __launch_bounds__(kThreads) moe_tc_rows_kernel(const MoeRowsPara
 constexpr int kWgSlots = 32;                // slots staged per chunk (4 k8 mma steps)
 constexpr int kWgLdd = kMoeTcColBlock + 8;  // [slot][column] data tile: conflict-free A fragments
 constexpr int kWgLdq = 8 * kRankTiles + 8;  // [slot][rank] bottleneck tiles: conflict-free B fragments
+
+// D[c, u] of a wgrad task without tensor cores (see shrink_exact), in the SIMT kernel's order.
+template <typename xt>
+__device__ float wgrad_exact(const MoeWgradParams& p, bool is_a, const int64_t* order, int64_t q0, int64_t q1,
+                             int64_t c, int64_t u) {
+  const xt* data = static_cast<const xt*>(is_a ? p.x : p.grad_y);
+  const int64_t stride = is_a ? p.x_stride_n : p.gy_stride_n;
+  const float* bott = static_cast<const float*>(is_a ? p.gz : p.z);
+  const float* w = static_cast<const float*>(p.weights);
+  float sum = 0.f;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t s = ld_global(order + q), n = s / p.top_k;
+    float bv = ld_global(bott + s * p.rank + u);
+    if (!is_a) bv *= ld_global(w + n * p.w_stride_n + (s % p.top_k) * p.w_stride_j);
+    sum += to_acc<float>(ld_global(data + n * stride + c)) * bv;
+  }
+  return sum;
+}
 
 template <typename xt>
 __global__ void __launch_bounds__(kThreads)
@@ -355,6 +428,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int nt = 0; nt < kRankTiles; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    bool nonfinite = false;  // a non-finite data value (padding is zero): see shrink_exact
     for (int64_t qc = q0; qc < q1; qc += kWgSlots) {
       __syncthreads();  // the previous chunk's fragments are read
       for (int i = tid; i < kWgSlots; i += kThreads) {
@@ -391,6 +465,7 @@ __global__ void __launch_bounds__(kThreads)
         const uint32_t fa[4] = {bits_of(ds[(k0 + t) * kWgLdd + m0 + g]), bits_of(ds[(k0 + t) * kWgLdd + m0 + g + 8]),
                                 bits_of(ds[(k0 + t + 4) * kWgLdd + m0 + g]),
                                 bits_of(ds[(k0 + t + 4) * kWgLdd + m0 + g + 8])};
+        for (const uint32_t u : fa) nonfinite |= !finite_bits(u);
 #pragma unroll
         for (int nt = 0; nt < kRankTiles; ++nt) {
           if (nt >= n_tiles) break;  // block-uniform
@@ -402,6 +477,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    const bool exact = __ballot_sync(0xffffffffu, nonfinite) != 0u;  // warp-uniform
     // C element i of n-tile nt: (column m0 + g + 8 (i / 2), rank r0 + 8 nt + 2t + i % 2)
 #pragma unroll
     for (int nt = 0; nt < kRankTiles; ++nt) {
@@ -411,7 +487,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t c = c0 + m0 + g + 8 * (i / 2), u = r0 + nt * 8 + 2 * t + i % 2;
         if (c >= cols || u >= rank) continue;
         // dA_e [d_in, r] at (c, u); dB_e [r, d_out] at (u, c)
-        st_global(is_a ? out + (e * p.d_in + c) * rank + u : out + (e * rank + u) * p.d_out + c, scale * acc[nt][i]);
+        st_global(is_a ? out + (e * p.d_in + c) * rank + u : out + (e * rank + u) * p.d_out + c,
+                  scale * (exact ? wgrad_exact<xt>(p, is_a, order, q0, q1, c, u) : acc[nt][i]));
       }
     }
   }

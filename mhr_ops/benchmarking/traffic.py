@@ -278,13 +278,15 @@ def moe_tc_rows_simt_flops(
     - the block's counting sort (as moe_rows_kernel), the tile list (2 ops per expert and tile) and
       each warp's experts (lane 0 scans the slots, 4 ops each);
     - shrink, per 32-rank pass and batch of 16 tiles: the src chunk staged (convert and store, 2 per
-      element of 64 x whole 64-column chunks); per tile, each k8 step rounds two B elements per lane
-      and n8 tile to tf32 (2 ops each); the epilogue scales each (slot, rank value), the backward
+      element of 64 x whole 64-column chunks); per tile, each k8 step checks its four A values for
+      inf / NaN (2 ops each) and splits two B elements per lane and n8 tile into tf32 terms (2 ops
+      each); the epilogue scales each (slot, rank value), the backward
       adds z . g and w g (3 more) and the dots' quad sums (2 shuffle-adds per lane and row half);
     - expand, per warp with rows, 64-column step, expert and k8 step of the rank: four A elements
-      a lane, each a scan of the row's k slots (compare, weight, scale, FMA: 4 ops a slot) and its
-      rounding (2), and per n8 tile two B elements rounded (2 each); the bad-id check (2 rows x k a
-      lane); per output the convert and store, and the read-convert-add when accumulating."""
+      a lane, each a scan of the row's k slots (compare, weight, scale, FMA: 4 ops a slot), its
+      inf / NaN check and rounding (2 each), and per n8 tile two B elements checked and rounded (2
+      each); the bad-id check (2 rows x k a lane); per output the convert and store, and the
+      read-convert-add when accumulating."""
     total = 0
     for r0 in range(0, rows, MOE_ROW_BLOCK):
         block_rows = min(MOE_ROW_BLOCK, rows - r0)
@@ -295,13 +297,13 @@ def moe_tc_rows_simt_flops(
         total += 2 * (experts + tiles) + 4 * (MOE_TC_THREADS // 32) * slots
         passes, batches = cdiv(rank, 8 * MOE_TC_RANK_TILES), cdiv(tiles, 4 * MOE_TC_TILES_PER_WARP)
         total += passes * batches * MOE_ROW_BLOCK * cdiv(d_src, MOE_TC_CHUNK) * MOE_TC_CHUNK * 2
-        total += tiles * cdiv(d_src, 8) * cdiv(rank, 8) * 32 * 2 * 2
+        total += tiles * cdiv(d_src, 8) * (cdiv(rank, 8) * 32 * 2 * 2 + passes * 32 * 4 * 2)
         total += slots * rank * (1 + (3 if backward else 0)) + (tiles * passes * 32 * 2 * 2 if backward else 0)
         warps = cdiv(block_rows, 16)
         steps = cdiv(d_dst, 8 * MOE_TC_EXPAND_TILES)
-        per_expert_step = 32 * 4 * (4 * top_k + 2)
+        per_expert_step = 32 * 4 * (4 * top_k + 4)
         total += warps * (steps * warp_experts * cdiv(rank, 8) * per_expert_step + 32 * 2 * top_k)
-        total += warps * warp_experts * cdiv(rank, 8) * cdiv(d_dst, 8) * 32 * 2 * 2
+        total += warps * warp_experts * cdiv(rank, 8) * cdiv(d_dst, 8) * 32 * 2 * 4
         total += block_rows * d_dst * (2 + (2 if accumulate else 0))
     return total
 
@@ -365,12 +367,14 @@ def moe_wgrad_tc_simt_flops(rows: int, top_k: int, rank: int, d_in: int, d_out: 
     """moe_tc_wgrad_kernel (fp16 / bf16 data), an upper bound: per task and 32-rank pass, its
     expert's slots in chunks of 32 (all experts' chunks together at most N k / 32 + E); per chunk
     each slot's row and weight (6 ops), the data tile staged (convert and store, 2 per element of
-    32 x 64) and the bottleneck tile (weight multiply, and the two tf32 terms: 6 per element of
-    32 x 32); per task and pass, the scale and store of its 64 x 32 outputs (2 each)."""
+    32 x 64), the bottleneck tile (weight multiply, and the two tf32 terms: 6 per element of
+    32 x 32), and each lane's A values checked for inf / NaN (4 a k8 step, 2 ops each, 4 warps);
+    per task and pass, the scale and store of its 64 x 32 outputs (2 each)."""
     col_blocks = cdiv(d_in, MOE_TC_COL_BLOCK) + cdiv(d_out, MOE_TC_COL_BLOCK)
     passes = cdiv(rank, 8 * MOE_TC_RANK_TILES)
     chunks = rows * top_k // MOE_TC_WGRAD_SLOTS + experts
     per_chunk = MOE_TC_WGRAD_SLOTS * (6 + 2 * MOE_TC_COL_BLOCK + 6 * 8 * MOE_TC_RANK_TILES)
+    per_chunk += MOE_TC_WGRAD_SLOTS // 8 * (MOE_TC_THREADS // 32) * 32 * 4 * 2
     epilogue = MOE_TC_COL_BLOCK * 8 * MOE_TC_RANK_TILES * 2
     return col_blocks * passes * (chunks * per_chunk + experts * epilogue)
 

@@ -59,6 +59,7 @@ struct MoeCase {
   int64_t ids_stride;  // element stride of the ids' last dim
   bool bad_ids;
   bool accumulate;
+  bool inf_in_B = false;  // B[1][0][2] = inf, x[7][3] = -inf: non-finite values reach what they reach on the CPU
 };
 
 template <typename T>
@@ -66,11 +67,13 @@ void run(const MoeCase& c) {
   using acc_t = typename AccType<T>::type;
   const int64_t N = c.N, d_in = c.d_in, d_out = c.d_out, E = c.E, k = c.k, r = c.r, slots = N * k;
   const double scale = 0.75;
-  const std::vector<double> x = rounded<T>(N * d_in, 0.61, 0.1, 1.0);
+  std::vector<double> x = rounded<T>(N * d_in, 0.61, 0.1, 1.0);
+  if (c.inf_in_B) x[7 * d_in + 3] = -INFINITY;  // and row 7 of x: its own rows of y and dA only
   const std::vector<double> gy = rounded<T>(N * d_out, 0.37, 0.4, 1.0);
   const std::vector<double> y0 = rounded<T>(N * d_out, 0.83, 0.2, 1.0);
   const std::vector<double> A = rounded<acc_t>(E * d_in * r, 0.47, 0.9, 0.5);
-  const std::vector<double> B = rounded<acc_t>(E * r * d_out, 0.29, 0.6, 0.5);
+  std::vector<double> B = rounded<acc_t>(E * r * d_out, 0.29, 0.6, 0.5);
+  if (c.inf_in_B) B[(1 * r + 0) * d_out + 2] = INFINITY;
   const std::vector<double> w = rounded<acc_t>(slots, 0.71, 0.3, 1.0);
   std::vector<int64_t> ids(slots);
   for (int64_t n = 0; n < N; ++n)
@@ -180,6 +183,18 @@ void run(const MoeCase& c) {
   const std::vector<int64_t> start = to_host(d_start, E + 1), order = to_host(d_order, plan.order.size());
   for (int64_t e = 0; e <= E; ++e) EXPECT_TRUE(start[e] == plan.start[e]);
   for (size_t q = 0; q < plan.order.size(); ++q) EXPECT_TRUE(order[q] == plan.order[q]);
+  if (c.inf_in_B) {  // a row without expert 1 (but row 7) is finite; the comparisons above match inf and NaN exactly
+    const std::vector<double> y = host_of(d_y, N * d_out);
+    int64_t finite_rows = 0, inf_rows = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      bool uses = false, finite = true;
+      for (int64_t j = 0; j < k; ++j) uses |= ids[n * k + j] == 1 || n == 7;
+      for (int64_t o = 0; o < d_out; ++o) finite &= std::isfinite(y[n * d_out + o]);
+      EXPECT_TRUE(uses || finite);
+      finite_rows += !uses, inf_rows += uses && !finite;
+    }
+    EXPECT_TRUE(finite_rows > 0 && inf_rows > 0);
+  }
   if (c.bad_ids && N > 6) {  // the NaN rows really are NaN (not a vacuous comparison)
     const std::vector<double> y = host_of(d_y, N * d_out);
     EXPECT_TRUE(std::isnan(y[3 * d_out]) && std::isnan(y[6 * d_out + d_out - 1]) && !std::isnan(y[4 * d_out]));
@@ -203,6 +218,7 @@ void all_cases() {
       {"tc-rank-40-bad-ids", 100, 70, 90, 6, 3, 40, false, 1, true, true},
       {"tc-k1", 66, 24, 17, 3, 1, 16, true, 3, false, false},
       {"tc-many-tiles", 130, 20, 33, 2, 5, 8, false, 1, false, true},  // 20+ tiles a block: two passes
+      {"tc-inf-in-B", 100, 40, 70, 4, 2, 8, false, 1, false, true, true},
   };
   for (const MoeCase& c : cases) run<T>(c);
 }
