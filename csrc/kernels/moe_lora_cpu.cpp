@@ -5,11 +5,18 @@
 
 // No FMA contraction in this file: at -O3 GCC versions some loops on run-time alias checks, and
 // the versions contracted differently, so a row's bits depended on where its scratch row sat.
-// Without contraction every version rounds alike (the sums' order is fixed by the code).
+// Without contraction every version rounds alike (the sums' order is fixed by the code). The rows
+// pass's AVX2 build fuses its multiply-adds explicitly instead (madd): std::fma rounds once in
+// every version, vector or scalar.
 #pragma GCC optimize("fp-contract=off")
+// madd and the kernels pass vectors by value between always-inlined functions only: GCC's note
+// that the ABI of a 256-bit vector argument differs without AVX does not apply (cpu_lanes.h).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "cpu_lanes.h"
@@ -57,6 +64,27 @@ namespace {
 // Elements ahead that the loops over scattered rows prefetch (no hardware stream follows them).
 constexpr int64_t kMoePrefetch = 64;
 
+// a * b + c, lane by lane: one rounding (std::fma, which GCC turns into vector FMAs) in the AVX2
+// + FMA build, a multiply and an add in the portable one (where std::fma would be a library call).
+// Vectors by value: a deduced V loses Lanes' alignment attribute, so a reference to one would be
+// read with aligned loads (a crash on rows not 32-byte aligned).
+template <typename V, typename S, size_t... kL>
+MHR_MOE_INLINE V fma_lanes(S a, V b, V c, std::index_sequence<kL...>) {
+  return V{std::fma(a, b[kL], c[kL])...};  // a vector built whole: GCC keeps it in registers
+}
+
+template <bool kFma, typename V, typename S>
+MHR_MOE_INLINE V madd(S a, V b, V c) {
+  if constexpr (kFma) {
+    if constexpr (std::is_same_v<V, S>)
+      return std::fma(a, b, c);
+    else
+      return fma_lanes(a, b, c, std::make_index_sequence<sizeof(V) / sizeof(S)>{});
+  } else {
+    return a * b + c;
+  }
+}
+
 template <typename T>
 MHR_MOE_INLINE T weight_of(const void* w, int64_t stride_n, int64_t stride_j, int64_t top_k, int64_t s) {
   return static_cast<const T*>(w)[(s / top_k) * stride_n + (s % top_k) * stride_j];
@@ -66,7 +94,7 @@ MHR_MOE_INLINE T weight_of(const void* w, int64_t stride_n, int64_t stride_j, in
 // over c in order: the same bits for any kT. A compile-time rank of 2 or more keeps the sums as
 // vectors over the rank (explicitly: left to itself, GCC vectorizes over t instead, gathering
 // from kT rows element by element).
-template <typename T, int kR, int kT>
+template <typename T, int kR, int kT, bool kFma>
 MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t d, int64_t R, T* __restrict out) {
   if constexpr (kR >= 2) {
     constexpr int L = kR < 8 ? kR : 8, kV = kR / L;
@@ -79,9 +107,11 @@ MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t 
         for (int t = 0; t < kT; ++t) __builtin_prefetch(src[t] + c + kMoePrefetch);
       V mv[kV];
       for (int v = 0; v < kV; ++v) mv[v] = reinterpret_cast<const V*>(m + c * kR)[v];
+#pragma GCC unroll 8
       for (int t = 0; t < kT; ++t) {
         const T xv = src[t][c];
-        for (int v = 0; v < kV; ++v) acc[t][v] += xv * mv[v];
+#pragma GCC unroll 8
+        for (int v = 0; v < kV; ++v) acc[t][v] = madd<kFma>(xv, mv[v], acc[t][v]);
       }
     }
     for (int t = 0; t < kT; ++t)
@@ -89,14 +119,15 @@ MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t 
   } else if constexpr (kR == 1) {
     T acc[kT] = {};
     for (int64_t c = 0; c < d; ++c)
-      for (int t = 0; t < kT; ++t) acc[t] += src[t][c] * m[c];
+#pragma GCC unroll 8
+      for (int t = 0; t < kT; ++t) acc[t] = madd<kFma>(src[t][c], m[c], acc[t]);
     for (int t = 0; t < kT; ++t) out[t] = acc[t];
   } else {
     std::fill(out, out + kT * R, T(0));
     for (int64_t c = 0; c < d; ++c)
       for (int t = 0; t < kT; ++t) {
         const T xv = src[t][c];
-        for (int64_t j = 0; j < R; ++j) out[t * R + j] += xv * m[c * R + j];
+        for (int64_t j = 0; j < R; ++j) out[t * R + j] = madd<kFma>(xv, m[c * R + j], out[t * R + j]);
       }
   }
 }
@@ -105,7 +136,7 @@ MHR_MOE_INLINE void project(const T* const* src, const T* __restrict m, int64_t 
 // padded with its last slot, so every slot goes through the same code (the same bits whatever
 // its neighbours). g = shrink_scale * src[n(s)] @ S_e; forward: v[s] = g; backward: v[s] = w_s g,
 // dw[s] = z_s . g.
-template <typename T, int kR>
+template <typename T, int kR, bool kFma>
 MHR_MOE_INLINE void rows_shrink(const MoeRowsParams& p, const std::pair<int64_t, int64_t>* entries, int64_t count,
                                 T* tmp) {
   constexpr int kT = kR >= 32 ? 2 : kR >= 16 ? 4 : kR > 0 ? 8 : 4;
@@ -120,7 +151,7 @@ MHR_MOE_INLINE void rows_shrink(const MoeRowsParams& p, const std::pair<int64_t,
       const T* src[kT];
       for (int t = 0; t < kT; ++t)
         src[t] = static_cast<const T*>(p.src) + (entries[std::min(t0 + t, run - 1)].second / K) * p.src_stride_n;
-      project<T, kR, kT>(src, m, p.d_src, R, tmp);
+      project<T, kR, kT, kFma>(src, m, p.d_src, R, tmp);
       for (int64_t t = 0; t < std::min<int64_t>(kT, run - t0); ++t) {
         const int64_t s = entries[t0 + t].second;
         T* v = static_cast<T*>(p.v) + s * R;
@@ -144,57 +175,80 @@ MHR_MOE_INLINE void rows_shrink(const MoeRowsParams& p, const std::pair<int64_t,
   }
 }
 
-// a[0 .. width) += sum_j u[j] * m[j*d + c]: kChunk columns as 8 vectors in registers (8
-// independent FMA chains), a shorter chunk element by element in the same order.
-template <typename T, int kR, int kChunk>
-MHR_MOE_INLINE void expand_chunk(const T* __restrict u, const T* __restrict m, int64_t d, int64_t R, int64_t width,
-                                 T* __restrict a) {
+// Row n's update on columns [c0, c0 + width): its count slots (entries ent[q], in (expert, slot)
+// order) each add sum_j u_s[j] * mat_s[j*ldm + c] to one accumulator per column, then y = bias +
+// sums, y += sums or y = sums. kChunk columns as 8 vectors in registers, a shorter chunk column by
+// column in the same order.
+template <typename T, int kR, int kChunk, bool kFma>
+MHR_MOE_INLINE void expand_row(const int64_t* ent, int64_t count, const T* u, const T* const* mat, int64_t ldm,
+                               int64_t R, int64_t width, const T* bias, bool accumulate, T* __restrict y) {
   if constexpr (kR > 0) {
     if (width == kChunk) {
       using V = typename Lanes<T, kChunk / 8>::type;
       V acc[8];
-      for (int v = 0; v < 8; ++v) acc[v] = reinterpret_cast<const V*>(a)[v];
-      for (int j = 0; j < kR; ++j) {
-        const T uj = u[j];
-        const V* mj = reinterpret_cast<const V*>(m + j * d);
-        for (int v = 0; v < 8; ++v) acc[v] += uj * mj[v];
+      for (int v = 0; v < 8; ++v) acc[v] = V{};
+      for (int64_t q = 0; q < count; ++q) {
+        const T* uq = u + ent[q] * kR;
+        const T* mq = mat[ent[q]];
+        for (int j = 0; j < kR; ++j) {
+          const V* mj = reinterpret_cast<const V*>(mq + j * ldm);
+#pragma GCC unroll 8  // the sums stay in registers (madd's calls keep GCC from unrolling it)
+          for (int v = 0; v < 8; ++v) acc[v] = madd<kFma>(uq[j], mj[v], acc[v]);
+        }
       }
-      for (int v = 0; v < 8; ++v) reinterpret_cast<V*>(a)[v] = acc[v];
+      V* yv = reinterpret_cast<V*>(y);
+      if (accumulate)
+        for (int v = 0; v < 8; ++v) yv[v] += acc[v];
+      else if (bias != nullptr)
+        for (int v = 0; v < 8; ++v) yv[v] = reinterpret_cast<const V*>(bias)[v] + acc[v];
+      else
+        for (int v = 0; v < 8; ++v) yv[v] = acc[v];
       return;
     }
   }
   for (int64_t c = 0; c < width; ++c) {
-    T v = a[c];
-    for (int64_t j = 0; j < R; ++j) v += u[j] * m[j * d + c];
-    a[c] = v;
+    T a = 0;
+    for (int64_t q = 0; q < count; ++q)
+      for (int64_t j = 0; j < R; ++j) a = madd<kFma>(u[ent[q] * R + j], mat[ent[q]][j * ldm + c], a);
+    y[c] = accumulate ? y[c] + a : bias != nullptr ? bias[c] + a : a;
   }
 }
 
 // Blocks of kMoeRowBlock rows: the block's slots sorted by (expert, slot), the optional shrink,
-// the scaled vectors u, then column chunks of the block's sums accumulated slot by slot (a chunk of
-// X_e stays in L1 across the slots of one expert), written into y row by row after the last chunk
-// (or chunk by chunk for rows too wide to keep whole); a row with an invalid slot is NaN. Each
-// element sums its slots in the same order either way: the same bits.
-template <typename T, int kR>
+// the scaled vectors u, then the expand column chunk by column chunk, each row's sums in
+// registers and written to y at once (a row with an invalid slot is NaN). Every element sums its
+// slots in the same order in every variant: the same bits.
+// - The chunk's rows of the block's experts' X are copied together when each expert serves a few
+//   slots: X's rows lie d apart (4 KB at d 1024), so eight experts' rank rows of one chunk fall in
+//   the same L1 sets and evict each other (the expand ran 1.5x slower in place).
+// - y is written chunk by chunk, its rows kYAhead ahead fetched: pieces of rows 4 KB apart that no
+//   hardware stream follows (without it the expand took 1.6x as long at N 2048).
+template <typename T, int kR, bool kFma>
 MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t row_end) {
-  constexpr int64_t kChunk = 64;
+  constexpr int64_t kChunk = 64, kYAhead = 4;
   const int64_t R = kR > 0 ? kR : p.rank, K = p.routing.top_k, d = p.d_dst;
-  const size_t max_slots = static_cast<size_t>(kMoeRowBlock * K);
-  auto* entries = thread_scratch<std::pair<int64_t, int64_t>>(max_slots);  // (expert, slot)
-  // Whole-row sums when the block's fit in half of a 1 MB L2: y is then written row by row in one
-  // pass after the expand. Written chunk by chunk instead, a block's 64-column pieces of y lie a
-  // row stride apart (4 KB at d 1024): no hardware stream follows them, and `y += a` stalled on
-  // loads that follow stores to the same columns of the row before (4K aliasing): a third of the
-  // accumulating pass (bench/NOTES.md, moe_lora on CPU). Rows padded by 64 bytes: no two rows of
-  // sums at a multiple of 4 KB.
-  const int64_t row_sums = (d + 15) / 16 * 16 + 16;
-  const bool whole = kMoeRowBlock * row_sums * static_cast<int64_t>(sizeof(T)) <= 512 * 1024;
-  const int64_t lda = whole ? row_sums : kChunk;
-  T* u = thread_scratch<T>(max_slots * R + kMoeRowBlock * lda + 8 * R);
-  T* acc = u + max_slots * R;
-  T* tmp = acc + kMoeRowBlock * lda;
-  const T nan = std::numeric_limits<T>::quiet_NaN();
   const T* X = static_cast<const T*>(p.expand_mats);
+  const int64_t max_slots = kMoeRowBlock * K, max_experts = std::min(max_slots, p.routing.experts);
+  auto* entries = thread_scratch<std::pair<int64_t, int64_t>>(static_cast<size_t>(max_slots));  // (expert, slot)
+  int64_t* row_ent = thread_scratch<int64_t>(static_cast<size_t>(max_slots));                   // [row][K]: its entries
+  const T** mat = thread_scratch<const T*>(static_cast<size_t>(max_slots));                     // entry's X_e (packed)
+  // X packed once for the whole call when its rows serve enough slots and it is small (256 KB at E
+  // 8, r 8, d 1024), else chunk by chunk per block (or read in place, see below).
+  const int64_t E = p.routing.experts, chunks = (d + kChunk - 1) / kChunk;
+  const bool pack_all = p.y != nullptr && (row_end - row_begin) * K >= 64 * E && E * R * chunks * kChunk <= (1 << 18);
+  const int64_t pack_size = pack_all ? E * R * chunks * kChunk : max_experts * R * kChunk;
+  T* u = thread_scratch<T>(static_cast<size_t>(max_slots * R + 8 * R + pack_size));
+  T* tmp = u + max_slots * R;
+  T* packed = tmp + 8 * R;  // [chunk][E][R][kChunk] (pack_all), else [expert of the block][R][kChunk]
+  if (pack_all)
+    for (int64_t c0 = 0; c0 < d; c0 += kChunk)
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t j = 0; j < R; ++j) {
+          const T* src = X + (e * R + j) * d + c0;
+          std::copy(src, src + std::min(kChunk, d - c0), packed + ((c0 / kChunk * E + e) * R + j) * kChunk);
+        }
+  int64_t row_count[kMoeRowBlock];
+  const T nan = std::numeric_limits<T>::quiet_NaN();
   const T* bias = static_cast<const T*>(p.bias);
   for (int64_t b0 = row_begin; b0 < row_end; b0 += kMoeRowBlock) {
     const int64_t b1 = std::min(row_end, b0 + kMoeRowBlock);
@@ -211,41 +265,52 @@ MHR_MOE_INLINE void rows_pass(const MoeRowsParams& p, int64_t row_begin, int64_t
       if (p.dw != nullptr) static_cast<T*>(p.dw)[s] = nan;
     }
     std::sort(entries, entries + count);
-    if (p.src != nullptr) rows_shrink<T, kR>(p, entries, count, tmp);
+    if (p.src != nullptr) rows_shrink<T, kR, kFma>(p, entries, count, tmp);
     if (p.y == nullptr) continue;
+    int64_t used = 0;  // the block's experts
+    std::fill(row_count, row_count + (b1 - b0), int64_t{0});
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t s = entries[i].second;
+      const int64_t s = entries[i].second, r = s / K - b0;
       T coef = static_cast<T>(p.expand_scale);
       if (p.expand_weighted) coef *= weight_of<T>(p.weights, p.w_stride_n, p.w_stride_j, K, s);
       const T* v = static_cast<const T*>(p.v) + s * R;
       for (int64_t j = 0; j < R; ++j) u[i * R + j] = coef * v[j];
+      row_ent[r * K + row_count[r]++] = i;  // the block's order restricted to the row
+      if (i == 0 || entries[i].first != entries[i - 1].first) ++used;
     }
-    // y[n][c0, c0 + width) from the block's sums: row n's value of column c0 at acc[(n - b0) * lda]
-    auto write = [&](int64_t c0, int64_t width) {
-      for (int64_t n = b0; n < b1; ++n) {
-        T* y = static_cast<T*>(p.y) + n * p.y_stride_n + c0;
-        const T* a = acc + (n - b0) * lda;
-        if (bad[n - b0])
-          std::fill(y, y + width, nan);
-        else if (p.accumulate)
-          for (int64_t c = 0; c < width; ++c) y[c] += a[c];
-        else if (bias != nullptr)
-          for (int64_t c = 0; c < width; ++c) y[c] = bias[c0 + c] + a[c];
-        else
-          std::copy(a, a + width, y);
-      }
-    };
-    if (whole) std::fill(acc, acc + (b1 - b0) * lda, T(0));
+    const bool pack = !pack_all && count >= 4 * used;
+    for (int64_t i = 0, l = -1; i < count; ++i) {
+      if (i == 0 || entries[i].first != entries[i - 1].first) ++l;
+      const int64_t e = entries[i].first;
+      mat[i] = pack_all ? packed + e * R * kChunk : pack ? packed + l * R * kChunk : X + e * R * d;
+    }
     for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
       const int64_t width = std::min(kChunk, d - c0);
-      const int64_t ac0 = whole ? c0 : 0;
-      if (!whole) std::fill(acc, acc + (b1 - b0) * kChunk, T(0));
-      for (int64_t i = 0; i < count; ++i)
-        expand_chunk<T, kR, kChunk>(u + i * R, X + entries[i].first * R * d + c0, d, R, width,
-                                    acc + (entries[i].second / K - b0) * lda + ac0);
-      if (!whole) write(c0, width);
+      if (pack) {
+        for (int64_t i = 0, l = 0; i < count; ++i) {
+          if (i > 0 && entries[i].first == entries[i - 1].first) continue;
+          const T* src = X + entries[i].first * R * d + c0;
+          for (int64_t j = 0; j < R; ++j) std::copy(src + j * d, src + j * d + width, packed + (l * R + j) * kChunk);
+          ++l;
+        }
+      }
+      const int64_t ldm = pack || pack_all ? kChunk : d;
+      for (int64_t n = b0; n < b1; ++n) {
+        T* y = static_cast<T*>(p.y) + n * p.y_stride_n + c0;
+        if (n + kYAhead < b1) {
+          const char* ahead = reinterpret_cast<const char*>(y + kYAhead * p.y_stride_n);
+          for (int64_t o = 0; o < width * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(ahead + o, 1);
+        }
+        if (bad[n - b0]) {
+          std::fill(y, y + width, nan);
+          continue;
+        }
+        expand_row<T, kR, kChunk, kFma>(row_ent + (n - b0) * K, row_count[n - b0], u, mat, ldm, R, width,
+                                        bias != nullptr ? bias + c0 : nullptr, p.accumulate, y);
+      }
+      if (!pack)  // the next chunk of X_e
+        for (int64_t i = 0; i < count; ++i) mat[i] += pack_all ? E * R * kChunk : kChunk;
     }
-    if (whole) write(0, d);
   }
 }
 
@@ -378,9 +443,18 @@ MHR_MOE_INLINE void wgrad(const MoeWgradParams& p, const MoeSlotPlan& plan, int6
 
 // The instantiations for one instruction set: MHR_CPU_RANK_DISPATCH (cpu_lanes.h).
 
+template <typename T, int kR>
+MHR_MOE_INLINE void rows_plain(const MoeRowsParams& p, int64_t b, int64_t e) {
+  rows_pass<T, kR, false>(p, b, e);
+}
+template <typename T, int kR>
+MHR_MOE_INLINE void rows_fma(const MoeRowsParams& p, int64_t b, int64_t e) {
+  rows_pass<T, kR, true>(p, b, e);
+}
+
 template <typename T>
 void rows_portable(const MoeRowsParams& p, int64_t b, int64_t e) {
-  MHR_CPU_RANK_DISPATCH(rows_pass, T, p.rank, p, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_plain, T, p.rank, p, b, e)
 }
 template <typename T>
 void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b, int64_t e) {
@@ -389,7 +463,7 @@ void wgrad_portable(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,
 #if defined(MHR_MOE_X86)
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const MoeRowsParams& p, int64_t b, int64_t e) {
-  MHR_CPU_RANK_DISPATCH(rows_pass, T, p.rank, p, b, e)
+  MHR_CPU_RANK_DISPATCH(rows_fma, T, p.rank, p, b, e)
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void wgrad_avx2(const MoeWgradParams& p, const MoeSlotPlan& plan, int64_t b,

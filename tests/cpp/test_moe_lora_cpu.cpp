@@ -2,7 +2,8 @@
 // ids left out), forward (shrink + expand, y written and accumulated) and backward (dx, dA, dB,
 // dw) through the row-block pass and the weight-gradient tasks, for every compile-time rank and a run-time one, fp32
 // and fp64, portable and AVX2 builds, repeated experts within a row, int32 and strided ids, padded rows; an
-// out-of-range id gives a NaN row and touches nothing outside the buffers; results do not depend on how rows are split.
+// out-of-range id gives a NaN row and touches nothing outside the buffers; results do not depend on how rows are split
+// (blocks, 7 rows, one row: X_e packed per call, per block, or read in place).
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -161,6 +162,12 @@ void run_case(const Problem& p, double scale, bool avx2, double tol) {
   for (int64_t n = 0; n < p.N; n += 7) moe_lora_rows_cpu<T>(fp, n, std::min(p.N, n + 7), avx2);
   for (int64_t i = 0; i < S * R; ++i) EXPECT_TRUE(z1[i] == z[i] || (std::isnan(z1[i]) && std::isnan(z[i])));
   for (size_t i = 0; i < y.size(); ++i) EXPECT_TRUE(y1[i] == y[i] || (std::isnan(y1[i]) && std::isnan(y[i])));
+  // And one row at a time: the expand then reads X_e in place, where whole blocks (and the wide
+  // cases' 64-row calls) copy X's chunks first; the same bits.
+  std::vector<T> y3 = cast<T>(p.y0);
+  fp.y = y3.data();
+  for (int64_t n = 0; n < p.N; ++n) moe_lora_rows_cpu<T>(fp, n, n + 1, avx2);
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_TRUE(y3[i] == y[i] || (std::isnan(y3[i]) && std::isnan(y[i])));
 }
 
 void test_sort() {
